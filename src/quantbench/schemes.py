@@ -1,0 +1,188 @@
+"""Quantization schemes as data: parse and validate `config/schemes.yaml` into frozen dataclasses.
+
+A scheme says how weights and input activations are quantized (mirroring compressed-tensors'
+``QuantizationArgs`` field for field), which algorithm chooses the weights (rtn, gptq, awq) and
+with which parameters, and which module groups it targets. Code asks a scheme questions
+(``scheme.weights.strategy``, ``scheme.needs_calibration``); it never tests scheme names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantbench.errors import QuantbenchError
+
+QUANT_TYPES = ("int", "float")
+STRATEGIES = ("tensor", "channel", "group", "token")
+ALGORITHMS = ("rtn", "gptq", "awq")
+TARGET_GROUPS = ("language", "vision")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How one tensor kind (weights or input activations) is quantized."""
+
+    type: str
+    num_bits: int
+    strategy: str
+    symmetric: bool = True
+    group_size: int | None = None
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in QUANT_TYPES:
+            raise ValueError(f"type must be one of {QUANT_TYPES}, got {self.type!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.type == "float" and (self.num_bits != 8 or not self.symmetric):
+            raise ValueError("float quantization supports only num_bits: 8 (fp8 e4m3), symmetric")
+        if self.type == "int" and self.num_bits not in (4, 8):
+            raise ValueError(f"int quantization supports num_bits 4 or 8, got {self.num_bits}")
+        if (self.strategy == "group") != (self.group_size is not None):
+            raise ValueError("group_size is required with strategy 'group' and only with it")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code (int types)."""
+        return -(2 ** (self.num_bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code (int types)."""
+        return 2 ** (self.num_bits - 1) - 1 if self.symmetric else 2**self.num_bits - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The compressed-tensors ``QuantizationArgs`` fields for this spec."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GPTQParams:
+    """GPTQ solver settings: damping is a fraction of mean(diag(H)); act_order sorts columns by diag(H)."""
+
+    dampening: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+
+@dataclass(frozen=True)
+class AWQParams:
+    """AWQ search settings: ``grid_size`` points of the scale exponent in [0, 1); optional clipping search."""
+
+    grid_size: int = 20
+    clip_search: bool = False
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One named quantization scheme. ``weights is None`` means the unquantized (BF16) baseline."""
+
+    name: str
+    weights: QuantArgs | None = None
+    input_activations: QuantArgs | None = None
+    algorithm: str = "rtn"
+    gptq: GPTQParams = field(default_factory=GPTQParams)
+    awq: AWQParams = field(default_factory=AWQParams)
+    targets: tuple[str, ...] = ("language",)
+
+    @property
+    def is_baseline(self) -> bool:
+        """True when nothing is quantized."""
+        return self.weights is None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when calibration data is required (data-aware algorithm or static activation scales)."""
+        static_inputs = self.input_activations is not None and not self.input_activations.dynamic
+        return not self.is_baseline and (self.algorithm != "rtn" or static_inputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-data form of the scheme, for provenance and Snakemake ``params:``."""
+        out: dict[str, Any] = {"name": self.name, "algorithm": self.algorithm, "targets": list(self.targets)}
+        out["weights"] = self.weights.to_dict() if self.weights else None
+        out["input_activations"] = self.input_activations.to_dict() if self.input_activations else None
+        if self.algorithm == "gptq":
+            out["gptq"] = asdict(self.gptq)
+        if self.algorithm == "awq":
+            out["awq"] = asdict(self.awq)
+        return out
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise QuantbenchError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise QuantbenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise QuantbenchError(f"{where}: {exc}") from exc
+
+
+def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
+    """Build a :class:`Scheme` from its YAML mapping, with errors that name the scheme and key."""
+    raw = dict(raw or {})
+    where = f"scheme {name!r}"
+    allowed = {"weights", "input_activations", "algorithm", "gptq", "awq", "targets"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise QuantbenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    weights = _build(QuantArgs, raw["weights"], f"{where}.weights") if raw.get("weights") else None
+    inputs = raw.get("input_activations")
+    input_args = _build(QuantArgs, inputs, f"{where}.input_activations") if inputs else None
+    algorithm = raw.get("algorithm", "rtn")
+    if algorithm not in ALGORITHMS:
+        raise QuantbenchError(f"{where}.algorithm: {algorithm!r} is not one of {ALGORITHMS}")
+    if weights is None and (input_args is not None or "algorithm" in raw):
+        raise QuantbenchError(f"{where}: input_activations/algorithm given without weights")
+    if input_args is not None and input_args.strategy == "group":
+        raise QuantbenchError(f"{where}.input_activations: strategy 'group' is not supported")
+    if weights is not None and weights.strategy == "token":
+        raise QuantbenchError(f"{where}.weights: strategy 'token' applies to activations only")
+    if input_args is not None and input_args.strategy == "token" and not input_args.dynamic:
+        raise QuantbenchError(f"{where}.input_activations: per-token scales must be dynamic")
+    if algorithm in ("gptq", "awq") and (weights is None or weights.type != "int"):
+        raise QuantbenchError(f"{where}: algorithm {algorithm} needs integer weights")
+    targets = tuple(raw.get("targets", ("language",)))
+    bad = sorted(set(targets) - set(TARGET_GROUPS))
+    if bad or not targets:
+        raise QuantbenchError(f"{where}.targets: {bad or 'empty'}; allowed: {list(TARGET_GROUPS)}")
+    return Scheme(
+        name=name,
+        weights=weights,
+        input_activations=input_args,
+        algorithm=algorithm,
+        gptq=_build(GPTQParams, raw.get("gptq", {}), f"{where}.gptq"),
+        awq=_build(AWQParams, raw.get("awq", {}), f"{where}.awq"),
+        targets=targets,
+    )
+
+
+def load_schemes(path: str | Path) -> dict[str, Scheme]:
+    """Read every scheme of a schemes YAML file (top-level key ``schemes``), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantbenchError(f"schemes file {path} does not exist; pass the path to config/schemes.yaml")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data.get("schemes"), Mapping):
+        raise QuantbenchError(f"{path}: expected a top-level 'schemes:' mapping")
+    return {name: parse_scheme(name, raw) for name, raw in data["schemes"].items()}
+
+
+def get_scheme(schemes: Mapping[str, Scheme], name: str) -> Scheme:
+    """Look a scheme up by name, or fail with the list of known names."""
+    try:
+        return schemes[name]
+    except KeyError:
+        raise QuantbenchError(f"unknown scheme {name!r}; known schemes: {', '.join(schemes)}") from None

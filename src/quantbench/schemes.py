@@ -50,13 +50,13 @@ class QuantArgs:
 
     @property
     def qmin(self) -> int:
-        """Smallest integer code (int types)."""
-        return -(2 ** (self.num_bits - 1)) if self.symmetric else 0
+        """Smallest integer code: the signed range, for asymmetric args too (compressed-tensors' convention)."""
+        return -(2 ** (self.num_bits - 1))
 
     @property
     def qmax(self) -> int:
-        """Largest integer code (int types)."""
-        return 2 ** (self.num_bits - 1) - 1 if self.symmetric else 2**self.num_bits - 1
+        """Largest integer code."""
+        return 2 ** (self.num_bits - 1) - 1
 
     def to_dict(self) -> dict[str, Any]:
         """The compressed-tensors ``QuantizationArgs`` fields for this spec."""

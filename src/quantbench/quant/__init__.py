@@ -1,0 +1,1 @@
+"""Quantization algorithms and the modules they produce (qdq numerics, QuantLinear, rtn, gptq, awq, sequential)."""

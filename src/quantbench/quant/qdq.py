@@ -1,0 +1,157 @@
+"""Quantize and dequantize tensors: integer (symmetric/asymmetric) and fp8 e4m3, the numerics of every scheme.
+
+Conventions follow compressed-tensors so that exported checkpoints mean what this code computed:
+
+- Integer codes span the signed range [-2**(b-1), 2**(b-1) - 1] for symmetric *and* asymmetric args;
+  an asymmetric zero point lives in that same signed range. ``dequant = (q - zero_point) * scale``.
+- Weight scales: symmetric ``amax / ((qmax - qmin) / 2)``; asymmetric ``(max - min) / (qmax - qmin)`` with
+  the range widened to include 0. A zero range gives scale 1 (never 0, NaN or Inf).
+- Scales are rounded to their storage dtype *before* the codes are computed, so that dequantizing the stored
+  tensors reproduces the simulated weights exactly: int scales use the model dtype, fp8 scales float32.
+- Dynamic activation scales are what vLLM's kernels compute per token: ``amax / 127`` (int8) and
+  ``amax / 448`` (fp8); a static input scale is ``absmax over all calibration tokens / 448``.
+
+Shapes: per-tensor scales are ``[1]``, per-channel ``[out, 1]``, per-group ``[out, in / group_size]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantbench.schemes import QuantArgs
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+
+
+def scale_dtype(args: QuantArgs, model_dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the scales of ``args``: float32 for fp8, the model's dtype for integers."""
+    return torch.float32 if args.type == "float" else model_dtype
+
+
+def code_dtype(args: QuantArgs) -> torch.dtype:
+    """Storage dtype of quantized codes: fp8 e4m3 for float, int8 for integers (int4 packed at export)."""
+    return FP8_DTYPE if args.type == "float" else torch.int8
+
+
+def _grouped(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """View ``weight [out, in]`` as ``[out, n_reduce, width]`` where each scale covers one ``width`` slice."""
+    out_features, in_features = weight.shape
+    if args.strategy == "tensor":
+        return weight.reshape(1, 1, -1)
+    if args.strategy == "channel":
+        return weight.reshape(out_features, 1, in_features)
+    if in_features % args.group_size:
+        raise ValueError(f"in_features {in_features} is not a multiple of group_size {args.group_size}")
+    return weight.reshape(out_features, in_features // args.group_size, args.group_size)
+
+
+def scale_shape(out_features: int, in_features: int, args: QuantArgs) -> tuple[int, ...]:
+    """Shape of the stored weight scale (and zero point) of an ``[out, in]`` weight."""
+    if args.strategy == "tensor":
+        return (1,)
+    if args.strategy == "channel":
+        return (out_features, 1)
+    return (out_features, in_features // args.group_size)
+
+
+def qparams_from_minmax(
+    min_val: torch.Tensor, max_val: torch.Tensor, args: QuantArgs, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (in ``dtype``) and zero point (int8, asymmetric only) covering ``[min_val, max_val]``."""
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    if args.type == "float":
+        scale = torch.maximum(-min_val, max_val) / FP8_MAX
+    elif args.symmetric:
+        scale = torch.maximum(-min_val, max_val) / ((args.qmax - args.qmin) / 2)
+    else:
+        scale = (max_val - min_val) / (args.qmax - args.qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(dtype)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    if args.type == "float" or args.symmetric:
+        return scale, None
+    zero_point = torch.round(args.qmin - min_val / scale.float()).clamp(args.qmin, args.qmax)
+    return scale, zero_point.to(torch.int8)
+
+
+def weight_qparams(
+    weight: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale and zero point of ``weight [out, in]`` for its strategy, shaped for storage."""
+    grouped = _grouped(weight.float(), args)
+    scale, zero_point = qparams_from_minmax(
+        grouped.amin(dim=-1), grouped.amax(dim=-1), args, dtype or scale_dtype(args, weight.dtype)
+    )
+    shape = scale_shape(*weight.shape, args)
+    return scale.reshape(shape), None if zero_point is None else zero_point.reshape(shape)
+
+
+def _expand(param: torch.Tensor, weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Broadcast a stored scale/zero point to the grouped view of ``weight``."""
+    return param.reshape(_grouped(torch.empty(weight.shape, device="meta"), args).shape[:-1] + (1,))
+
+
+def quantize_weight(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs
+) -> torch.Tensor:
+    """Codes of ``weight [out, in]`` under the stored ``scale``/``zero_point`` (int8 or fp8 e4m3)."""
+    grouped = _grouped(weight.float(), args)
+    s = _expand(scale, weight, args).float()
+    if args.type == "float":
+        codes = torch.clamp(grouped / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    else:
+        zp = 0.0 if zero_point is None else _expand(zero_point, weight, args).float()
+        codes = torch.clamp(torch.round(grouped / s + zp), args.qmin, args.qmax).to(torch.int8)
+    return codes.reshape(weight.shape)
+
+
+def dequantize_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    args: QuantArgs,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Weights represented by ``codes`` and their stored parameters, in ``dtype``."""
+    grouped = _grouped(codes.float(), args)
+    values = grouped
+    if zero_point is not None:
+        values = values - _expand(zero_point, codes, args).float()
+    values = values * _expand(scale, codes, args).float()
+    return values.reshape(codes.shape).to(dtype)
+
+
+def fake_quantize_weight(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs
+) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` (same dtype out) under given parameters."""
+    return dequantize_weight(quantize_weight(weight, scale, zero_point, args), scale, zero_point, args, weight.dtype)
+
+
+def static_input_scale(absmax: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Per-tensor static input scale from the absolute maximum over all calibration tokens (float32, ``[1]``)."""
+    qmax = FP8_MAX if args.type == "float" else float(args.qmax)
+    scale = absmax.float().reshape(1) / qmax
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+
+
+def quantize_dequantize_activation(
+    x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Simulate the runtime's activation quantization of ``x [..., in]``: static per-tensor or dynamic per token."""
+    qmax = FP8_MAX if args.type == "float" else float(args.qmax)
+    xf = x.float()
+    if args.dynamic:
+        dims = -1 if args.strategy == "token" else tuple(range(xf.dim()))
+        scale = xf.abs().amax(dim=dims, keepdim=True) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    else:
+        if input_scale is None:
+            raise ValueError("static activation quantization needs an input_scale")
+        scale = input_scale.float()
+    if args.type == "float":
+        q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+    else:
+        q = torch.clamp(torch.round(xf / scale), args.qmin, args.qmax)
+    return (q * scale).to(x.dtype)

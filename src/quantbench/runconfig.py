@@ -1,0 +1,209 @@
+"""The workflow's run configuration: models, calibration sets, evaluation settings and tables, cross-checked.
+
+The JSON schema (``workflow/schemas/config.schema.yaml``) checks shapes and types; this module checks what a
+schema cannot: that every scheme, benchmark, calibration set and model a key refers to exists, that each model
+has exactly one source, that schemes needing calibration have a calibration set, and that benchmark data is
+present. It takes a plain dict, so the workflow, the CLI and the tests share one reading of the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantbench.errors import QuantbenchError
+from quantbench.schemes import Scheme, load_schemes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a local directory, or a Hub repository at a pinned revision."""
+
+    path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, str]) -> ModelSource:
+        """Inverse of :meth:`to_dict`."""
+        if "path" in raw:
+            return cls(path=Path(raw["path"]))
+        return cls(repo=raw["repo"], revision=raw.get("revision"))
+
+    def to_dict(self) -> dict[str, str]:
+        """Plain form for Snakemake ``params:`` and provenance."""
+        if self.path is not None:
+            return {"path": str(self.path)}
+        out = {"repo": str(self.repo)}
+        if self.revision:
+            out["revision"] = self.revision
+        return out
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """A calibration set: a JSONL file and how many samples of how many tokens to take from it."""
+
+    name: str
+    path: Path
+    num_samples: int
+    max_seq_len: int
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model row group: its source, the schemes it runs and its calibration set."""
+
+    name: str
+    source: ModelSource
+    schemes: tuple[str, ...]
+    calibration: str | None = None
+    params_b: float | None = None
+    skip: frozenset[tuple[str, str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One rendered table: which models, schemes and benchmark columns, in order."""
+
+    name: str
+    models: tuple[str, ...]
+    benchmarks: tuple[str, ...]
+    caption: str = ""
+    schemes: tuple[str, ...] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run configuration."""
+
+    results: Path
+    schemes: Mapping[str, Scheme]
+    models: Mapping[str, ModelEntry]
+    calibration_sets: Mapping[str, CalibrationSet]
+    evaluation: Mapping[str, Any]
+    tables: tuple[TableSpec, ...]
+    benchmark_names: tuple[str, ...]
+
+    def schemes_of(self, model: str) -> tuple[str, ...]:
+        """The schemes configured for ``model``."""
+        return self.models[model].schemes
+
+    def benchmarks_of(self, table: TableSpec) -> tuple[str, ...]:
+        """The benchmark columns of ``table``."""
+        return table.benchmarks
+
+    def evaluations(self) -> Iterator[tuple[str, str, str]]:
+        """Every (model, scheme, benchmark) job: each table's cells, minus the model's ``skip`` cells, once."""
+        seen: set[tuple[str, str, str]] = set()
+        for table in self.tables:
+            for model in table.models:
+                entry = self.models[model]
+                for scheme in table.schemes or entry.schemes:
+                    if scheme not in entry.schemes:
+                        continue
+                    for bench in table.benchmarks:
+                        job = (model, scheme, bench)
+                        if (scheme, bench) in entry.skip or job in seen:
+                            continue
+                        seen.add(job)
+                        yield job
+
+    def calibration_of(self, model: str, scheme: str) -> CalibrationSet | None:
+        """The calibration set (model, scheme) needs, or None for data-free schemes."""
+        if not self.schemes[scheme].needs_calibration:
+            return None
+        return self.calibration_sets[self.models[model].calibration]  # presence checked at load
+
+
+def _source(name: str, raw: Mapping[str, Any], base: Path) -> ModelSource:
+    has_path, has_hub = "path" in raw, "hub" in raw
+    if has_path == has_hub:
+        raise QuantbenchError(
+            f"models.{name}: give exactly one source, 'path: <local dir>' or 'hub: {{repo: <id>, revision: <sha>}}'"
+        )
+    if has_path:
+        return ModelSource(path=base / raw["path"])
+    hub = raw["hub"]
+    return ModelSource(repo=hub["repo"], revision=hub.get("revision"))
+
+
+def _check_known(kind: str, key: str, names: Any, known: Mapping[str, Any] | tuple[str, ...]) -> None:
+    for name in names:
+        if name not in known:
+            raise QuantbenchError(f"{key}: unknown {kind} {name!r}; known {kind}s: {', '.join(known)}")
+
+
+def load_run_config(
+    config: Mapping[str, Any], *, base_dir: str | Path = ".", benchmark_names: tuple[str, ...]
+) -> RunConfig:
+    """Cross-check a (schema-validated) config dict; relative paths resolve against ``base_dir``.
+
+    ``benchmark_names`` are the benchmarks the benchmarks file defines.
+    """
+    base = Path(base_dir)
+    schemes = load_schemes(base / config.get("schemes_file", "config/schemes.yaml"))
+    calib_sets: dict[str, CalibrationSet] = {}
+    for name, raw in (config.get("calibration_sets") or {}).items():
+        path = base / raw["path"]
+        if not path.is_file():
+            raise QuantbenchError(f"calibration_sets.{name}.path: {path} does not exist")
+        calib_sets[name] = CalibrationSet(
+            name=name,
+            path=path,
+            num_samples=int(raw.get("num_samples", 128)),
+            max_seq_len=int(raw.get("max_seq_len", 2048)),
+            seed=int(raw.get("seed", 0)),
+        )
+    models: dict[str, ModelEntry] = {}
+    for name, raw in (config.get("models") or {}).items():
+        key = f"models.{name}"
+        _check_known("scheme", f"{key}.schemes", raw["schemes"], schemes)
+        calibration = raw.get("calibration")
+        if calibration is not None and calibration not in calib_sets:
+            _check_known("calibration set", f"{key}.calibration", [calibration], calib_sets)
+        needing = [s for s in raw["schemes"] if schemes[s].needs_calibration]
+        if needing and calibration is None:
+            raise QuantbenchError(f"{key}: schemes {needing} need calibration data; set {key}.calibration")
+        skip = frozenset((cell["scheme"], cell["benchmark"]) for cell in raw.get("skip", []))
+        models[name] = ModelEntry(
+            name=name,
+            source=_source(name, raw, base),
+            schemes=tuple(raw["schemes"]),
+            calibration=calibration,
+            params_b=raw.get("params_b"),
+            skip=skip,
+        )
+    tables = []
+    for i, raw in enumerate(config.get("tables") or []):
+        key = f"tables[{i}] ({raw['name']})"
+        _check_known("model", f"{key}.models", raw["models"], models)
+        _check_known("benchmark", f"{key}.benchmarks", raw["benchmarks"], benchmark_names)
+        if raw.get("schemes"):
+            _check_known("scheme", f"{key}.schemes", raw["schemes"], schemes)
+        options = {k: v for k, v in raw.items() if k not in ("name", "models", "benchmarks", "caption", "schemes")}
+        tables.append(
+            TableSpec(
+                name=raw["name"],
+                models=tuple(raw["models"]),
+                benchmarks=tuple(raw["benchmarks"]),
+                caption=raw.get("caption", ""),
+                schemes=tuple(raw["schemes"]) if raw.get("schemes") else None,
+                options=options,
+            )
+        )
+    if not tables:
+        raise QuantbenchError("tables: configure at least one table (name, models, benchmarks)")
+    return RunConfig(
+        results=Path(config.get("results", "results")),
+        schemes=schemes,
+        models=models,
+        calibration_sets=calib_sets,
+        evaluation=dict(config.get("evaluation") or {}),
+        tables=tuple(tables),
+        benchmark_names=tuple(benchmark_names),
+    )

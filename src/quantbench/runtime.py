@@ -1,25 +1,196 @@
-"""Load a model directory (plain Hugging Face or quantbench's compressed-tensors export) for evaluation."""
+"""Load a model directory (plain Hugging Face or quantbench's compressed-tensors export) for evaluation.
+
+A compressed-tensors checkpoint (config.json carries a ``quantization_config``) is rebuilt as a model
+that simulates its scheme exactly: the skeleton is built from the config with parameters on the meta
+device, every module the config groups target (their ``targets`` minus ``ignore``, matched with
+compressed-tensors' own rules) becomes a :class:`QuantLinear` holding the stored codes, scales, zero
+points and static input scales (int4 unpacked), and the remaining tensors are loaded as stored. Each
+tensor is read once, straight onto ``device``.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from accelerate import init_empty_weights
+from compressed_tensors.utils.match import match_named_modules
+from safetensors import safe_open
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from quantbench.errors import QuantbenchError
+from quantbench.export import (
+    QUANT_METHOD,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    checkpoint_format,
+    decompress_quantized_linear,
+)
+from quantbench.quant.linear import QuantLinear
+from quantbench.quant.rtn import replace_module
+from quantbench.schemes import QuantArgs
 
 log = logging.getLogger(__name__)
+
+# QuantizationArgs keys compressed-tensors may write that do not change what the stored tensors mean.
+_NEUTRAL_ARG_KEYS = {"observer", "observer_kwargs", "scale_dtype", "zp_dtype"}
 
 
 def load_model(
     path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the model and tokenizer in ``path`` onto ``device``, in eval mode."""
+    """Load the model and tokenizer in ``path`` onto ``device``, in eval mode.
+
+    ``dtype`` is the dtype of unquantized tensors and of computation; quantized modules keep their
+    stored codes and scales and dequantize to the input's dtype.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise QuantbenchError(f"{path} is not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    else:
+        model = _load_quantized(path, config, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model.eval(), tokenizer
+
+
+def _quant_args(raw: dict[str, Any] | None, where: str) -> QuantArgs | None:
+    if raw is None:
+        return None
+    known = {f.name for f in fields(QuantArgs)}
+    unsupported = {k: v for k, v in raw.items() if k not in known | _NEUTRAL_ARG_KEYS and v not in (None, False)}
+    if unsupported:
+        raise QuantbenchError(f"{where}: unsupported quantization args {unsupported}; quantbench cannot simulate them")
+    try:
+        return QuantArgs(**{k: v for k, v in raw.items() if k in known and v is not None})
+    except (TypeError, ValueError) as exc:
+        raise QuantbenchError(f"{where}: {exc}") from exc
+
+
+def _parse_groups(qconfig: dict[str, Any], path: Path) -> list[tuple[list[str], QuantArgs, QuantArgs | None]]:
+    """``(targets, weight args, input args)`` of each config group, checked against what quantbench simulates."""
+    where = f"{path}/config.json quantization_config"
+    if qconfig.get("quant_method") != QUANT_METHOD:
+        raise QuantbenchError(f"{where}: quant_method {qconfig.get('quant_method')!r} is not {QUANT_METHOD!r}")
+    if qconfig.get("quantization_status") != "compressed":
+        raise QuantbenchError(f"{where}: quantization_status must be 'compressed' (a saved, compressed checkpoint)")
+    groups = []
+    for name, group in (qconfig.get("config_groups") or {}).items():
+        weights = _quant_args(group.get("weights"), f"{where}.config_groups.{name}.weights")
+        inputs = _quant_args(group.get("input_activations"), f"{where}.config_groups.{name}.input_activations")
+        if weights is None or group.get("output_activations") is not None:
+            raise QuantbenchError(f"{where}.config_groups.{name}: only weight (+ input) quantization is supported")
+        fmt = group.get("format") or qconfig.get("format")
+        if fmt != checkpoint_format(weights):
+            raise QuantbenchError(
+                f"{where}.config_groups.{name}: format {fmt!r} is not supported for these weights "
+                f"(quantbench reads {checkpoint_format(weights)!r})"
+            )
+        groups.append((list(group["targets"]), weights, inputs))
+    if not groups or qconfig.get("kv_cache_scheme") is not None:
+        raise QuantbenchError(f"{where}: need at least one config group and no kv_cache_scheme")
+    return groups
+
+
+def _read_checkpoint(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors checkpoint in ``path`` (single file or index + shards), on ``device``."""
+    index = path / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (path / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
+    else:
+        raise QuantbenchError(f"{path} holds no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
+    tensors: dict[str, torch.Tensor] = {}
+    for filename in files:
+        with safe_open(path / filename, framework="pt", device=str(device)) as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def _build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model of ``config`` with parameters on the meta device and buffers (rotary tables) computed."""
+    config = copy.deepcopy(config)
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _load_quantized(path: Path, config: PretrainedConfig, *, device: str, dtype: torch.dtype) -> PreTrainedModel:
+    qconfig = config.quantization_config
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    groups = _parse_groups(qconfig, path)
+    model = _build_skeleton(config, dtype)
+    ignore = qconfig.get("ignore") or []
+
+    assigned: dict[str, tuple[QuantArgs, QuantArgs | None]] = {}
+    for targets, weights, inputs in groups:
+        for name, module in match_named_modules(model, targets, ignore):
+            if not isinstance(module, nn.Linear) or name in assigned:
+                problem = "by two config groups" if name in assigned else f"but is a {type(module).__name__}"
+                raise QuantbenchError(
+                    f"{path}: module {name} is targeted {problem}; quantbench simulates one scheme per Linear only"
+                )
+            assigned[name] = (weights, inputs)
+
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _read_checkpoint(path, device).items():
+        module_name, _, local = key.rpartition(".")
+        by_module.setdefault(module_name, {})[local] = tensor
+    stored = {name for name, local in by_module.items() if "weight_scale" in local}
+    if stored != set(assigned):
+        raise QuantbenchError(
+            f"{path}: the modules with stored scales differ from those the quantization_config targets "
+            f"(only stored: {sorted(stored - set(assigned))[:5]}, only targeted: {sorted(set(assigned) - stored)[:5]})"
+        )
+
+    state: dict[str, torch.Tensor] = {}
+    for name, (weights, inputs) in assigned.items():
+        linear = model.get_submodule(name)
+        buffers = decompress_quantized_linear(by_module.pop(name), weights)
+        if "bias" in buffers:
+            buffers["bias"] = buffers["bias"].to(dtype)
+        quantized = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            weight_args=weights,
+            input_args=inputs,
+            bias=linear.bias is not None,
+            dtype=dtype,
+            device="meta",
+        )
+        replace_module(model, name, quantized)
+        state.update((f"{name}.{key}", value) for key, value in buffers.items())
+    for module_name, local in by_module.items():
+        prefix = f"{module_name}." if module_name else ""
+        state.update((prefix + key, t.to(dtype) if t.is_floating_point() else t) for key, t in local.items())
+
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unexpected or left_on_meta:
+        raise QuantbenchError(
+            f"{path}: checkpoint does not fit the {type(model).__name__} of its config "
+            f"(unexpected tensors: {unexpected[:5]}, not in checkpoint: {left_on_meta[:5]})"
+        )
+    log.debug("loaded %d quantized modules from %s (tied/missing: %s)", len(assigned), path, missing)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.to(device)

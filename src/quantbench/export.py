@@ -1,0 +1,327 @@
+"""The compressed-tensors checkpoint format: write a quantized model, and map its tensors back to QuantLinear.
+
+What :func:`save_quantized` writes into ``out_dir`` (vLLM and transformers + compressed-tensors load it):
+
+- ``config.json`` with a minimal ``quantization_config``: one config group whose ``targets`` is ``["Linear"]``
+  and whose ``ignore`` lists, by exact name, every ``nn.Linear`` left unquantized (``lm_head`` included),
+  so the quantized set is exactly the model's QuantLinear modules. ``weights`` / ``input_activations`` are
+  the scheme's args (field for field compressed-tensors' ``QuantizationArgs``).
+- safetensors weights (``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``).
+  Per quantized module ``m``, by format:
+
+  ``float-quantized`` (fp8 weights)  ``m.weight`` float8_e4m3fn, ``m.weight_scale`` float32
+  ``int-quantized`` (int8 weights)   ``m.weight`` int8, ``m.weight_scale`` in the model dtype
+  ``pack-quantized`` (int4 weights)  ``m.weight_packed`` int32 ``[out, in/8]`` (codes + 8, eight per word,
+                                     low nibble first along the input dimension), ``m.weight_shape`` int64
+                                     ``[2]``, ``m.weight_scale`` in the model dtype
+
+  plus ``m.weight_zero_point`` for asymmetric weights only (int4: int32 ``[out/8, groups]``, packed the
+  same way along the *output* dimension, as compressed-tensors' PackedQuantizationCompressor and vLLM do),
+  ``m.input_scale`` float32 ``[1]`` for static activations, and ``m.bias`` when present.
+  Every other tensor stays in its model dtype; a tied output embedding is not written.
+- tokenizer files, ``generation_config.json`` and ``quantbench_provenance.json`` (the caller's facts, the
+  scheme, package versions and the SHA-256 of every other file; no wall-clock time, so exporting the same
+  model twice gives byte-identical files).
+
+The tensor layout is defined here once, in both directions: :func:`compress_quantized_linear` for export and
+:func:`decompress_quantized_linear` for the runtime loader. Both work on one named linear's tensors, so a
+caller that holds experts as fused 3-D tensors can export them under per-expert names.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from quantbench.errors import QuantbenchError
+from quantbench.io import atomic_dir, atomic_write_json
+from quantbench.provenance import package_versions, sha256_file
+from quantbench.quant import qdq
+from quantbench.quant.linear import QuantLinear
+from quantbench.schemes import QuantArgs, Scheme
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "compressed-tensors"
+CONFIG_GROUP = "group_0"
+LINEAR_TARGET = "Linear"
+PROVENANCE_FILE = "quantbench_provenance.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_METADATA = {"format": "pt"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+PACK_FACTOR = 8  # int4 codes per int32 word
+
+
+def checkpoint_format(args: QuantArgs) -> str:
+    """The compressed-tensors format name for weights quantized with ``args``."""
+    if args.type == "float":
+        return "float-quantized"
+    return "pack-quantized" if args.num_bits == 4 else "int-quantized"
+
+
+# --- int4 packing -----------------------------------------------------------------------------------
+
+
+def pack_int4(codes: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] of a 2-D tensor into int32, eight per word along ``dim``.
+
+    Each code is stored as ``code + 8`` (0..15); the first code of a run of eight takes the lowest nibble.
+    The result has ``shape[dim] / 8`` along ``dim``. Sizes that are not a multiple of 8 are rejected.
+    """
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise ValueError(f"pack_int4 expects a 2-D int8 tensor, got {codes.dim()}-D {codes.dtype}")
+    if dim not in (0, 1):
+        raise ValueError(f"pack_int4 packs along dim 0 or 1, got {dim}")
+    if codes.shape[dim] % PACK_FACTOR:
+        raise QuantbenchError(
+            f"cannot pack int4 codes of shape {tuple(codes.shape)} along dim {dim}: size {codes.shape[dim]} is "
+            f"not a multiple of {PACK_FACTOR}; leave this module unquantized (add it to the scheme's ignore) "
+            "or use an 8-bit scheme"
+        )
+    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
+        raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(codes.min())}, {int(codes.max())}]")
+    values = codes.to(torch.int64) + 8
+    if dim == 0:
+        values = values.t()
+    rows, cols = values.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
+    words = (values.reshape(rows, cols // PACK_FACTOR, PACK_FACTOR) << shifts).sum(dim=-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement wrap
+    return (words.t() if dim == 0 else words).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, shape: tuple[int, int], dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes of the original 2-D ``shape``."""
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise ValueError(f"unpack_int4 expects a 2-D int32 tensor, got {packed.dim()}-D {packed.dtype}")
+    expected = list(shape)
+    expected[dim] = shape[dim] // PACK_FACTOR
+    if shape[dim] % PACK_FACTOR or list(packed.shape) != expected:
+        raise QuantbenchError(
+            f"packed int4 tensor of shape {tuple(packed.shape)} does not hold codes of shape {tuple(shape)} "
+            f"packed along dim {dim}; the checkpoint is corrupt or was written by another tool"
+        )
+    words = packed.t() if dim == 0 else packed
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=packed.device)
+    nibbles = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    codes = (nibbles - 8).reshape(words.shape[0], -1).to(torch.int8)
+    return (codes.t() if dim == 0 else codes).contiguous()
+
+
+# --- one linear's tensors ---------------------------------------------------------------------------
+
+
+def compress_quantized_linear(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    weight_args: QuantArgs,
+    *,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors (local names: ``weight``/``weight_packed``, ...) of one quantized linear."""
+    if (weight_args.type == "int" and not weight_args.symmetric) != (zero_point is not None):
+        raise ValueError("asymmetric integer weights need a zero point; other weights must have none")
+    tensors: dict[str, torch.Tensor] = {"weight_scale": scale}
+    if checkpoint_format(weight_args) == "pack-quantized":
+        tensors["weight_packed"] = pack_int4(codes, dim=1)
+        tensors["weight_shape"] = torch.tensor(codes.shape, dtype=torch.int64)
+        if zero_point is not None:
+            tensors["weight_zero_point"] = pack_int4(zero_point, dim=0)
+    else:
+        tensors["weight"] = codes
+        if zero_point is not None:
+            tensors["weight_zero_point"] = zero_point
+    if input_scale is not None:
+        tensors["input_scale"] = input_scale
+    if bias is not None:
+        tensors["bias"] = bias
+    return {name: t.detach().contiguous() for name, t in tensors.items()}
+
+
+def decompress_quantized_linear(
+    tensors: Mapping[str, torch.Tensor], weight_args: QuantArgs
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`compress_quantized_linear`: QuantLinear buffer names to tensors.
+
+    Returns ``weight_codes``, ``weight_scale`` and, when stored, ``weight_zero_point``, ``input_scale``
+    and ``bias``.
+    """
+    out = {"weight_scale": tensors["weight_scale"]}
+    if checkpoint_format(weight_args) == "pack-quantized":
+        shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
+        out["weight_codes"] = unpack_int4(tensors["weight_packed"], shape, dim=1)
+        if "weight_zero_point" in tensors:
+            zp_shape = (shape[0], tensors["weight_scale"].shape[-1])
+            out["weight_zero_point"] = unpack_int4(tensors["weight_zero_point"], zp_shape, dim=0)
+    else:
+        out["weight_codes"] = tensors["weight"]
+        if "weight_zero_point" in tensors:
+            out["weight_zero_point"] = tensors["weight_zero_point"]
+    for name in ("input_scale", "bias"):
+        if name in tensors:
+            out[name] = tensors[name]
+    return out
+
+
+# --- model-level ------------------------------------------------------------------------------------
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    """The model's QuantLinear modules by name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def quantization_config(model: nn.Module, scheme: Scheme) -> dict[str, Any]:
+    """The ``quantization_config`` entry of config.json for ``model`` quantized under ``scheme``.
+
+    Raises when the model holds no QuantLinear or one whose args differ from the scheme's.
+    """
+    if scheme.weights is None:
+        raise QuantbenchError(f"scheme {scheme.name} quantizes nothing; save the baseline with save_pretrained")
+    modules = quantized_modules(model)
+    if not modules:
+        raise QuantbenchError(f"the model holds no quantized linear; quantize it with scheme {scheme.name} first")
+    for name, module in modules.items():
+        if module.weight_args != scheme.weights or module.input_args != scheme.input_activations:
+            raise QuantbenchError(
+                f"{name} was quantized with other args than scheme {scheme.name} "
+                f"(weights {module.weight_args}, inputs {module.input_args}); export with the scheme used"
+            )
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    group: dict[str, Any] = {"targets": [LINEAR_TARGET], "weights": scheme.weights.to_dict()}
+    if scheme.input_activations is not None:
+        group["input_activations"] = scheme.input_activations.to_dict()
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": checkpoint_format(scheme.weights),
+        "quantization_status": "compressed",
+        "config_groups": {CONFIG_GROUP: group},
+        "ignore": ignore,
+    }
+
+
+def _tied_output_key(model: PreTrainedModel) -> str | None:
+    """State-dict key of the output embedding when it is tied to the input embedding, else None."""
+    if not model.config.get_text_config().tie_word_embeddings:
+        return None
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None:
+        return None
+    if output.weight.data_ptr() != inputs.weight.data_ptr():
+        raise QuantbenchError(
+            "config.tie_word_embeddings is true but the output embedding is not the input embedding; "
+            "set tie_word_embeddings to false in the model config before exporting"
+        )
+    return next(name for name, m in model.named_modules() if m is output) + ".weight"
+
+
+def checkpoint_tensors(model: PreTrainedModel) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Yield ``(module name, {full tensor name: tensor})`` for every tensor the checkpoint holds, in module order."""
+    quantized = quantized_modules(model)
+    tied = _tied_output_key(model)
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if name in quantized:
+            try:
+                local = compress_quantized_linear(
+                    module.weight_codes,
+                    module.weight_scale,
+                    module.weight_zero_point,
+                    module.weight_args,
+                    input_scale=module.input_scale,
+                    bias=module.bias,
+                )
+            except QuantbenchError as exc:
+                raise QuantbenchError(f"{name}: {exc}") from exc
+        else:
+            local = {key: t.detach().contiguous() for key, t in module.named_parameters(recurse=False)}
+            local.update(
+                (key, t.contiguous())
+                for key, t in module.named_buffers(recurse=False)
+                if t is not None and key not in module._non_persistent_buffers_set
+            )
+            local = {key: t for key, t in local.items() if prefix + key != tied}
+        if local:
+            yield name, {prefix + key: t for key, t in local.items()}
+
+
+def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int) -> None:
+    """Write the checkpoint tensors as one safetensors file, or shards plus an index, names sorted per file.
+
+    Each shard is written as soon as it is full, so at most one shard of packed tensors is held at a time.
+    """
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        part = out_dir / f".shard-{len(written):05d}.part"
+        save_file(dict(sorted(shard.items())), part, metadata=SAFETENSORS_METADATA)
+        written.append((part, list(shard)))
+        shard.clear()
+
+    for _, tensors in tqdm(checkpoint_tensors(model), desc="export", unit="module"):
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard.update(tensors)
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(out_dir / WEIGHTS_FILE)
+        return
+    weight_map = {}
+    for i, (part, names) in enumerate(written, start=1):
+        filename = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        part.rename(out_dir / filename)
+        weight_map.update(dict.fromkeys(names, filename))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_json(out_dir / WEIGHTS_INDEX_FILE, index)
+
+
+def save_quantized(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scheme: Scheme,
+    out_dir: str | Path,
+    *,
+    provenance: Mapping[str, Any],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``model`` (holding QuantLinear modules) as a compressed-tensors checkpoint in ``out_dir``.
+
+    ``provenance`` holds the caller's facts (calibration set and its hash, seed, command, ...); the
+    scheme, package versions and file hashes are added here. The directory appears only when complete.
+    """
+    out_dir = Path(out_dir)
+    provenance = dict(provenance)
+    scheme_dict = scheme.to_dict()
+    if "versions" in provenance or "files" in provenance or provenance.get("scheme", scheme_dict) != scheme_dict:
+        raise ValueError("provenance keys 'scheme', 'versions' and 'files' are filled in by save_quantized")
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quantization_config(model, scheme)
+    with atomic_dir(out_dir) as tmp:
+        _write_weights(model, tmp, max_shard_bytes)
+        config.save_pretrained(tmp)
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        provenance.update(scheme=scheme_dict, versions=package_versions(), files=files)
+        atomic_write_json(tmp / PROVENANCE_FILE, provenance)
+    log.info("wrote %s checkpoint of scheme %s to %s", checkpoint_format(scheme.weights), scheme.name, out_dir)
+    return out_dir

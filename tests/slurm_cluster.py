@@ -80,7 +80,8 @@ def install_packages() -> float:
     try:
         for cmd in (
             ["apt-get", "update", "-q"],
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
+            ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=120", "--no-install-recommends",
+             *PACKAGES],
         ):
             try:
                 done = _run(cmd, timeout=APT_TIMEOUT_S, env=env)
@@ -157,7 +158,7 @@ class SlurmCluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     install_seconds: float = 0.0
     start_seconds: float = 0.0
-    _lock: object | None = None
+    _lock: object | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------------------------------------- start
 
@@ -174,7 +175,7 @@ class SlurmCluster:
             self._check_free()
             if self.state_dir.exists():
                 shutil.rmtree(self.state_dir)
-            for sub in ("log", "ctld", "slurmd", "munge", "mysql", "run"):
+            for sub in ("log", "ctld", "slurmd", "munge", "mysql", "mysql-run", "run"):
                 (self.state_dir / sub).mkdir(parents=True)
             self._start_munge()
             db_port = self._start_mariadb()
@@ -265,10 +266,10 @@ class SlurmCluster:
               [proc])
 
     def _start_mariadb(self) -> int:
-        data = self.state_dir / "mysql"
-        shutil.chown(data, "mysql", "mysql")
-        sock = self.state_dir / "run" / "mysqld.sock"
-        (self.state_dir / "run").chmod(0o777)
+        data, run = self.state_dir / "mysql", self.state_dir / "mysql-run"
+        for path in (data, run):
+            shutil.chown(path, "mysql", "mysql")
+        sock = run / "mysqld.sock"
         base = ["--no-defaults", f"--datadir={data}", "--user=mysql", "--innodb-log-file-size=8M",
                 "--innodb-buffer-pool-size=32M"]
         done = _run(["mariadb-install-db", *base, "--auth-root-authentication-method=socket",
@@ -279,7 +280,7 @@ class SlurmCluster:
         err_log = self.state_dir / "log" / "mariadb.err"
         proc = self._spawn("mariadbd", [
             "mariadbd", *base, f"--socket={sock}", f"--port={port}", "--bind-address=127.0.0.1",
-            "--skip-name-resolve", f"--pid-file={self.state_dir / 'run' / 'mysqld.pid'}",
+            "--skip-name-resolve", f"--pid-file={run / 'mysqld.pid'}",
             f"--log-error={err_log}",
         ])
         client = ["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root"]

@@ -40,7 +40,70 @@ def _run_tabulate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_tabulate,)
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score one model directory on one benchmark and write its result JSON",
+        description="Score a checkpoint on one benchmark of the benchmarks file through lm-eval (or WikiText-2 "
+        "perplexity) and write one result JSON, atomically. Offline by default: --source local reads the JSONL "
+        "files under --data-dir.",
+    )
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
+    parser.add_argument("--benchmark", required=True, metavar="NAME", help="benchmark name, e.g. MMLU")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="result JSON to write")
+    parser.add_argument("--benchmarks", type=Path, default=Path("config/benchmarks.yaml"), metavar="FILE")
+    parser.add_argument("--source", choices=("local", "hub"), default="local", help="data source (default local)")
+    parser.add_argument("--data-dir", type=Path, default=Path("resources/data"), metavar="DIR",
+                        help="folder of the local JSONL files (default resources/data, the demo subsets)")
+    parser.add_argument("--limit", type=int, metavar="N", help="score the first N items of each lm-eval task "
+                        "(per subject for grouped benchmarks; perplexity: the first N windows)")
+    parser.add_argument("--max-gen-toks", type=int, metavar="N", help="override max_gen_toks (generative benchmarks)")
+    parser.add_argument("--seq-len", type=int, metavar="N", help="override the perplexity window length")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="override the perplexity token budget")
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--device", default="cpu", help="torch device for the hf backend (default cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 otherwise), float32, bfloat16")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="hf backend batch size")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (hf backend)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="vllm backend")
+    parser.add_argument("--model-name", metavar="NAME", help="model name recorded in the result (default: DIR's name)")
+    parser.add_argument("--scheme", metavar="NAME", help="scheme name recorded in the result")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from quantbench.evaluate.benchmarks import get_benchmark, load_benchmarks
+    from quantbench.evaluate.backend import Backend
+    from quantbench.evaluate.runner import evaluate_benchmark
+
+    spec = get_benchmark(load_benchmarks(args.benchmarks), args.benchmark)
+    overrides = {"max_gen_toks": args.max_gen_toks, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
+    spec = spec.with_overrides({key: value for key, value in overrides.items() if value is not None})
+    backend = Backend(
+        name=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+    result = evaluate_benchmark(
+        args.model,
+        spec,
+        out_path=args.out,
+        model_name=args.model_name or args.model.resolve().name,
+        scheme_name=args.scheme,
+        source=args.source,
+        data_dir=args.data_dir,
+        backend=backend,
+        limit=args.limit,
+        benchmarks_file=args.benchmarks,
+    )
+    print(f"{result['benchmark']}: {result['score']:.2f} ({result['metric']}, {result['items']} items) -> {args.out}")
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_tabulate, _add_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,49 @@
+"""Where and how a model runs for evaluation: backend (hf or vllm), device, dtype, batch size, threads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from quantbench.errors import QuantbenchError
+from quantbench.runtime import load_model
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the model runs: backend name, device, dtype, batch size, CPU threads (hf; None: torch's
+    default), tensor-parallel size (vllm)."""
+
+    name: str = "hf"
+    device: str = "cpu"
+    dtype: str = "auto"
+    batch_size: int = 8
+    threads: int | None = None
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise QuantbenchError(f"unknown backend {self.name!r}; use one of {', '.join(BACKENDS)}")
+        if self.batch_size < 1 or self.tensor_parallel_size < 1 or (self.threads is not None and self.threads < 1):
+            raise QuantbenchError("batch_size, threads and tensor_parallel_size must be >= 1")
+
+    def load(self, model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and tokenizer of ``model_dir`` through quantbench's runtime, with ``threads`` applied."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        return load_model(model_dir, device=self.device, dtype=self.torch_dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``auto``: float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        value = getattr(torch, self.dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise QuantbenchError(f"unknown dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
+        return value

@@ -8,12 +8,13 @@ present. It takes a plain dict, so the workflow, the CLI and the tests share one
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantbench.errors import QuantbenchError
+from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.schemes import Scheme, load_schemes
 
 
@@ -66,7 +67,7 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
-class TableSpec:
+class TableConfig:
     """One rendered table: which models, schemes and benchmark columns, in order."""
 
     name: str
@@ -86,32 +87,35 @@ class RunConfig:
     models: Mapping[str, ModelEntry]
     calibration_sets: Mapping[str, CalibrationSet]
     evaluation: Mapping[str, Any]
-    tables: tuple[TableSpec, ...]
-    benchmark_names: tuple[str, ...]
+    tables: tuple[TableConfig, ...]
 
-    def schemes_of(self, model: str) -> tuple[str, ...]:
-        """The schemes configured for ``model``."""
-        return self.models[model].schemes
-
-    def benchmarks_of(self, table: TableSpec) -> tuple[str, ...]:
-        """The benchmark columns of ``table``."""
-        return table.benchmarks
-
-    def evaluations(self) -> Iterator[tuple[str, str, str]]:
-        """Every (model, scheme, benchmark) job: each table's cells, minus the model's ``skip`` cells, once."""
-        seen: set[tuple[str, str, str]] = set()
+    def table(self, name: str) -> TableConfig:
+        """The table called ``name``."""
         for table in self.tables:
-            for model in table.models:
-                entry = self.models[model]
-                for scheme in table.schemes or entry.schemes:
-                    if scheme not in entry.schemes:
-                        continue
-                    for bench in table.benchmarks:
-                        job = (model, scheme, bench)
-                        if (scheme, bench) in entry.skip or job in seen:
-                            continue
-                        seen.add(job)
-                        yield job
+            if table.name == name:
+                return table
+        raise QuantbenchError(f"no table named {name!r}; tables: {', '.join(t.name for t in self.tables)}")
+
+    def table_rows(self, table: TableConfig) -> tuple[tuple[str, str], ...]:
+        """The (model, scheme) rows of ``table``: its schemes (or each model's own) that the model runs."""
+        rows = []
+        for model in table.models:
+            entry = self.models[model]
+            rows.extend((model, s) for s in (table.schemes or entry.schemes) if s in entry.schemes)
+        return tuple(rows)
+
+    def table_cells(self, table: TableConfig) -> list[tuple[str, str, str]]:
+        """The (model, scheme, benchmark) cells of ``table`` that run (its rows minus the models' ``skip``)."""
+        return [
+            (model, scheme, bench)
+            for model, scheme in self.table_rows(table)
+            for bench in table.benchmarks
+            if (scheme, bench) not in self.models[model].skip
+        ]
+
+    def evaluations(self) -> list[tuple[str, str, str]]:
+        """Every (model, scheme, benchmark) job of every table, once, in table order."""
+        return list(dict.fromkeys(cell for table in self.tables for cell in self.table_cells(table)))
 
     def calibration_of(self, model: str, scheme: str) -> CalibrationSet | None:
         """The calibration set (model, scheme) needs, or None for data-free schemes."""
@@ -139,11 +143,12 @@ def _check_known(kind: str, key: str, names: Any, known: Mapping[str, Any] | tup
 
 
 def load_run_config(
-    config: Mapping[str, Any], *, base_dir: str | Path = ".", benchmark_names: tuple[str, ...]
+    config: Mapping[str, Any], *, base_dir: str | Path = ".", benchmarks: Mapping[str, BenchmarkSpec]
 ) -> RunConfig:
     """Cross-check a (schema-validated) config dict; relative paths resolve against ``base_dir``.
 
-    ``benchmark_names`` are the benchmarks the benchmarks file defines.
+    ``benchmarks`` are the benchmarks the benchmarks file defines. With the ``local`` data source, every
+    benchmark a table uses must have its data files under ``evaluation.data_dir``.
     """
     base = Path(base_dir)
     schemes = load_schemes(base / config.get("schemes_file", "config/schemes.yaml"))
@@ -182,12 +187,12 @@ def load_run_config(
     for i, raw in enumerate(config.get("tables") or []):
         key = f"tables[{i}] ({raw['name']})"
         _check_known("model", f"{key}.models", raw["models"], models)
-        _check_known("benchmark", f"{key}.benchmarks", raw["benchmarks"], benchmark_names)
+        _check_known("benchmark", f"{key}.benchmarks", raw["benchmarks"], benchmarks)
         if raw.get("schemes"):
             _check_known("scheme", f"{key}.schemes", raw["schemes"], schemes)
         options = {k: v for k, v in raw.items() if k not in ("name", "models", "benchmarks", "caption", "schemes")}
         tables.append(
-            TableSpec(
+            TableConfig(
                 name=raw["name"],
                 models=tuple(raw["models"]),
                 benchmarks=tuple(raw["benchmarks"]),
@@ -198,12 +203,17 @@ def load_run_config(
         )
     if not tables:
         raise QuantbenchError("tables: configure at least one table (name, models, benchmarks)")
+    evaluation = dict(config.get("evaluation") or {})
+    if evaluation.get("source", "local") == "local":
+        data_dir = base / evaluation.get("data_dir", "resources/data")
+        for name in dict.fromkeys(bench for table in tables for bench in table.benchmarks):
+            if benchmarks[name].lmms_eval is None:
+                benchmarks[name].data_paths(data_dir)
     return RunConfig(
         results=Path(config.get("results", "results")),
         schemes=schemes,
         models=models,
         calibration_sets=calib_sets,
-        evaluation=dict(config.get("evaluation") or {}),
+        evaluation=evaluation,
         tables=tuple(tables),
-        benchmark_names=tuple(benchmark_names),
     )

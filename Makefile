@@ -1,0 +1,40 @@
+# quantbench: the two set-up commands.
+#   make demo   create .venv, install the project, run the workflow on the embedded offline default
+#   make test   create .venv, install the project, run the test suite
+#
+# TORCH_SPEC picks the torch build: the default lets pip choose (a CUDA build on Linux); a CPU-only machine
+# can pass e.g. `make demo TORCH_SPEC=torch==2.13.0`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch>=2.4
+CORES ?= 2
+SNAKEMAKE_ARGS ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.quantbench-installed
+
+.PHONY: demo test env clean-results
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[workflow,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml $(SNAKEMAKE_ARGS)
+	@echo
+	@echo "Tables (eval-rst, CSV, Markdown):"
+	@ls -1 results/tables/*.rst results/tables/*.csv results/tables/*.md
+	@echo "Logs: logs/   Per-cell results: results/evals/"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-results:
+	rm -rf results logs .snakemake

@@ -1,0 +1,98 @@
+# Shared state of the workflow: the cross-checked run config, output paths and input functions.
+
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from quantbench.errors import QuantbenchError
+from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.resources import Hardware, job_resources
+from quantbench.runconfig import load_run_config
+
+try:
+    BENCHMARKS = load_benchmarks(config.get("benchmarks_file", "config/benchmarks.yaml"))
+    RUN = load_run_config(config, base_dir=".", benchmarks=BENCHMARKS)
+    HARDWARE = Hardware(**config.get("hardware", {}))
+except QuantbenchError as exc:
+    raise WorkflowError(f"invalid configuration: {exc}") from None
+
+R = str(RUN.results)
+NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]*"
+
+
+wildcard_constraints:
+    model=NAME,
+    scheme=NAME,
+    benchmark=NAME,
+    calibset=NAME,
+    table=NAME,
+
+
+def model_dir(model):
+    return f"{R}/models/{model}"
+
+
+def checkpoint_dir(model, scheme):
+    """The directory evaluated for (model, scheme): the original model for the baseline."""
+    if RUN.schemes[scheme].is_baseline:
+        return model_dir(model)
+    return f"{R}/quantized/{model}/{scheme}"
+
+
+def calib_file(model, scheme):
+    calib = RUN.calibration_of(model, scheme)
+    return [] if calib is None else [f"{R}/calib/{model}/{calib.name}.safetensors"]
+
+
+def eval_file(model, scheme, benchmark):
+    return f"{R}/evals/{model}/{scheme}/{benchmark}.json"
+
+
+def table_outputs(table):
+    return [f"{R}/tables/{table}.{ext}" for ext in ("rst", "csv", "md")]
+
+
+def all_tables():
+    return [path for table in RUN.tables for path in table_outputs(table.name)]
+
+
+def evals_of_table(name):
+    return [eval_file(m, s, b) for m, s, b in RUN.table_cells(RUN.table(name))]
+
+
+DEVICES = {
+    "calibrate": "cpu",
+    "quantize": config.get("quantization", {}).get("device", "auto"),
+    "evaluate": RUN.evaluation.get("backend", {}).get("device", "cpu"),  # the hf backend's default
+}
+
+
+def sized_resources(step, w):
+    """The quantbench.resources sizing of one job of ``step`` (wildcards ``w``), from its model's params_b."""
+    scheme = w.get("scheme")
+    return job_resources(
+        step,
+        RUN.models[w.model].params_b,
+        scheme=RUN.schemes[scheme] if scheme else None,
+        device=DEVICES[step],
+        hardware=HARDWARE,
+        model=w.model,
+    )
+
+
+def resources_of(step):
+    """A step's Snakemake resources (gpu, gpu_mem_mb, mem_mb, runtime), each a function of the job's wildcards."""
+    return {
+        name: (lambda w, name=name: getattr(sized_resources(step, w), name))
+        for name in ("gpu", "gpu_mem_mb", "mem_mb", "runtime")
+    }
+
+
+def report_outputs():
+    """The comparison report per table (when `compare` is configured) and the docs page (when `docs` is)."""
+    outputs = []
+    if "compare" in config:
+        outputs += [f"{R}/compare/{t.name}.{ext}" for t in RUN.tables for ext in ("csv", "md", "png")]
+    if "docs" in config:
+        outputs.append(config["docs"]["path"])
+    return outputs

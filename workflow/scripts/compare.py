@@ -1,0 +1,20 @@
+"""Snakemake entry point of rule compare: one table's reproduced cells against the published ones."""
+
+from quantbench.cells import collect_cells
+from quantbench.compare import write_comparison
+from quantbench.joblog import job_log
+from quantbench.tables import load_long_csv
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+
+with job_log(smk.log[0]):
+    table = smk.wildcards.table
+    write_comparison(
+        load_long_csv(smk.input.published),
+        collect_cells(table, smk.input.evals),
+        table=table,
+        tolerance=smk.params.tolerance,
+        csv_path=smk.output.csv,
+        md_path=smk.output.md,
+        png_path=smk.output.png,
+    )

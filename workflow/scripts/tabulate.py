@@ -1,0 +1,14 @@
+"""Snakemake entry point of rule tabulate: render one table from its result files."""
+
+from pathlib import Path
+
+from quantbench.cells import collect_cells
+from quantbench.joblog import job_log
+from quantbench.tables import TableSpec, write_tables
+
+smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
+
+with job_log(smk.log[0]):
+    name = smk.wildcards.table
+    spec = TableSpec(name=name, rows=tuple(map(tuple, smk.params.rows)), benchmarks=tuple(smk.params.benchmarks))
+    write_tables(collect_cells(name, smk.input), Path(smk.output.rst).parent, [spec])

@@ -74,9 +74,13 @@ class GPTQParams:
 
 @dataclass(frozen=True)
 class AWQParams:
-    """AWQ search settings: ``grid_size`` points of the scale exponent in [0, 1); optional clipping search."""
+    """AWQ search settings: ``grid_size`` points of the scale exponent in [0, 1); optional clipping search.
+
+    ``duo_scaling`` divides the activation term by a weight-magnitude term (AutoAWQ's and llm-compressor's default).
+    """
 
     grid_size: int = 20
+    duo_scaling: bool = True
     clip_search: bool = False
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
@@ -115,6 +119,15 @@ class Scheme:
         if self.algorithm == "awq":
             out["awq"] = asdict(self.awq)
         return out
+
+
+def scheme_from_dict(raw: Mapping[str, Any]) -> Scheme:
+    """Inverse of :meth:`Scheme.to_dict` (how a workflow job receives its scheme through ``params:``)."""
+    raw = dict(raw)
+    name = raw.pop("name")
+    if raw.get("weights") is None:
+        return Scheme(name=name)
+    return parse_scheme(name, {key: value for key, value in raw.items() if value is not None})
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -1,6 +1,17 @@
 # report: the comparison with the published numbers (per table) and the docs page, when configured
 # (`compare:` and `docs:` in the config; see config/seed.yaml).
 
+
+def compared(ext):
+    """One comparison output of table {table}, flagged for `snakemake --report`."""
+    return report(
+        f"{R}/compare/{{table}}.{ext}",
+        caption="../workflow/report/compare.rst",
+        category="Comparison with the published page",
+        subcategory="{table}",
+    )
+
+
 if "compare" in config:
 
     rule compare:
@@ -8,24 +19,9 @@ if "compare" in config:
             evals=lambda w: evals_of_table(w.table),
             published=config["compare"]["published"],
         output:
-            csv=report(
-                f"{R}/compare/{{table}}.csv",
-                caption="../workflow/report/compare.rst",
-                category="Comparison with the published page",
-                subcategory="{table}",
-            ),
-            md=report(
-                f"{R}/compare/{{table}}.md",
-                caption="../workflow/report/compare.rst",
-                category="Comparison with the published page",
-                subcategory="{table}",
-            ),
-            png=report(
-                f"{R}/compare/{{table}}.png",
-                caption="../workflow/report/compare.rst",
-                category="Comparison with the published page",
-                subcategory="{table}",
-            ),
+            csv=compared("csv"),
+            md=compared("md"),
+            png=compared("png"),
         params:
             tolerance=config["compare"].get("tolerance", 1.0),
         log:

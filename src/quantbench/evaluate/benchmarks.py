@@ -76,8 +76,21 @@ class PerplexitySettings:
 
 
 @dataclass(frozen=True)
+class LmmsEvalSettings:
+    """A vision-language benchmark scored by lmms-eval (its task and reported metric).
+
+    quantbench cannot score these yet (lmms-eval support is issue 7): they are declared so that the
+    published tables plan their jobs, and the evaluate step refuses them (:meth:`BenchmarkSpec.check_runnable`).
+    """
+
+    task: str
+    metric: str
+
+
+@dataclass(frozen=True)
 class BenchmarkSpec:
-    """One benchmark column: its data files and how it is scored (exactly one of lm_eval, perplexity)."""
+    """One benchmark column: its data files and how it is scored (exactly one of lm_eval, perplexity,
+    lmms_eval)."""
 
     name: str
     files: Mapping[str, str]
@@ -85,11 +98,21 @@ class BenchmarkSpec:
     perplexity: PerplexitySettings | None = None
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    lmms_eval: LmmsEvalSettings | None = None
 
     @property
     def percent(self) -> bool:
         """True when the score is a percentage (accuracy-like), False for perplexity."""
-        return self.lm_eval is not None
+        return self.perplexity is None
+
+    def check_runnable(self) -> None:
+        """Fail clearly for a benchmark quantbench cannot score yet (an lmms-eval vision-language task)."""
+        if self.lmms_eval is not None:
+            raise QuantbenchError(
+                f"benchmark {self.name} needs lmms-eval/issue 7 support (vision-language task "
+                f"{self.lmms_eval.task!r}), which quantbench does not have yet; leave it out of the tables or "
+                "list its cells under the model's skip"
+            )
 
     def data_paths(self, data_dir: str | Path) -> dict[str, Path]:
         """The benchmark's files under ``data_dir`` by split; a missing file is a QuantbenchError."""
@@ -141,18 +164,23 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
     """Build a :class:`BenchmarkSpec` from its YAML mapping, with errors naming the benchmark and key."""
     where = f"benchmark {name!r}"
     raw = dict(raw or {})
-    files = raw.get("files")
-    if not isinstance(files, Mapping) or not files:
+    files = raw.get("files", {} if "lmms_eval" in raw else None)
+    if not isinstance(files, Mapping) or not (files or "lmms_eval" in raw):
         raise QuantbenchError(f"{where}.files: give the data files as a mapping split -> relative path")
-    if ("lm_eval" in raw) == ("perplexity" in raw):
-        raise QuantbenchError(f"{where}: give exactly one of 'lm_eval' or 'perplexity'")
+    if sum(kind in raw for kind in ("lm_eval", "perplexity", "lmms_eval")) != 1:
+        raise QuantbenchError(
+            f"{where}: give exactly one of 'lm_eval' or 'perplexity' (or 'lmms_eval' for a vision-language task)"
+        )
     lm_eval = _build(LmEvalSettings, raw["lm_eval"], f"{where}.lm_eval") if "lm_eval" in raw else None
     perplexity = _build(PerplexitySettings, raw["perplexity"], f"{where}.perplexity") if "perplexity" in raw else None
+    lmms_eval = _build(LmmsEvalSettings, raw["lmms_eval"], f"{where}.lmms_eval") if "lmms_eval" in raw else None
     sandbox = _build(SandboxLimits, raw.get("sandbox", {}), f"{where}.sandbox")
-    unknown = sorted(set(raw) - {"files", "lm_eval", "perplexity", "sandbox"})
+    unknown = sorted(set(raw) - {"files", "lm_eval", "perplexity", "lmms_eval", "sandbox"})
     if unknown:
         raise QuantbenchError(f"{where}: unknown key(s) {unknown}")
-    return BenchmarkSpec(name=name, files=dict(files), lm_eval=lm_eval, perplexity=perplexity, sandbox=sandbox)
+    return BenchmarkSpec(
+        name=name, files=dict(files), lm_eval=lm_eval, perplexity=perplexity, sandbox=sandbox, lmms_eval=lmms_eval
+    )
 
 
 def load_benchmarks(path: str | Path) -> dict[str, BenchmarkSpec]:

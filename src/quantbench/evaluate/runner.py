@@ -46,6 +46,7 @@ def evaluate_benchmark(
     recorded, in the command that reproduces the result.
     """
     started = time.perf_counter()
+    spec.check_runnable()
     backend = backend or Backend()
     model_dir = Path(model_dir)
     if source not in SOURCES:

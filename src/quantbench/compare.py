@@ -1,0 +1,166 @@
+"""Compare reproduced cells with published ones: per cell the published value, the reproduced value, their
+difference and a flag beyond a tolerance; written as CSV, Markdown and a plot per table.
+
+Both sides are long frames (``table, model, scheme, benchmark, value``; :mod:`quantbench.tables`). Every
+published cell with a number is one row of the comparison, in the published order. Its status is
+
+* ``ok``: reproduced, and ``|reproduced - published| <= tolerance``;
+* ``beyond tolerance``: reproduced, and the difference is larger;
+* ``not reproduced``: no reproduced value (the job did not run, or failed).
+
+Only ``ok`` rows are unflagged. Published ``-`` cells have nothing to compare and are left out, as are
+reproduced cells the page did not publish. Differences are ``reproduced - published`` in the benchmark's
+unit (points for percentages).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from quantbench.errors import QuantbenchError
+from quantbench.io import atomic_write_bytes, atomic_write_text
+from quantbench.tables import MISSING
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("table", "model", "scheme", "benchmark", "published", "reproduced", "difference", "status", "flagged")
+OK, BEYOND, NOT_REPRODUCED = "ok", "beyond tolerance", "not reproduced"
+# The published values have two decimals: a difference within this of the tolerance counts as equal to it.
+EPSILON = 1e-9
+
+
+def compare_cells(published: pd.DataFrame, reproduced: pd.DataFrame, *, table: str, tolerance: float) -> pd.DataFrame:
+    """The comparison rows (:data:`COLUMNS`) of ``table``: one per published cell with a number."""
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise QuantbenchError(f"compare.tolerance must be a number >= 0, got {tolerance!r}")
+    keys = ["model", "scheme", "benchmark"]
+    ours = {
+        tuple(row[:3]): float(row[3])
+        for row in reproduced.loc[reproduced["table"] == table, [*keys, "value"]].itertuples(index=False, name=None)
+        if str(row[3]).strip() != MISSING
+    }
+    cells = published.loc[(published["table"] == table) & (published["value"].astype(str).str.strip() != MISSING)]
+    if cells.empty:
+        raise QuantbenchError(
+            f"the published results have no cell of table {table!r}; check compare.published and the table's name"
+        )
+    rows = []
+    for model, scheme, benchmark, value in cells[[*keys, "value"]].itertuples(index=False, name=None):
+        theirs = float(value)
+        mine = ours.get((model, scheme, benchmark))
+        if mine is None:
+            rows.append((table, model, scheme, benchmark, theirs, math.nan, math.nan, NOT_REPRODUCED, True))
+            continue
+        difference = mine - theirs
+        status = OK if abs(difference) <= tolerance + EPSILON else BEYOND
+        rows.append((table, model, scheme, benchmark, theirs, mine, difference, status, status != OK))
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def summary(comparison: pd.DataFrame, tolerance: float) -> str:
+    """One line: how many published cells were compared, reproduced, and flagged."""
+    counts = comparison["status"].value_counts()
+    return (
+        f"{len(comparison)} published cells: {counts.get(OK, 0)} within ±{tolerance:g}, "
+        f"{counts.get(BEYOND, 0)} beyond, {counts.get(NOT_REPRODUCED, 0)} not reproduced"
+    )
+
+
+def _number(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return MISSING
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def render_markdown(comparison: pd.DataFrame, *, table: str, tolerance: float) -> str:
+    """A Markdown report: a heading, the summary line and one table row per published cell."""
+    lines = [
+        f"# {table}: reproduced vs published",
+        "",
+        summary(comparison, tolerance) + ".",
+        "",
+        "| Model | Quantization | Benchmark | Published | Reproduced | Difference | Status |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for row in comparison.itertuples(index=False):
+        status = f"**{row.status}**" if row.flagged else row.status
+        lines.append(
+            f"| {row.model} | {row.scheme} | {row.benchmark} | {_number(row.published)} | "
+            f"{_number(row.reproduced)} | {_number(row.difference, signed=True)} | {status} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(comparison: pd.DataFrame) -> str:
+    """The comparison as CSV (empty reproduced/difference where not reproduced)."""
+    return comparison.to_csv(index=False, lineterminator="\n", float_format="%.4f")
+
+
+def render_plot(comparison: pd.DataFrame, *, table: str, tolerance: float) -> bytes:
+    """A PNG: one panel per benchmark, one bar per (model, scheme) row showing reproduced - published.
+
+    The tolerance band is shaded; bars beyond it are red, cells not reproduced are marked with an x at 0.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys(zip(comparison["model"], comparison["scheme"])))
+    benchmarks = list(dict.fromkeys(comparison["benchmark"]))
+    position = {row: i for i, row in enumerate(rows)}
+    fig, axes = plt.subplots(
+        1, len(benchmarks), sharey=True, squeeze=False, figsize=(2.6 * len(benchmarks) + 2.4, 0.24 * len(rows) + 1.4)
+    )
+    largest = comparison["difference"].abs().max(skipna=True)
+    limit = max(tolerance * 2, 0.0 if pd.isna(largest) else float(largest) * 1.1, 0.5)
+    for ax, benchmark in zip(axes[0], benchmarks):
+        cells = comparison[comparison["benchmark"] == benchmark]
+        ys = [position[(m, s)] for m, s in zip(cells["model"], cells["scheme"])]
+        done = cells["status"] != NOT_REPRODUCED
+        ax.axvspan(-tolerance, tolerance, color="0.9", zorder=0)
+        ax.axvline(0, color="0.5", linewidth=0.8)
+        ax.barh(
+            [y for y, d in zip(ys, done) if d],
+            cells.loc[done, "difference"],
+            color=["tab:red" if f else "tab:blue" for f in cells.loc[done, "flagged"]],
+            height=0.7,
+        )
+        ax.scatter([0] * int((~done).sum()), [y for y, d in zip(ys, done) if not d], marker="x", color="tab:red")
+        ax.set_xlim(-limit, limit)
+        ax.set_title(benchmark, fontsize=9)
+        ax.set_xlabel("reproduced - published", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(rows)), [f"{m} {s}" for m, s in rows])
+    axes[0][0].set_ylim(len(rows) - 0.5, -0.5)  # first row on top
+    fig.suptitle(f"{table} (band: ±{tolerance:g}; red: flagged, x: not reproduced)", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_comparison(
+    published: pd.DataFrame,
+    reproduced: pd.DataFrame,
+    *,
+    table: str,
+    tolerance: float,
+    csv_path: str | Path,
+    md_path: str | Path,
+    png_path: str | Path,
+) -> pd.DataFrame:
+    """Compare ``table`` and write its CSV, Markdown and PNG (atomically); return the comparison."""
+    comparison = compare_cells(published, reproduced, table=table, tolerance=tolerance)
+    atomic_write_text(csv_path, render_csv(comparison))
+    atomic_write_text(md_path, render_markdown(comparison, table=table, tolerance=tolerance))
+    atomic_write_bytes(png_path, render_plot(comparison, table=table, tolerance=tolerance))
+    log.info("%s: %s", table, summary(comparison, tolerance))
+    return comparison

@@ -16,7 +16,7 @@ BENCHMARKS = load_benchmarks(ROOT / "config" / "benchmarks.yaml")
 
 
 def test_published_settings() -> None:
-    assert list(BENCHMARKS) == ["CEVAL", "MMLU", "GSM8K", "HUMANEVAL", "WIKITEXT2"]
+    assert list(BENCHMARKS) == ["CEVAL", "MMLU", "GSM8K", "HUMANEVAL", "WIKITEXT2", "MMMU_VAL", "DocVQA_VAL", "ChartQA_TEST"]
     lm = {name: spec.lm_eval for name, spec in BENCHMARKS.items() if spec.lm_eval}
     assert {n: (s.hub_task, s.num_fewshot, s.result_key) for n, s in lm.items()} == {
         "CEVAL": ("ceval-valid", 5, "acc,none"),
@@ -86,3 +86,14 @@ def test_unknown_benchmark_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"tasks": {}}))
     with pytest.raises(QuantbenchError, match="top-level 'benchmarks:'"):
         load_benchmarks(tmp_path / "b.yaml")
+
+
+def test_spec_survives_the_params_round_trip():
+    from quantbench.evaluate.benchmarks import benchmark_from_dict
+
+    for spec in BENCHMARKS.values():
+        if spec.lm_eval is not None:
+            spec = spec.with_overrides({"max_gen_toks": 16})
+        elif spec.perplexity is not None:
+            spec = spec.with_overrides({"seq_len": 256, "max_tokens": 1024})
+        assert benchmark_from_dict(spec.to_dict()) == spec

@@ -200,3 +200,10 @@ def get_benchmark(benchmarks: Mapping[str, BenchmarkSpec], name: str) -> Benchma
         return benchmarks[name]
     except KeyError:
         raise QuantbenchError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(benchmarks)}") from None
+
+
+def benchmark_from_dict(raw: Mapping[str, Any]) -> BenchmarkSpec:
+    """Inverse of :meth:`BenchmarkSpec.to_dict` (how a workflow job receives its benchmark through ``params:``)."""
+    body = {key: value for key, value in raw.items() if key not in ("name", "overrides") and value is not None}
+    spec = parse_benchmark(raw["name"], body)
+    return dataclasses.replace(spec, overrides=dict(raw.get("overrides") or {}))

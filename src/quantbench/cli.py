@@ -103,7 +103,87 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_tabulate, _add_evaluate)
+def _add_calibration_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-samples", type=int, default=128, metavar="N", help="calibration samples (default 128)")
+    parser.add_argument("--max-seq-len", type=int, default=2048, metavar="L", help="tokens per sample at most (default 2048)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
+
+
+def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="tokenize N calibration samples of a JSONL with a model's tokenizer into one safetensors file",
+        description="Choose N records of a JSONL of texts ('text') or chats ('messages' or ShareGPT "
+        "'conversations', through the chat template) by a seeded shuffle, truncate each to L tokens, and "
+        "write input_ids, attention_mask and metadata (source sha256, N, L, tokenizer) atomically.",
+    )
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory (its tokenizer is used)")
+    parser.add_argument("--data", type=Path, required=True, metavar="JSONL", help="calibration records")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="calibration .safetensors to write")
+    _add_calibration_size(parser)
+    parser.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from quantbench.calibration import save_calibration, tokenize_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    calibration = tokenize_calibration(tokenizer, args.data, args.num_samples, args.max_seq_len, seed=args.seed)
+    save_calibration(calibration, args.out)
+    print(f"{calibration.num_samples} samples, {calibration.num_tokens} tokens -> {args.out}")
+    return 0
+
+
+def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="quantize a model directory under a scheme into a compressed-tensors checkpoint",
+        description="Load a model, quantize it under a scheme of the schemes file (layer by layer on the "
+        "calibration data when the scheme needs data) and write a compressed-tensors checkpoint with its "
+        "tokenizer and provenance, atomically.",
+    )
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
+    parser.add_argument("--scheme", required=True, metavar="NAME", help="scheme name, e.g. INT4-GPTQ")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write")
+    parser.add_argument("--calib", type=Path, metavar="FILE", help="calibration data: a JSONL of records, or a "
+                        ".safetensors file from `quantbench calibrate` (then the size options are ignored)")
+    _add_calibration_size(parser)
+    parser.add_argument("--schemes", type=Path, default=Path("config/schemes.yaml"), metavar="FILE")
+    parser.add_argument("--device", default="auto", help="compute device for one layer at a time (default auto)")
+    parser.add_argument("--chunk-size", type=int, default=8, metavar="N", help="calibration samples per forward call")
+    parser.add_argument("--offload-activations", action="store_true", help="keep cached activations in CPU memory")
+    parser.set_defaults(handler=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from quantbench.calibration import tokenize_calibration
+    from quantbench.quant.sequential import PipelineOptions
+    from quantbench.quantize import quantize_checkpoint
+    from quantbench.schemes import get_scheme, load_schemes
+
+    scheme = get_scheme(load_schemes(args.schemes), args.scheme)
+    calibration = args.calib
+    if calibration is not None and calibration.suffix != ".safetensors":
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        calibration = tokenize_calibration(tokenizer, calibration, args.num_samples, args.max_seq_len, seed=args.seed)
+    options = PipelineOptions(chunk_size=args.chunk_size, offload_activations=args.offload_activations)
+    out = quantize_checkpoint(
+        args.model, scheme, args.out, calibration=calibration, device=args.device, seed=args.seed, options=options
+    )
+    print(out)
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_tabulate,
+    _add_evaluate,
+    _add_calibrate,
+    _add_quantize,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

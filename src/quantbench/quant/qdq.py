@@ -34,7 +34,7 @@ def code_dtype(args: QuantArgs) -> torch.dtype:
     return FP8_DTYPE if args.type == "float" else torch.int8
 
 
-def _grouped(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def grouped_view(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """View ``weight [out, in]`` as ``[out, n_reduce, width]`` where each scale covers one ``width`` slice."""
     out_features, in_features = weight.shape
     if args.strategy == "tensor":
@@ -79,7 +79,7 @@ def weight_qparams(
     weight: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale and zero point of ``weight [out, in]`` for its strategy, shaped for storage."""
-    grouped = _grouped(weight.float(), args)
+    grouped = grouped_view(weight.float(), args)
     scale, zero_point = qparams_from_minmax(
         grouped.amin(dim=-1), grouped.amax(dim=-1), args, dtype or scale_dtype(args, weight.dtype)
     )
@@ -89,20 +89,35 @@ def weight_qparams(
 
 def _expand(param: torch.Tensor, weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Broadcast a stored scale/zero point to the grouped view of ``weight``."""
-    return param.reshape(_grouped(torch.empty(weight.shape, device="meta"), args).shape[:-1] + (1,))
+    return param.reshape(grouped_view(torch.empty(weight.shape, device="meta"), args).shape[:-1] + (1,))
+
+
+def round_to_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, args: QuantArgs
+) -> torch.Tensor:
+    """Integer codes (as float32) of float32 ``x`` under broadcastable float32 ``scale``/``zero_point``.
+
+    The one rounding rule of every integer quantizer (RTN, GPTQ's column loop, AWQ's search).
+    """
+    return torch.clamp(torch.round(x / scale + zero_point), args.qmin, args.qmax)
+
+
+def codes_to_values(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float) -> torch.Tensor:
+    """Float32 values of float32 integer ``codes``: ``(codes - zero_point) * scale``."""
+    return (codes - zero_point) * scale
 
 
 def quantize_weight(
     weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs
 ) -> torch.Tensor:
     """Codes of ``weight [out, in]`` under the stored ``scale``/``zero_point`` (int8 or fp8 e4m3)."""
-    grouped = _grouped(weight.float(), args)
+    grouped = grouped_view(weight.float(), args)
     s = _expand(scale, weight, args).float()
     if args.type == "float":
         codes = torch.clamp(grouped / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     else:
         zp = 0.0 if zero_point is None else _expand(zero_point, weight, args).float()
-        codes = torch.clamp(torch.round(grouped / s + zp), args.qmin, args.qmax).to(torch.int8)
+        codes = round_to_codes(grouped, s, zp, args).to(torch.int8)
     return codes.reshape(weight.shape)
 
 
@@ -114,11 +129,8 @@ def dequantize_weight(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Weights represented by ``codes`` and their stored parameters, in ``dtype``."""
-    grouped = _grouped(codes.float(), args)
-    values = grouped
-    if zero_point is not None:
-        values = values - _expand(zero_point, codes, args).float()
-    values = values * _expand(scale, codes, args).float()
+    zp = 0.0 if zero_point is None else _expand(zero_point, codes, args).float()
+    values = codes_to_values(grouped_view(codes.float(), args), _expand(scale, codes, args).float(), zp)
     return values.reshape(codes.shape).to(dtype)
 
 

@@ -1,0 +1,197 @@
+"""Calibration data: read a JSONL of texts or chats, tokenize N samples x L tokens, save and load them.
+
+Records are ``{"text": ...}``, ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT
+``{"conversations": [{"from", "value"}, ...]}``. Chats go through the tokenizer's chat template when it
+has one (otherwise their contents are joined by blank lines). Samples are chosen by a seeded shuffle of
+the records, each truncated to ``max_seq_len`` tokens and right-padded to the longest chosen sample; the
+attention mask marks real tokens, and every statistic downstream counts only those.
+
+The saved form is one safetensors file with ``input_ids`` and ``attention_mask`` ([N, L] int64) and
+metadata (the source file and its sha256, N, L, seed, the tokenizer and its fingerprint) as one
+key-sorted JSON string under ``METADATA_KEY``, so that the same samples always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from transformers import PreTrainedTokenizerBase
+
+from quantbench.errors import QuantbenchError
+from quantbench.io import atomic_write_bytes
+from quantbench.provenance import sha256_file
+
+METADATA_KEY = "quantbench_calibration"
+
+# ShareGPT speaker names -> chat-template roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Tokenized calibration samples: ``input_ids`` and ``attention_mask`` [N, L] (1 = real token)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    metadata: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.input_ids.shape != self.attention_mask.shape or self.input_ids.dim() != 2:
+            raise ValueError("input_ids and attention_mask must both be [N, L]")
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens over all samples."""
+        return int(self.attention_mask.sum())
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Fail clearly when these samples were tokenized by a different tokenizer."""
+        recorded = self.metadata.get("tokenizer_sha256")
+        if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
+            raise QuantbenchError(
+                f"calibration data from {self.metadata.get('source', '?')} was tokenized with another tokenizer "
+                f"({self.metadata.get('tokenizer', '?')}); rerun `quantbench calibrate` with this model"
+            )
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the tokenizer's vocabulary (token -> id), so calibration ids are tied to their tokenizer."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]] | None:
+    """The chat of a record as [{role, content}], or None for a plain-text record."""
+    if "messages" in record:
+        try:
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]]
+        except (KeyError, TypeError) as exc:
+            raise QuantbenchError(f"{where}: 'messages' entries need 'role' and 'content' ({exc})") from None
+    if "conversations" in record:
+        chat = []
+        for turn in record["conversations"]:
+            speaker = str(turn.get("from", "")).lower() if isinstance(turn, dict) else ""
+            if speaker not in SHAREGPT_ROLES or "value" not in turn:
+                raise QuantbenchError(
+                    f"{where}: a 'conversations' turn needs 'from' in {sorted(SHAREGPT_ROLES)} and 'value'"
+                )
+            chat.append({"role": SHAREGPT_ROLES[speaker], "content": str(turn["value"])})
+        return chat
+    return None
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (blank lines skipped), each checked to carry text or a chat."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantbenchError(f"calibration file {path} does not exist; pass a JSONL of texts or chats")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise QuantbenchError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not ({"text", "messages", "conversations"} & set(record)):
+                raise QuantbenchError(f"{path}:{lineno}: expected an object with 'text', 'messages' or 'conversations'")
+            records.append(record)
+    if not records:
+        raise QuantbenchError(f"calibration file {path} has no records")
+    return records
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where: str) -> list[int]:
+    chat = _messages(record, where)
+    if chat is None:
+        return list(tokenizer(str(record["text"]))["input_ids"])
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer("\n\n".join(turn["content"] for turn in chat))["input_ids"])
+
+
+def tokenize_calibration(
+    tokenizer: PreTrainedTokenizerBase, path: str | Path, num_samples: int, max_seq_len: int, *, seed: int = 0
+) -> Calibration:
+    """Choose ``num_samples`` records of ``path`` by a seeded shuffle and tokenize them to at most ``max_seq_len``.
+
+    Records that tokenize to nothing are skipped; too few usable records is an error.
+    """
+    if num_samples <= 0 or max_seq_len <= 0:
+        raise QuantbenchError(f"num_samples and max_seq_len must be positive, got {num_samples} and {max_seq_len}")
+    path = Path(path)
+    records = read_records(path)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    samples: list[list[int]] = []
+    for index in order:
+        ids = _token_ids(tokenizer, records[index], f"{path} record {index + 1}")[:max_seq_len]
+        if ids:
+            samples.append(ids)
+            if len(samples) == num_samples:
+                break
+    if len(samples) < num_samples:
+        raise QuantbenchError(
+            f"{path} has only {len(samples)} non-empty records, fewer than the {num_samples} samples asked for; "
+            "lower num_samples or use a larger calibration file"
+        )
+    length = max(len(ids) for ids in samples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((num_samples, length), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((num_samples, length), dtype=torch.int64)
+    for row, ids in enumerate(samples):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        attention_mask[row, : len(ids)] = 1
+    metadata = {
+        "source": path.name,
+        "source_sha256": sha256_file(path),
+        "num_samples": num_samples,
+        "max_seq_len": max_seq_len,
+        "seed": seed,
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+    }
+    return Calibration(input_ids, attention_mask, metadata)
+
+
+def save_calibration(calibration: Calibration, path: str | Path) -> Path:
+    """Write ``calibration`` as one safetensors file, atomically."""
+    tensors = {
+        "input_ids": calibration.input_ids.contiguous(),
+        "attention_mask": calibration.attention_mask.contiguous(),
+    }
+    metadata = {METADATA_KEY: json.dumps(calibration.metadata, sort_keys=True, ensure_ascii=False)}
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a file written by :func:`save_calibration`."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantbenchError(f"calibration file {path} does not exist; create it with `quantbench calibrate`")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+        metadata = json.loads(header[METADATA_KEY])
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a calibration file"
+        raise QuantbenchError(f"{path} is not a calibration file written by `quantbench calibrate` ({exc!r})") from None
+    if set(tensors) != {"input_ids", "attention_mask"}:
+        raise QuantbenchError(f"{path} is not a calibration file (tensors {sorted(tensors)})")
+    return Calibration(tensors["input_ids"], tensors["attention_mask"], metadata)

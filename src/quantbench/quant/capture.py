@@ -1,0 +1,66 @@
+"""Recorded module calls: stop a forward pass at a module, keep its inputs, and replay them later.
+
+The sequential pipeline needs the exact inputs a decoder layer receives, keyword arguments included
+(position embeddings, attention mask). A forward pre-hook that records the
+call and raises a private exception gets them without knowing how the model builds them, and without
+running anything after that module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to end the forward pass once the module's inputs are recorded."""
+
+
+@dataclass
+class ModuleCall:
+    """One recorded call of a module on one calibration chunk, with the chunk's token mask ``[batch, seq]``."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    mask: torch.Tensor
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(item, device) for item in obj)
+    if isinstance(obj, dict):
+        return {key: to_device(value, device) for key, value in obj.items()}
+    return obj
+
+
+def replay(module: nn.Module, call: ModuleCall, device: torch.device) -> torch.Tensor:
+    """Run ``module`` on a recorded call (moved to ``device``); the first output when it returns a tuple."""
+    out = module(*to_device(call.args, device), **to_device(call.kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def capture_call(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Run ``run()`` until ``module`` is first called; return that call's positional and keyword arguments."""
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
+    return captured[0]

@@ -1,0 +1,353 @@
+"""The layer-by-layer pipeline: quantize one block at a time on the calibration activations it really sees.
+
+1. Capture the inputs of block 0 (hidden states and the keyword arguments the model passes: position
+   embeddings, attention mask) for each chunk of calibration samples, by stopping the model's forward at
+   block 0 (:func:`capture.capture_call`). Only the modules outside the blocks visit the compute device.
+2. For each block i, on the compute device (the rest of the model stays where it was):
+   a. run the unquantized block on every chunk, keeping its outputs (the reference) while hooks feed one
+      :class:`InputStats` per shared-input group (Hessian, |x| sums, ranges; padding never counted);
+   b. AWQ only: search and fold smoothing scales, mapping by mapping (:mod:`quant.awq`);
+   c. quantize every target (RTN, GPTQ per group, AWQ's rounding) and swap it for a QuantLinear;
+   d. run the quantized block on the same inputs: its outputs become block i+1's inputs, and the
+      differences to the reference give the block's and each module's relative output error.
+
+Activations of the current block live on the compute device, or in CPU memory with
+``offload_activations``. Schemes without data (RTN, dynamic activations) skip all of this and round
+block by block (:func:`quantize_blocks_data_free`) unless asked to measure their errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantbench.architectures import BlockStack, block_list, check_block
+from quantbench.calibration import Calibration
+from quantbench.errors import QuantbenchError
+from quantbench.quant import awq, qdq
+from quantbench.quant.capture import ModuleCall, capture_call, replay, to_device
+from quantbench.quant.gptq import gptq_quantize_linears
+from quantbench.quant.linear import QuantLinear
+from quantbench.quant.observers import InputStats
+from quantbench.quant.rtn import replace_module, rtn_quantize_linear
+from quantbench.quant.stats import GroupStats, LayerStats
+from quantbench.schemes import Scheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the pipeline runs (never what it computes): chunking, where activations live, extra measuring."""
+
+    chunk_size: int = 8  # calibration samples per forward call
+    offload_activations: bool = False  # keep cached activations in CPU memory instead of on the compute device
+    measure_data_free: bool = False  # run the calibration pipeline for data-free schemes too, to report errors
+
+
+@dataclass
+class _Group:
+    """One shared-input group of a block during its quantization."""
+
+    names: tuple[str, ...]
+    stats: InputStats
+    report: GroupStats
+    seen: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def observe(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        """Forward pre-hook of every member: the first call of a chunk feeds the statistics."""
+        x = args[0]
+        if self.seen is None:
+            if x.shape[:-1] != self.mask.shape:
+                raise QuantbenchError(f"{self.names[0]} got input {tuple(x.shape)} not shaped like the tokens {tuple(self.mask.shape)}")
+            self.stats.update(x[self.mask])
+            self.seen = x
+        elif x is not self.seen:
+            raise QuantbenchError(f"{', '.join(self.names)} do not share one input; the architecture mapping is wrong")
+
+
+@dataclass
+class _ErrorMeter:
+    """Forward hook of a quantized module: its output error vs the unquantized weight on the same input."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    mask: torch.Tensor | None = None
+    err: list[torch.Tensor] = field(default_factory=list)
+    ref: list[torch.Tensor] = field(default_factory=list)
+
+    def measure(self, _module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        reference = F.linear(args[0], self.weight, self.bias)
+        _accumulate_error(output, reference, self.mask, self.err, self.ref)
+
+    def relative(self) -> float:
+        return _ratio(self.err, self.ref)
+
+
+def _accumulate_error(
+    output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, err: list[torch.Tensor], ref: list[torch.Tensor]
+) -> None:
+    """Append the squared error and squared reference norm over the real tokens of ``mask [batch, seq]``."""
+    weights = mask.to(torch.float32)
+    err.append((torch.linalg.vector_norm(output - reference, dim=-1, dtype=torch.float32).square() * weights).sum())
+    ref.append((torch.linalg.vector_norm(reference, dim=-1, dtype=torch.float32).square() * weights).sum())
+
+
+def _ratio(err: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    return float(torch.stack(err).sum() / torch.stack(ref).sum().clamp(min=1e-30))
+
+
+@contextmanager
+def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _home(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _store(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
+    moved = tensor.to(storage)
+    return moved.pin_memory() if storage.type == "cpu" and tensor.is_cuda else moved
+
+
+@contextmanager
+def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
+    """Move every parameter and buffer outside ``blocks`` (except the output head) to ``device`` for a while."""
+    inside = {id(m) for m in blocks.modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = inside | ({id(head)} if head is not None else set())
+    moved: list[tuple[nn.Module, str, str, torch.device]] = []
+    for module in model.modules():
+        if id(module) in skip:
+            continue
+        for kind in ("_parameters", "_buffers"):
+            for key, tensor in getattr(module, kind).items():
+                if tensor is not None and tensor.device != device:
+                    moved.append((module, kind, key, tensor.device))
+                    _set_tensor(module, kind, key, tensor, device)
+    try:
+        yield
+    finally:
+        for module, kind, key, home in moved:
+            _set_tensor(module, kind, key, getattr(module, kind)[key], home)
+
+
+def _set_tensor(module: nn.Module, kind: str, key: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if kind == "_parameters":
+        tensor.data = tensor.data.to(device)  # keeps the Parameter object (and weight tying)
+    else:
+        module._buffers[key] = tensor.to(device)
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calibration: Calibration, device: torch.device, options: PipelineOptions
+) -> list[ModuleCall]:
+    """The inputs of ``blocks[0]`` for each chunk of calibration samples (hidden states as the only positional)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if len(layer_types) > 1:
+        raise QuantbenchError(
+            f"layers of different attention types {sorted(layer_types)} get different masks; the sequential "
+            "pipeline reuses block 0's and supports one type only"
+        )
+    storage = torch.device("cpu") if options.offload_activations else device
+    calls = []
+    with _outside_blocks_on(model, blocks, device):
+        for start in range(0, calibration.num_samples, options.chunk_size):
+            ids = calibration.input_ids[start : start + options.chunk_size].to(device)
+            mask = calibration.attention_mask[start : start + options.chunk_size].to(device)
+            args, kwargs = capture_call(blocks[0], lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            calls.append(ModuleCall((_store(hidden, storage),), to_device(kwargs, storage), mask.bool()))
+    return calls
+
+
+def _static_input_scale(group: _Group, scheme: Scheme) -> torch.Tensor | None:
+    inputs = scheme.input_activations
+    if inputs is None or inputs.dynamic:
+        return None
+    if group.stats.tokens == 0:
+        group.report.fallbacks.append("no calibration tokens reached this input: static input scale set to 1")
+    return qdq.static_input_scale(group.stats.absmax.max(), inputs)
+
+
+def _plan_groups(block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, mappings: list, device: torch.device) -> list[_Group]:
+    """One :class:`_Group` per shared-input group, collecting what the scheme's algorithm needs."""
+    static = scheme.input_activations is not None and not scheme.input_activations.dynamic
+    balanced = {m.linears for m in mappings}
+    clip = scheme.algorithm == "awq" and scheme.awq.clip_search
+    groups = []
+    for names in stack.groups:
+        stats = InputStats.create(
+            block.get_submodule(names[0]).in_features,
+            device,
+            hessian=scheme.algorithm == "gptq" or names in balanced or clip,
+            absmax=static,
+            abs_sum=names in balanced,
+        )
+        groups.append(_Group(names, stats, GroupStats(tuple(f"{name}.{n}" for n in names))))
+    return groups
+
+
+def _awq_mappings(block: nn.Module, name: str, stack: BlockStack) -> list:
+    """The stack's smoothing mappings that apply to this block (a linear ``prev`` must match the inputs' width)."""
+    mappings = []
+    for mapping in stack.smooth:
+        prev = block.get_submodule(mapping.prev)
+        width = block.get_submodule(mapping.linears[0]).in_features
+        if isinstance(prev, nn.Linear) and prev.out_features != width:
+            log.debug("%s: skip AWQ mapping %s -> %s (%d outputs feed %d inputs)", name, mapping.prev, mapping.linears, prev.out_features, width)
+            continue
+        awq.check_foldable(prev, f"{name}.{mapping.prev}")
+        mappings.append(mapping)
+    return mappings
+
+
+def _smooth(block: nn.Module, mappings: list, groups: list[_Group], scheme: Scheme) -> None:
+    """AWQ: search, fold and record the smoothing scales of each mapping, in order."""
+    by_names = {g.names: g for g in groups}
+    for mapping in mappings:
+        group = by_names[mapping.linears]
+        if group.stats.tokens == 0:
+            group.report.fallbacks.append("no calibration tokens: AWQ smoothing skipped (plain round-to-nearest)")
+            continue
+        start = time.perf_counter()
+        linears = [block.get_submodule(n) for n in mapping.linears]
+        found, error = awq.search_scales(linears, group.stats.mean_abs(), group.stats.hessian, scheme.weights, scheme.awq)
+        awq.apply_scales(block.get_submodule(mapping.prev), linears, found)
+        group.stats.divide(found)
+        group.report.search_error = error
+        group.report.seconds += time.perf_counter() - start
+
+
+def _quantize_group(block: nn.Module, group: _Group, stack: BlockStack, scheme: Scheme) -> dict[str, QuantLinear]:
+    """Quantize one group's linears with the scheme's algorithm; fall back to RTN when it saw no tokens."""
+    start = time.perf_counter()
+    linears = [block.get_submodule(n) for n in group.names]
+    input_scale = _static_input_scale(group, scheme)
+    if scheme.algorithm == "gptq" and group.stats.tokens == 0:
+        group.report.fallbacks.append("no calibration tokens: GPTQ replaced by round-to-nearest")
+        modules = [rtn_quantize_linear(linear, scheme, input_scale=input_scale) for linear in linears]
+    elif scheme.algorithm == "gptq":
+        modules, notes = gptq_quantize_linears(linears, group.stats.hessian, scheme, input_scale=input_scale)
+        group.report.fallbacks.extend(notes)
+    elif scheme.algorithm == "awq":
+        clip = scheme.awq.clip_search and group.stats.tokens > 0
+        modules = [
+            awq.awq_quantize_linear(
+                linear, scheme, hessian=group.stats.hessian if clip and n not in stack.clip_skip else None, input_scale=input_scale
+            )
+            for n, linear in zip(group.names, linears)
+        ]
+    else:
+        modules = [rtn_quantize_linear(linear, scheme, input_scale=input_scale) for linear in linears]
+    group.report.seconds += time.perf_counter() - start
+    group.report.tokens = group.stats.tokens
+    for note in group.report.fallbacks:
+        log.warning("%s: %s", ", ".join(group.report.linears), note)
+    return dict(zip(group.names, modules))
+
+
+def _quantize_block(
+    block: nn.Module, name: str, stack: BlockStack, calls: list[ModuleCall], scheme: Scheme, device: torch.device, storage: torch.device
+) -> LayerStats:
+    """Steps a-d of the module docstring for one block; ``calls`` are updated to the next block's inputs."""
+    start = time.perf_counter()
+    check_block(block, stack, name)
+    mappings = _awq_mappings(block, name, stack) if scheme.algorithm == "awq" else []
+    groups = _plan_groups(block, name, stack, scheme, mappings, device)
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(g.observe) for g in groups for n in g.names]
+    reference = []
+    with _hooks(handles):
+        for call in calls:
+            mask = call.mask.to(device)
+            for group in groups:
+                group.seen, group.mask = None, mask
+            reference.append(_store(replay(block, call, device), storage))
+    for group in groups:
+        group.seen = group.mask = None
+
+    if mappings:
+        _smooth(block, mappings, groups, scheme)
+    meters: dict[str, _ErrorMeter] = {}
+    for group in groups:
+        for module_name, quantized in _quantize_group(block, group, stack, scheme).items():
+            original = block.get_submodule(module_name)
+            meters[module_name] = _ErrorMeter(original.weight.data, None if original.bias is None else original.bias.data)
+            replace_module(block, module_name, quantized)
+        group.stats = None  # free the Hessians before the propagation pass
+
+    handles = [block.get_submodule(n).register_forward_hook(m.measure) for n, m in meters.items()]
+    err, ref = [], []
+    with _hooks(handles):
+        for index, (call, expected) in enumerate(zip(calls, reference)):
+            mask = call.mask.to(device)
+            for meter in meters.values():
+                meter.mask = mask
+            out = replay(block, call, device)
+            _accumulate_error(out, expected.to(device), mask, err, ref)
+            calls[index] = ModuleCall((_store(out, storage),), call.kwargs, call.mask)
+    return LayerStats(
+        name=name,
+        seconds=time.perf_counter() - start,
+        rel_error=_ratio(err, ref),
+        module_errors={f"{name}.{n}": m.relative() for n, m in meters.items()},
+        groups=[g.report for g in groups],
+    )
+
+
+def quantize_blocks_sequential(
+    model: nn.Module, stack: BlockStack, scheme: Scheme, calibration: Calibration, device: torch.device, options: PipelineOptions
+) -> list[LayerStats]:
+    """Quantize every block of ``stack`` in order on propagated calibration activations (module docstring)."""
+    blocks = block_list(model, stack)
+    storage = torch.device("cpu") if options.offload_activations else device
+    with torch.no_grad():
+        calls = capture_block_inputs(model, blocks, calibration, device, options)
+    layers = []
+    for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
+        home = _home(block)
+        block.to(device)
+        try:
+            with torch.no_grad():
+                layers.append(_quantize_block(block, f"{stack.path}.{index}", stack, calls, scheme, device, storage))
+        finally:
+            block.to(home)
+    return layers
+
+
+def quantize_blocks_data_free(model: nn.Module, stack: BlockStack, scheme: Scheme, device: torch.device) -> list[LayerStats]:
+    """Round every target of ``stack`` to nearest, block by block on ``device``, without any forward pass."""
+    layers = []
+    blocks = block_list(model, stack)
+    for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
+        start = time.perf_counter()
+        name = f"{stack.path}.{index}"
+        home = _home(block)
+        block.to(device)
+        try:
+            check_block(block, stack, name)
+            with torch.no_grad():
+                for target in stack.targets:
+                    replace_module(block, target, rtn_quantize_linear(block.get_submodule(target), scheme))
+        finally:
+            block.to(home)
+        groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in stack.groups]
+        layers.append(LayerStats(name=name, seconds=time.perf_counter() - start, groups=groups))
+    return layers

@@ -1,0 +1,117 @@
+"""Quantize a model under a scheme, in memory (:func:`quantize_model`) or checkpoint to checkpoint (:func:`quantize_checkpoint`).
+
+After :func:`quantize_model` every target linear of the scheme's module groups is a
+:class:`~quantbench.quant.linear.QuantLinear` and every other module is untouched (lm_head, embeddings,
+norms, routers). Data-free schemes (round-to-nearest weights, dynamic activations) never look at
+calibration data; the others run the sequential pipeline of :mod:`quantbench.quant.sequential`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantbench.architectures import get_architecture
+from quantbench.calibration import Calibration, load_calibration
+from quantbench.errors import QuantbenchError
+from quantbench.export import save_quantized
+from quantbench.provenance import sha256_file
+from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
+from quantbench.quant.stats import QuantStats
+from quantbench.runtime import load_model
+from quantbench.schemes import Scheme
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``'auto'`` is the first CUDA device when there is one, else the CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise QuantbenchError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: Scheme,
+    calibration: Calibration | None = None,
+    *,
+    device: str | torch.device = "auto",
+    options: PipelineOptions | None = None,
+) -> QuantStats:
+    """Quantize ``model`` in place under ``scheme``; return per-layer statistics.
+
+    Layers visit ``device`` one at a time; the model stays where it was. ``calibration`` is required when
+    the scheme needs data and ignored otherwise (unless ``options.measure_data_free``).
+    """
+    options = options or PipelineOptions()
+    compute = resolve_device(device)
+    stats = QuantStats(scheme=scheme.name, algorithm=scheme.algorithm, device=str(compute))
+    if scheme.is_baseline:
+        return stats
+    if scheme.needs_calibration and calibration is None:
+        raise QuantbenchError(f"scheme {scheme.name} needs calibration data; pass a calibration set (--calib)")
+    use_data = scheme.needs_calibration or (options.measure_data_free and calibration is not None)
+    architecture = get_architecture(model.config)
+    start = time.perf_counter()
+    for group in scheme.targets:
+        stack = architecture.stack(group, model.config.model_type)
+        if use_data and group == "vision":
+            if scheme.needs_calibration:
+                raise QuantbenchError(
+                    f"scheme {scheme.name} needs calibration data for the vision blocks, which take images; "
+                    "only data-free schemes (dynamic activations, round-to-nearest) can target 'vision'"
+                )
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute)
+        elif use_data:
+            stats.layers += quantize_blocks_sequential(model, stack, scheme, calibration, compute, options)
+            stats.calibration_tokens = calibration.num_tokens
+        else:
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute)
+    stats.seconds = time.perf_counter() - start
+    if stats.fallbacks:
+        log.warning("%s: %d fallback(s) taken (see the statistics)", scheme.name, len(stats.fallbacks))
+    return stats
+
+
+def quantize_checkpoint(
+    model_dir: str | Path,
+    scheme: Scheme,
+    out_dir: str | Path,
+    *,
+    calibration: Calibration | str | Path | None = None,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    options: PipelineOptions | None = None,
+) -> Path:
+    """Load ``model_dir``, quantize it under ``scheme`` and write the compressed-tensors checkpoint to ``out_dir``.
+
+    ``calibration`` is a :class:`Calibration` or the path of a file written by ``quantbench calibrate``.
+    """
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(model_dir)
+    calibration_file = None
+    if isinstance(calibration, (str, Path)):
+        calibration_file = Path(calibration)
+        calibration = load_calibration(calibration_file)
+    if calibration is not None:
+        calibration.check_tokenizer(tokenizer)
+    stats = quantize_model(model, scheme, calibration, device=device, options=options)
+    provenance = {
+        "model": str(model_dir),
+        "seed": seed,
+        "calibration": None,
+        "quantization": stats.to_dict(timings=False),
+    }
+    if stats.calibration_tokens:
+        provenance["calibration"] = dict(calibration.metadata)
+        if calibration_file is not None:
+            provenance["calibration"]["file_sha256"] = sha256_file(calibration_file)
+    return save_quantized(model, tokenizer, scheme, out_dir, provenance=provenance)

@@ -118,13 +118,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _mem_total_mb() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) // 1024
-    raise RuntimeError("no MemTotal in /proc/meminfo")
-
-
 def _wait(what: str, ready, timeout: float, logs: list[Path], procs: list[subprocess.Popen]) -> None:
     """Poll ready() until true; fail with the tail of the given logs when a process dies or time runs out."""
     deadline = time.monotonic() + timeout
@@ -145,16 +138,17 @@ def _wait(what: str, ready, timeout: float, logs: list[Path], procs: list[subpro
 class SlurmCluster:
     """One node (this host) with two partitions on it: `cpu` (the default) and `gpu`.
 
-    The node declares `cpus` CPUs whatever the machine has (SlurmdParameters=config_overrides), so that
-    a few small test jobs run side by side even on two cores. It has no GPUs; GresTypes=gpu is declared
-    so that a GPU request is understood, recorded in accounting, and refused.
+    The node declares `cpus` CPUs and `real_memory_mb` of memory whatever the machine has
+    (SlurmdParameters=config_overrides; without cgroups nothing enforces them), so that the tests'
+    jobs run side by side, and alike on any machine. It has no GPUs; GresTypes=gpu is declared so that
+    a GPU request is understood, recorded in accounting, and refused.
     """
 
     state_dir: Path = STATE_DIR
-    cpus: int = 4
+    cpus: int = 8
     partitions: tuple[str, ...] = ("cpu", "gpu")
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
-    real_memory_mb: int = field(default_factory=lambda: int(_mem_total_mb() * 0.8))
+    real_memory_mb: int = 64000
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     install_seconds: float = 0.0
     start_seconds: float = 0.0

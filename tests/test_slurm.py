@@ -7,24 +7,31 @@ status polling, bounded by `timeout -s INT` (Snakemake ignores SIGTERM while it 
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slurm_cluster import ClusterUnavailable, SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
+# The demo workflow (the last test) runs in the background from the module's first test on: the runs
+# mostly wait on the plugin's status polling, so they overlap instead of adding up.
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow, pytest.mark.usefixtures("demo_runs")]
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks=1", "--seconds-between-status-checks=1")
+ACTIVE_STATES = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 ACCT_FIELDS = ("JobID", "JobName", "Comment", "State", "Partition", "ReqMem", "Timelimit", "ReqCPUS",
                "ReqTRES", "ExitCode")
 
@@ -40,9 +47,15 @@ def slurm_cluster():
     cluster.stop()
 
 
+def bounded(limit_s: int, *cmd: str) -> list[str]:
+    """cmd, sent one SIGINT after limit_s (--foreground: to cmd alone, not again to its process group, which
+    would interrupt Snakemake while it cancels its jobs), and SIGKILL 30 s later."""
+    return ["timeout", "--foreground", "-s", "INT", "-k", "30", str(limit_s), *cmd]
+
+
 def snakemake_cmd(workdir: Path, *args: str, limit_s: int = 240) -> list[str]:
-    return ["timeout", "-s", "INT", "-k", "30", str(limit_s), SNAKEMAKE, "--workflow-profile", str(PROFILE),
-            *FAST_POLLING, "--directory", str(workdir), *args]
+    return bounded(limit_s, SNAKEMAKE, "--workflow-profile", str(PROFILE), *FAST_POLLING,
+                   "--directory", str(workdir), *args)
 
 
 def run_snakemake(workdir: Path, *args: str, limit_s: int = 240) -> subprocess.CompletedProcess:
@@ -59,21 +72,27 @@ def run_id(output: str) -> str:
 
 
 def jobs_of_run(cluster: SlurmCluster, output: str, count: int) -> list[dict[str, str]]:
-    """The accounting records of the jobs a Snakemake run submitted, once all `count` have arrived."""
+    """The accounting records of the jobs a Snakemake run submitted, once all `count` have arrived and
+    ended (accounting lags the scheduler by a moment)."""
     name = run_id(output)
     deadline = time.monotonic() + 30
     while True:
         jobs = [job for job in cluster.sacct(*ACCT_FIELDS) if job["JobName"] == name]
-        if len(jobs) >= count or time.monotonic() > deadline:
+        ended = all(job["State"].split()[0] not in ACTIVE_STATES for job in jobs)
+        if (len(jobs) >= count and ended) or time.monotonic() > deadline:
             return jobs
         time.sleep(0.5)
 
 
-def write_snakefile(workdir: Path, text: str) -> Path:
+def running_on_cluster(comment: str) -> str | None:
+    """The ID of the running job submitted with this comment (the plugin's rule_<rule>[_wildcards_...])."""
+    done = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%k %i"], capture_output=True, text=True)
+    return dict(line.split() for line in done.stdout.splitlines()).get(comment)
+
+
+def write_snakefile(workdir: Path, text: str) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "Snakefile"
-    path.write_text(textwrap.dedent(text))
-    return path
+    (workdir / "Snakefile").write_text(textwrap.dedent(text))
 
 
 # Rules named like the real workflow's, so the profile's per-rule settings apply to them; independent, so
@@ -189,29 +208,172 @@ def test_an_interrupted_run_resumes_without_redoing_finished_jobs(slurm_cluster,
         """)
     first = subprocess.Popen(snakemake_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: [lines.append(line) for line in first.stderr])
+    reader.start()
+    # interrupt once Snakemake has logged quantize's submission (it tracks the job right after) and the
+    # job runs
     deadline = time.monotonic() + 120
-    while not running_on_cluster("rule_quantize"):
-        assert first.poll() is None and time.monotonic() < deadline, "quantize never started on the cluster"
+    while True:
+        submitted = re.search(r"SLURM jobid (\d+) \(log: \S+/rule_quantize/", "".join(lines))
+        if submitted and running_on_cluster("rule_quantize") == submitted.group(1):
+            break
+        assert first.poll() is None and time.monotonic() < deadline, "quantize never ran on the cluster"
         time.sleep(0.5)
+    quantize_id = submitted.group(1)
     calib_before = (tmp_path / "calib.txt").stat().st_mtime_ns
     first.send_signal(signal.SIGINT)  # `timeout` passes it on to Snakemake
-    _, first_err = first.communicate(timeout=120)
+    first.wait(timeout=120)
+    reader.join(timeout=10)
+    first_err = "".join(lines)
     assert first.returncode != 0
     assert not (tmp_path / "quantized.txt").exists()
-    first_jobs = {job["Comment"]: job for job in jobs_of_run(slurm_cluster, first_err, 2)}
-    assert first_jobs["rule_calibrate"]["State"] == "COMPLETED"
-    assert first_jobs["rule_quantize"]["State"].startswith("CANCELLED")  # Snakemake cancelled its job
+    calib_id = (tmp_path / "calib.txt").read_text().split()[1]
+    states = {job["Comment"]: (job["JobID"], job["State"].split()[0])
+              for job in jobs_of_run(slurm_cluster, first_err, 2)}
+    expected = {"rule_calibrate": (calib_id, "COMPLETED"), "rule_quantize": (quantize_id, "CANCELLED")}
+    assert states == expected, first_err[-4000:]  # Snakemake cancelled the job it was waiting on
 
     (tmp_path / "release").touch()
     second = run_snakemake(tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert (tmp_path / "calib.txt").stat().st_mtime_ns == calib_before
-    calib_id = first_jobs["rule_calibrate"]["JobID"]
     assert (tmp_path / "quantized.txt").read_text() == f"calib {calib_id}\nquantize\n"
     second_jobs = jobs_of_run(slurm_cluster, second.stderr, 1)
-    assert [(job["Comment"], job["State"]) for job in second_jobs] == [("rule_quantize", "COMPLETED")]
+    assert [(job["Comment"], job["State"]) for job in second_jobs] == [("rule_quantize", "COMPLETED")], (
+        second.stderr[-4000:])
 
 
-def running_on_cluster(comment: str) -> bool:
-    done = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%k"], capture_output=True, text=True)
-    return comment in done.stdout.split()
+# ------------------------------------------------------------------------------------ the demo workflow
+
+DEMO_SCHEME = "FP8-Static"  # calibrated: calibrate -> quantize -> evaluate, the chain of every rule
+DEMO_BENCHMARK = "WIKITEXT2"  # the cheapest evaluation
+
+
+def demo_workdir(workdir: Path) -> None:
+    """A working directory for the repository's Snakefile with config/config.yaml cut down to one model,
+    one scheme, one benchmark and a few items; the other config files and resources/ are links.
+
+    The workflow writes results/, logs/ and .snakemake/ there, not into the repository.
+    """
+    (workdir / "config").mkdir(parents=True)
+    (workdir / "resources").symlink_to(REPO / "resources")
+    for item in (REPO / "config").iterdir():
+        if item.name != "config.yaml":
+            (workdir / "config" / item.name).symlink_to(item)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    model = next(iter(config["models"]))
+    config["models"] = {model: {**config["models"][model], "schemes": [DEMO_SCHEME]}}
+    calibset = config["models"][model]["calibration"]
+    config["calibration_sets"][calibset].update(num_samples=4, max_seq_len=64)
+    config["evaluation"]["limit"] = 3
+    config["tables"] = [{**config["tables"][0], "models": [model], "benchmarks": [DEMO_BENCHMARK]}]
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def submitted_jobs(output: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """SLURM job ID -> (rule, resources) of every job a Snakemake run submitted, from its log."""
+    blocks = {}
+    for block in re.finditer(r"^rule (\w+):\n((?:    .*\n)+)", output, re.MULTILINE):
+        fields = dict(re.findall(r"^    (\w+): (.*)$", block.group(2), re.MULTILINE))
+        resources = dict(item.split("=", 1) for item in fields["resources"].split(", "))
+        blocks[fields["jobid"]] = (block.group(1), resources)
+    submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output)
+    return {slurm_id: blocks[job_id] for job_id, slurm_id in submitted}
+
+
+def minutes(timelimit: str) -> int:
+    """sacct's Timelimit ([D-]HH:MM:SS) in minutes."""
+    days, _, clock = timelimit.rpartition("-")
+    hours, mins, _ = (int(v) for v in clock.split(":"))
+    return int(days or 0) * 1440 + hours * 60 + mins
+
+
+def megabytes(req_mem: str) -> int:
+    """sacct's ReqMem (e.g. 4000M, 16G) in MB."""
+    return int(float(req_mem[:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[req_mem[-1]])
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class DemoRun:
+    """One background Snakemake run of the reduced demo, its output going to a file."""
+
+    workdir: Path
+    process: subprocess.Popen
+    log: Path
+
+    def result(self, timeout_s: float = 600) -> tuple[int, str]:
+        """Wait for the run; its exit status and output."""
+        self.process.wait(timeout=timeout_s)
+        return self.process.returncode, self.log.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # `timeout` passes it on: Snakemake cancels its jobs
+            self.process.wait(timeout=120)
+
+
+def start_demo_run(workdir: Path, *args: str) -> DemoRun:
+    demo_workdir(workdir)
+    log = workdir.with_suffix(".log")
+    with open(log, "w") as out:
+        process = subprocess.Popen(bounded(600, SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args),
+                                   cwd=workdir, stdout=subprocess.DEVNULL, stderr=out)
+    return DemoRun(workdir, process, log)
+
+
+DEMO_TEST = "test_the_demo_workflow_on_slurm_equals_the_local_run"
+
+
+@pytest.fixture(scope="module")
+def demo_runs(request, slurm_cluster, tmp_path_factory):
+    """The reduced demo, locally (2 cores) and through the SLURM profile, started side by side; None when
+    the demo test is not selected."""
+    if not any(item.name == DEMO_TEST for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.mktemp("demo")
+    runs = {
+        "local": start_demo_run(root / "local", "--cores", "2"),
+        "slurm": start_demo_run(root / "slurm", "--workflow-profile", str(PROFILE), *FAST_POLLING),
+    }
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+def test_the_demo_workflow_on_slurm_equals_the_local_run(slurm_cluster, demo_runs):
+    (local_status, local_err), (status, output) = (demo_runs[name].result() for name in ("local", "slurm"))
+    assert local_status == 0, local_err[-4000:]
+    assert status == 0, output[-4000:]
+    local_dir, slurm_dir = demo_runs["local"].workdir, demo_runs["slurm"].workdir
+
+    # every rule but the local ones ran on the cluster, COMPLETED, with the resources Snakemake gave it
+    jobs = submitted_jobs(output)
+    assert sorted(rule for rule, _ in jobs.values()) == ["calibrate", "evaluate", "quantize"]
+    for job in jobs_of_run(slurm_cluster, output, len(jobs)):
+        rule, resources = jobs.pop(job["JobID"])
+        assert job["State"] == "COMPLETED", (rule, job)
+        assert job["Partition"] == resources["slurm_partition"]
+        assert megabytes(job["ReqMem"]) == int(resources["mem_mb"])
+        assert minutes(job["Timelimit"]) == int(resources["runtime"])
+        assert job["ReqCPUS"] == resources["cpus_per_task"]
+        assert ("gres/gpu" in job["ReqTRES"]) is (int(resources.get("gpu", 0)) > 0)
+    assert not jobs
+
+    # the same bytes as the local run: model copy, calibration, checkpoint, table; the result JSON too,
+    # but for its wall time
+    local_results, slurm_results = tree(local_dir / "results"), tree(slurm_dir / "results")
+    assert sorted(slurm_results) == sorted(local_results)
+    model = next(iter(yaml.safe_load((local_dir / "config" / "config.yaml").read_text())["models"]))
+    result = f"evals/{model}/{DEMO_SCHEME}/{DEMO_BENCHMARK}.json"
+    ours, theirs = (json.loads(results.pop(result)) for results in (slurm_results, local_results))
+    assert ours.pop("wall_time_s") > 0 and theirs.pop("wall_time_s") > 0
+    assert ours == theirs
+    compared = [name for name in local_results if name.startswith(("models/", "calib/", "quantized/", "tables/"))]
+    assert f"quantized/{model}/{DEMO_SCHEME}/model.safetensors" in compared
+    assert {name: slurm_results[name] for name in compared} == {name: local_results[name] for name in compared}

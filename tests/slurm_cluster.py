@@ -7,9 +7,10 @@ exactly those processes (by PID) afterwards. Nothing uses systemd or cgroups.
 
 Everything the daemons write lives under STATE_DIR, fresh for every start. MariaDB listens on its own
 socket and a free TCP port, so a system MariaDB, if any, is left alone; munged must serve the default
-socket (/run/munge), so a munged already answering there is used as it is. The configuration must sit at /etc/slurm/slurm.conf:
-the executor plugin's job step strips SLURM_* variables, so SLURM_CONF would not reach its inner srun.
-A slurm.conf without this module's marker line belongs to someone else: the cluster then refuses to start.
+socket (/run/munge), so a munged already answering there is used as it is. The configuration must sit
+at /etc/slurm/slurm.conf: the executor plugin's job step strips SLURM_* variables, so SLURM_CONF would
+not reach its inner srun. A slurm.conf without this module's marker line belongs to someone else: the
+cluster then refuses to start. One cluster per machine: a second test session waits for the first.
 
 Where the cluster cannot exist here (not root, not Linux, no apt-get, a failed install, a foreign
 slurm.conf, SLURM ports taken) `start()` raises `ClusterUnavailable`, which the tests turn into a skip;
@@ -341,12 +342,9 @@ class SlurmCluster:
         done = _run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%T"])
         return done.stdout.split("\n")[0].strip() if done.returncode == 0 else ""
 
-    def sacct(self, *fields: str, job_ids: list[str] | None = None) -> list[dict[str, str]]:
-        """Allocation records (no steps) from the accounting database, one dict per job, keyed by field."""
-        cmd = ["sacct", "-X", "-n", "-P", "-a", "--starttime=2000-01-01", "-o", ",".join(fields)]
-        if job_ids:
-            cmd.append("--jobs=" + ",".join(job_ids))
-        done = _run(cmd)
+    def sacct(self, *fields: str) -> list[dict[str, str]]:
+        """Every job's allocation record (no steps) in the accounting database, as {field: value}."""
+        done = _run(["sacct", "-X", "-n", "-P", "-a", "--starttime=2000-01-01", "-o", ",".join(fields)])
         if done.returncode != 0:
             raise RuntimeError(f"sacct failed: {done.stderr}")
         return [dict(zip(fields, line.split("|"))) for line in done.stdout.splitlines() if line]

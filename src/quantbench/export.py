@@ -90,13 +90,13 @@ def pack_int4(codes: torch.Tensor, dim: int = 1) -> torch.Tensor:
         )
     if codes.numel() and (codes.min() < -8 or codes.max() > 7):
         raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(codes.min())}, {int(codes.max())}]")
-    values = codes.to(torch.int64) + 8
+    values = (codes + 8).to(torch.uint8)
     if dim == 0:
         values = values.t()
-    rows, cols = values.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
-    words = (values.reshape(rows, cols // PACK_FACTOR, PACK_FACTOR) << shifts).sum(dim=-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement wrap
+    pairs = values.reshape(values.shape[0], -1, 2)
+    # one byte per two codes, the first in the low nibble; four bytes read as a little-endian int32 word
+    # put code k of a run of eight at bits 4k..4k+3 (every platform torch runs on is little-endian)
+    words = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous().view(torch.int32)
     return (words.t() if dim == 0 else words).contiguous()
 
 
@@ -111,10 +111,9 @@ def unpack_int4(packed: torch.Tensor, shape: tuple[int, int], dim: int = 1) -> t
             f"packed int4 tensor of shape {tuple(packed.shape)} does not hold codes of shape {tuple(shape)} "
             f"packed along dim {dim}; the checkpoint is corrupt or was written by another tool"
         )
-    words = packed.t() if dim == 0 else packed
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=packed.device)
-    nibbles = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
-    codes = (nibbles - 8).reshape(words.shape[0], -1).to(torch.int8)
+    words = (packed.t() if dim == 0 else packed).contiguous().view(torch.uint8)  # little-endian, as in pack_int4
+    nibbles = torch.stack((words & 0xF, words >> 4), dim=-1).reshape(words.shape[0], -1)
+    codes = nibbles.to(torch.int8) - 8
     return (codes.t() if dim == 0 else codes).contiguous()
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
-from quantbench.quant import qdq
+from quantbench.quant import gptq_kernel, qdq
 from quantbench.quant.linear import QuantLinear
 from quantbench.schemes import GPTQParams, QuantArgs, Scheme
 
@@ -104,7 +104,8 @@ def _quantize_columns(
     """Columns ``first:last`` of a block, in place: codes into ``codes_block``, each column's error (over the
     diagonal of ``u_block``) into ``err_block``, and that error pushed onto the block's later columns.
 
-    ``scales``/``zeros`` hold each column's parameters per row.
+    ``scales``/``zeros`` hold each column's parameters per row. :mod:`quant.gptq_kernel` is the same loop
+    as one CUDA kernel.
     """
     for i in range(first, last):
         column = w_block[:, i]
@@ -173,7 +174,7 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
     del h
 
     codes = torch.empty_like(w)
-    quantize_columns = _quantize_columns
+    quantize_columns = gptq_kernel.quantize_columns if gptq_kernel.available(w.device) else _quantize_columns
     for start in range(0, in_features, params.block_size):
         end = min(start + params.block_size, in_features)
         w_block = w[:, start:end].clone()

@@ -99,12 +99,14 @@ def run(env: dict) -> Callable[[str], Run]:
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["FP8-Static", "FP8-Dynamic", "INT8-Dynamic"])
 def test_8bit_schemes_within_2_percent_of_bf16(run: Callable[[str], Run], name: str) -> None:
     base, quantized = (run(n, ("wikitext",)).perplexity["wikitext"] for n in ("BF16", name))
     assert quantized < base * 1.02, (base, quantized)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["INT4-GPTQ", "INT4-AWQ"])
 def test_int4_data_aware_beats_round_to_nearest(run: Callable[[str], Run], name: str) -> None:
     base, rtn, quantized = (run(n, ("heldout",)).perplexity["heldout"] for n in ("BF16", "INT4-RTN", name))
@@ -200,3 +202,43 @@ def test_planted_zero_and_constant_channels_keep_scales_finite(env: dict) -> Non
         with torch.no_grad():
             logits = model(env["calibration"].input_ids[:1, :32]).logits
         assert torch.isfinite(logits).all()
+
+
+def test_activations_that_overflow_or_never_come_are_reported(env: dict) -> None:
+    model = _fresh_model(env, SMALL_LAYERS)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0] = 3e38  # finite, but its outputs overflow float32
+    with pytest.raises(QuantbenchError, match="entering model.layers.1.self_attn.q_proj, .*k_proj, .*v_proj contain NaN/Inf"):
+        quantize_model(model, env["schemes"]["INT4-GPTQ"], _small_calibration(env, 0), device="cpu")
+    model = _fresh_model(env, SMALL_LAYERS)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+    with pytest.raises(QuantbenchError, match=r"model.layers.1.mlp.up_proj.weight holds NaN/Inf"):
+        quantize_model(model, env["schemes"]["INT8-Dynamic"], None, device="cpu")
+    empty = _small_calibration(env, 0)
+    empty.attention_mask.zero_()
+    with pytest.raises(QuantbenchError, match="no real tokens"):
+        quantize_model(_fresh_model(env, SMALL_LAYERS), env["schemes"]["FP8-Static"], empty, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "fallback"),
+    [("INT4-GPTQ", "no calibration tokens: GPTQ replaced by round-to-nearest"), ("FP8-Static", "static input scale set to 1")],
+)
+def test_a_group_that_saw_no_tokens_falls_back_and_says_so(env: dict, name: str, fallback: str) -> None:
+    """A group no token reached (an MoE expert the router never chose) gets round-to-nearest, counted."""
+    from quantbench.architectures import get_architecture
+    from quantbench.quant.observers import InputStats
+    from quantbench.quant.sequential import _Group, _quantize_group
+    from quantbench.quant.stats import GroupStats
+
+    model, scheme = _fresh_model(env, 1), env["schemes"][name]
+    block, stack = model.model.layers[0], get_architecture(model.config).language
+    names = stack.groups[2]  # gate/up
+    stats = InputStats.create(384, torch.device("cpu"), hessian=True, absmax=True, abs_sum=True)
+    group = _Group(names, stats, GroupStats(names))
+    modules = _quantize_group(block, group, stack, scheme)
+    assert sorted(modules) == sorted(names)
+    for module in modules.values():
+        assert torch.isfinite(module.weight_scale.float()).all() and (module.weight_scale.float() > 0).all()
+    assert len(group.report.fallbacks) == 1 and fallback in group.report.fallbacks[0] and group.report.tokens == 0

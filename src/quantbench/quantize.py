@@ -49,7 +49,8 @@ def quantize_model(
     """Quantize ``model`` in place under ``scheme``; return per-layer statistics.
 
     Layers visit ``device`` one at a time; the model stays where it was. ``calibration`` is required when
-    the scheme needs data and ignored otherwise (unless ``options.measure_data_free``).
+    the scheme needs data and ignored otherwise (unless ``options.measure_data_free``). On an error the
+    model is left partly quantized: load it again before retrying.
     """
     options = options or PipelineOptions()
     compute = resolve_device(device)
@@ -59,6 +60,8 @@ def quantize_model(
     if scheme.needs_calibration and calibration is None:
         raise QuantbenchError(f"scheme {scheme.name} needs calibration data; pass a calibration set (--calib)")
     use_data = scheme.needs_calibration or (options.measure_data_free and calibration is not None)
+    if use_data and calibration.num_tokens == 0:
+        raise QuantbenchError("the calibration set has no real tokens (its attention mask is all zero)")
     architecture = get_architecture(model.config)
     start = time.perf_counter()
     for group in scheme.targets:

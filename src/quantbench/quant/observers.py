@@ -81,10 +81,10 @@ class InputStats:
 
     def divide(self, scales: torch.Tensor) -> None:
         """Turn these into the statistics of ``x / scales`` (per input channel), exactly."""
-        scales = scales.float().to(self.hessian.device if self.hessian is not None else scales.device)
+        scales = scales.float()
         if self.hessian is not None:
             self.hessian.div_(scales[:, None] * scales[None, :])
         if self.absmax is not None:
-            self.absmax.div_(scales.to(self.absmax.device))
+            self.absmax.div_(scales)
         if self.abs_sum is not None:
-            self.abs_sum.div_(scales.to(self.abs_sum.device))
+            self.abs_sum.div_(scales)

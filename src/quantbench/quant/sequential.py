@@ -97,9 +97,8 @@ def _accumulate_error(
     output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, err: list[torch.Tensor], ref: list[torch.Tensor]
 ) -> None:
     """Append the squared error and squared reference norm over the real tokens of ``mask [batch, seq]``."""
-    weights = mask.to(torch.float32)
-    err.append((torch.linalg.vector_norm(output - reference, dim=-1, dtype=torch.float32).square() * weights).sum())
-    ref.append((torch.linalg.vector_norm(reference, dim=-1, dtype=torch.float32).square() * weights).sum())
+    err.append(torch.where(mask, torch.linalg.vector_norm(output - reference, dim=-1, dtype=torch.float32), 0).square().sum())
+    ref.append(torch.where(mask, torch.linalg.vector_norm(reference, dim=-1, dtype=torch.float32), 0).square().sum())
 
 
 def _ratio(err: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -120,8 +119,10 @@ def _home(module: nn.Module) -> torch.device:
 
 
 def _store(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
-    moved = tensor.to(storage)
-    return moved.pin_memory() if storage.type == "cpu" and tensor.is_cuda else moved
+    """``tensor`` on ``storage``; GPU activations offloaded to the CPU go to pinned memory (fast copies back)."""
+    if storage.type == "cpu" and tensor.is_cuda:
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+    return tensor.to(storage)
 
 
 @contextmanager
@@ -175,6 +176,24 @@ def capture_block_inputs(
             hidden = args[0] if args else kwargs.pop("hidden_states")
             calls.append(ModuleCall((_store(hidden, storage),), to_device(kwargs, storage), mask.bool()))
     return calls
+
+
+def _check_weights(block: nn.Module, name: str, stack: BlockStack) -> None:
+    """The architecture check, and no NaN/Inf in a target weight (rounding would silently hide it)."""
+    check_block(block, stack, name)
+    for target in stack.targets:
+        if not torch.isfinite(block.get_submodule(target).weight).all():
+            raise QuantbenchError(f"{name}.{target}.weight holds NaN/Inf; the checkpoint is damaged")
+
+
+def _check_finite(group: _Group) -> None:
+    stats = group.stats
+    for value in (stats.hessian, stats.absmax, stats.abs_sum):
+        if value is not None and not torch.isfinite(value).all():
+            raise QuantbenchError(
+                f"calibration activations entering {', '.join(group.report.linears)} contain NaN/Inf; "
+                "the model overflows in its dtype on this data (check the weights, or quantize in float32)"
+            )
 
 
 def _static_input_scale(group: _Group, scheme: Scheme) -> torch.Tensor | None:
@@ -268,7 +287,7 @@ def _quantize_block(
 ) -> LayerStats:
     """Steps a-d of the module docstring for one block; ``calls`` are updated to the next block's inputs."""
     start = time.perf_counter()
-    check_block(block, stack, name)
+    _check_weights(block, name, stack)
     mappings = _awq_mappings(block, name, stack) if scheme.algorithm == "awq" else []
     groups = _plan_groups(block, name, stack, scheme, mappings, device)
 
@@ -282,6 +301,7 @@ def _quantize_block(
             reference.append(_store(replay(block, call, device), storage))
     for group in groups:
         group.seen = group.mask = None
+        _check_finite(group)
 
     if mappings:
         _smooth(block, mappings, groups, scheme)
@@ -342,7 +362,7 @@ def quantize_blocks_data_free(model: nn.Module, stack: BlockStack, scheme: Schem
         home = _home(block)
         block.to(device)
         try:
-            check_block(block, stack, name)
+            _check_weights(block, name, stack)
             with torch.no_grad():
                 for target in stack.targets:
                     replace_module(block, target, rtn_quantize_linear(block.get_submodule(target), scheme))

@@ -16,7 +16,9 @@ With ``--llmcompressor`` it also runs llm-compressor's ``GPTQModifier(scheme="W4
 and samples in a subprocess (``--llmcompressor-site``: a folder holding llm-compressor and its
 compressed-tensors, put first on that subprocess's PYTHONPATH) and compares per-layer errors of both with
 one evaluator (:func:`block_errors`: each block with fake-quantized weights vs the original block on the
-same propagated inputs, over ``--compare-samples`` samples).
+same propagated inputs, over ``--compare-samples`` samples). ``--llmcompressor-results`` reuses the
+llm-compressor numbers of an earlier run instead (a run on fewer layers of the same config and seed has the
+same first layers on the same inputs, so their errors compare layer for layer).
 
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
@@ -220,38 +222,41 @@ def dequantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def throughput(model: nn.Module, device: torch.device, batch: int, seq_len: int, decode_tokens: int) -> dict[str, float]:
     """tokens/s of a full-logits forward (``batch`` x ``seq_len``, as lm-eval scores loglikelihoods) and of
-    greedy decoding ``decode_tokens`` tokens for ``batch`` prompts of 128 tokens (KV cache)."""
+    greedy decoding ``decode_tokens`` tokens for ``batch`` prompts of 128 tokens (KV cache); each the best
+    of two timed runs after a full warm-up run."""
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(vocab, (batch, seq_len), generator=generator).to(device)
     prompt = ids[:, :128]
-    result = {}
-    with torch.no_grad():
+    generate = {"max_new_tokens": decode_tokens, "min_new_tokens": decode_tokens, "do_sample": False, "pad_token_id": 0}
+
+    def best_of_two(run: Any) -> float:
+        run()
+        sync(device)
+        times = []
         for _ in range(2):
-            model(input_ids=ids, use_cache=False)
-        sync(device)
-        start = time.perf_counter()
-        repeats = 3
-        for _ in range(repeats):
-            model(input_ids=ids, use_cache=False)
-        sync(device)
-        result["forward_tokens_per_s"] = repeats * ids.numel() / (time.perf_counter() - start)
-        generate = {"max_new_tokens": decode_tokens, "min_new_tokens": decode_tokens, "do_sample": False, "pad_token_id": 0}
-        model.generate(prompt, **{**generate, "max_new_tokens": 4, "min_new_tokens": 4})
-        sync(device)
-        start = time.perf_counter()
-        model.generate(prompt, **generate)
-        sync(device)
-        result["decode_tokens_per_s"] = batch * decode_tokens / (time.perf_counter() - start)
-    return result
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        return {
+            "forward_tokens_per_s": ids.numel() / best_of_two(lambda: model(input_ids=ids, use_cache=False)),
+            "decode_tokens_per_s": batch * decode_tokens / best_of_two(lambda: model.generate(prompt, **generate)),
+        }
 
 
-def measure_throughput(model: nn.Module, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+def measure_throughput(model: nn.Module, device: torch.device, args: argparse.Namespace, *, keep: bool) -> dict[str, float]:
+    """:func:`throughput` of ``model`` moved to ``device``; moved back to the CPU after if ``keep``, else left
+    for the caller to drop (saves copying 16 GB back)."""
     model.to(device)
     try:
         return throughput(model, device, args.tp_batch, args.tp_seq_len, args.tp_decode)
     finally:
-        model.to("cpu")
+        if keep:
+            model.to("cpu")
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -329,6 +334,12 @@ def bench_checkpoint(bf16_dir: Path, name: str, device: torch.device, args: argp
     result["checkpoint_gib"] = dir_bytes(out_dir) / GIB
     result.update(io_floor(bf16_dir, out_dir, args.work / f"{name}-copy"))
     result["vs_io_floor"] = result["total_s"] / result["io_floor_s"]
+    if args.throughput:
+        from quantbench.runtime import load_model
+
+        model, _ = load_model(out_dir, device=str(device))
+        result["throughput"] = measure_throughput(model, device, args, keep=False)
+        del model
     shutil.rmtree(out_dir)
     return result
 
@@ -355,7 +366,7 @@ def run_llmcompressor(args: argparse.Namespace) -> dict:
     loader = torch.utils.data.DataLoader(rows, batch_size=None)
     recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    result: dict[str, Any] = {"tool": "llm-compressor", "version": llmcompressor.__version__}
+    result: dict[str, Any] = {"tool": "llm-compressor", "version": llmcompressor.__version__, "layers": config.num_hidden_layers}
     out_dir = args.work / "llmcompressor-W4A16"
     with PeakRSS() as rss, gpu_peak(device, result):
         start = time.perf_counter()
@@ -408,6 +419,15 @@ def datasets_stand_in(folder: Path) -> Path:
     (root / "datasets" / "formatting" / "formatting.py").write_text("class LazyRow(dict): pass\n", encoding="utf-8")
     print(f"llm-compressor: HF datasets missing, using the import stand-in at {root}", flush=True)
     return root
+
+
+def earlier_llmcompressor(path: Path) -> dict:
+    """The llm-compressor numbers of an earlier run's results.json (same config, seed and samples)."""
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    llmc = dict(earlier["compare"]["llmcompressor"])
+    llmc.setdefault("layers", earlier["setup"]["layers"])
+    llmc["from"] = str(path)
+    return llmc
 
 
 def llmcompressor_subprocess(args: argparse.Namespace) -> dict:
@@ -488,31 +508,48 @@ def markdown(report: dict) -> str:
         )  # fmt: skip
     compare = report.get("compare")
     if compare:
-        lines += ["", "## INT4 GPTQ against llm-compressor (same model, samples and card)", ""]
         llmc = compare["llmcompressor"]
+        same = f"same weights and samples; llm-compressor's numbers from {llmc['from']}" if "from" in llmc else "same weights, samples and card"
+        lines += ["", f"## INT4 GPTQ against llm-compressor's GPTQ W4A16 ({same})", ""]
         if "error" in llmc:
             lines.append(f"llm-compressor did not run: {llmc['error']}")
         else:
             ours, theirs = compare["quantbench_layer_errors"], llmc["compare_layer_errors"]
+            lines.append(
+                f"llm-compressor {llmc['version']} on {llmc['layers']} layers: oneshot {fmt(llmc['oneshot_s'])} s + save "
+                f"{fmt(llmc['export_s'])} s = {fmt(llmc['total_s'])} s, peak GPU {fmt(llmc.get('peak_gpu_gib'), 2)} GiB."
+            )
+            if llmc["layers"] == setup["layers"]:
+                lines.append(
+                    f"quantbench INT4-GPTQ {fmt(compare['quantbench_total_s'])} s: "
+                    f"**{llmc['total_s'] / compare['quantbench_total_s']:.1f}x faster**."
+                )
             lines += [
-                f"llm-compressor {llmc['version']}: oneshot {fmt(llmc['oneshot_s'])} s + save {fmt(llmc['export_s'])} s = "
-                f"{fmt(llmc['total_s'])} s, peak GPU {fmt(llmc.get('peak_gpu_gib'), 2)} GiB; quantbench INT4-GPTQ "
-                f"{fmt(compare['quantbench_total_s'])} s: **{llmc['total_s'] / compare['quantbench_total_s']:.1f}x faster**.",
                 f"Weights on llm-compressor's grid (sanity check of the evaluator's input): {llmc['on_grid']:.4f}.",
+                f"Per-layer relative output error over {compare['samples']} calibration samples, one evaluator for both "
+                "(the first layers of a deeper model are the same weights on the same inputs):",
                 "",
-                "| layer | quantbench rel. error | llm-compressor rel. error | ratio |",
+                "| layer | quantbench | llm-compressor | ratio |",
                 "|---|---|---|---|",
             ]
             for i, (a, b) in enumerate(zip(ours, theirs)):
                 lines.append(f"| {i} | {a:.5f} | {b:.5f} | {a / b:.3f} |")
-    if report.get("throughput"):
-        lines += ["", "## Simulated-quantization runtime throughput", "", "| model | forward tokens/s | vs BF16 | decode tokens/s | vs BF16 |", "|---|---|---|---|---|"]
-        base = report["throughput"]["BF16"]
-        for name, t in report["throughput"].items():
-            lines.append(
-                f"| {name} | {t['forward_tokens_per_s']:.0f} | {t['forward_tokens_per_s'] / base['forward_tokens_per_s']:.2f} "
-                f"| {t['decode_tokens_per_s']:.1f} | {t['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |"
-            )
+    rates = {"BF16": report.get("bf16_throughput")} | {r["scheme"]: r.get("throughput") for r in report["schemes"]}
+    if rates["BF16"]:
+        base = rates["BF16"]
+        lines += [
+            "",
+            "## Simulated-quantization runtime throughput (QuantLinear vs the BF16 model, same harness)",
+            "",
+            "| model | forward tokens/s | vs BF16 | decode tokens/s | vs BF16 |",
+            "|---|---|---|---|---|",
+        ]
+        for name, t in rates.items():
+            if t:
+                lines.append(
+                    f"| {name} | {t['forward_tokens_per_s']:.0f} | {t['forward_tokens_per_s'] / base['forward_tokens_per_s']:.2f} "
+                    f"| {t['decode_tokens_per_s']:.1f} | {t['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -531,6 +568,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scratch folder for checkpoints (default: OUT/work)")
     parser.add_argument("--llmcompressor", action="store_true", help="also run llm-compressor's GPTQ W4A16")
     parser.add_argument("--llmcompressor-site", type=Path, help="folder with llm-compressor, first on its PYTHONPATH")
+    parser.add_argument("--llmcompressor-results", type=Path, help="results.json of an earlier run with --llmcompressor, to compare with")
     parser.add_argument("--compare-samples", type=int, default=16, help="samples for the common per-layer error (0: skip)")
     parser.add_argument("--throughput", action="store_true", help="tokens/s of each quantized model vs BF16")
     parser.add_argument("--tp-batch", type=int, default=8)
@@ -565,7 +603,7 @@ def main() -> None:
     }  # fmt: skip
     print(f"built {report['setup']['parameters'] / 1e9:.2f}B parameters in {report['setup']['build_s']:.1f} s", flush=True)
     if args.throughput:
-        report["throughput"] = {"BF16": measure_throughput(pristine, device, args)}
+        report["bf16_throughput"] = measure_throughput(pristine, device, args, keep=True)
     bf16_dir = None
     if any(n in DATA_FREE_SCHEMES for n in names):
         from transformers import AutoTokenizer
@@ -591,15 +629,16 @@ def main() -> None:
             continue
         print(json.dumps({k: v for k, v in result.items() if k != "layer_errors"}), flush=True)
         report["schemes"].append(result)
-        if model is not None and args.throughput:
-            report["throughput"][name] = measure_throughput(model, device, args)
-        if name == "INT4-GPTQ" and args.llmcompressor:
+        if name == "INT4-GPTQ" and args.compare_samples and (args.llmcompressor or args.llmcompressor_results):
             subset = random_calibration(config.vocab_size, args.compare_samples, args.seq_len, args.seed)
             report["compare"] = {
+                "samples": args.compare_samples,
                 "quantbench_total_s": result["total_s"],
                 "quantbench_layer_errors": block_errors(pristine, dequantized_weights(model), subset, device),
-                "llmcompressor": llmcompressor_subprocess(args),
+                "llmcompressor": llmcompressor_subprocess(args) if args.llmcompressor else earlier_llmcompressor(args.llmcompressor_results),
             }
+        if model is not None and args.throughput:
+            result["throughput"] = measure_throughput(model, device, args, keep=False)
         del model
         gc.collect()
         save()

@@ -29,7 +29,8 @@ Norms must compute ``weight * f(x)`` (Qwen, Llama); others (Gemma's ``1 + weight
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -93,9 +94,26 @@ def _scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, args: QuantAr
     return (qdq.fake_quantize_weight(scaled, s, z, args).float() / scales).to(weight.dtype)
 
 
+@contextmanager
+def _tf32_matmuls() -> Iterator[None]:
+    """Float32 matmuls on TF32 tensor cores (CUDA; the CPU ignores the setting), restored afterwards."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
 def _quadratic_loss(deltas: Sequence[torch.Tensor], hessian: torch.Tensor) -> float:
-    """``sum_j tr(dW_j H dW_j^T)``: the summed squared output error of linears with input Hessian H."""
-    return float(sum(((d @ hessian) * d).sum() for d in deltas))
+    """``sum_j tr(dW_j H dW_j^T)``: the summed squared output error of linears with input Hessian H.
+
+    ``d @ H`` is most of AWQ's time (21 candidates x [out, in] x [in, in] per mapping); on CUDA it runs in
+    TF32 (10-bit mantissa inputs, float32 sums), several times faster than float32. The loss only ranks
+    candidates, and its rounding error, averaged over millions of products, is far below their gaps.
+    """
+    with _tf32_matmuls():
+        return float(sum(((d @ hessian) * d).sum() for d in deltas))
 
 
 @torch.no_grad()

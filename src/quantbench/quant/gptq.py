@@ -51,15 +51,22 @@ class GPTQResult:
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float, notes: list[str]) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` tenfold on failure."""
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` tenfold on failure.
+
+    Each intermediate ``[in, in]`` matrix is dropped as soon as the next exists (at most two alive).
+    """
     mean_diag = hessian.diagonal().mean()
     damp = dampening
     while damp <= MAX_DAMPENING * (1 + 1e-9):
         damped = hessian.clone()
         damped.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return upper, damp
         notes.append(f"Cholesky failed at dampening {damp:g}; raised to {damp * 10:g}")

@@ -3,7 +3,8 @@
 1. Capture the inputs of block 0 (hidden states and the keyword arguments the model passes: position
    embeddings, attention mask) for each chunk of calibration samples, by stopping the model's forward at
    block 0 (:func:`capture.capture_call`). Only the modules outside the blocks visit the compute device.
-2. For each block i, on the compute device (the rest of the model stays where it was):
+2. For each block i, on the compute device (the rest of the model stays where it was; block i+1 is
+   copied there meanwhile, :mod:`quant.prefetch`):
    a. run the unquantized block on every chunk, keeping its outputs (the reference) while hooks feed one
       :class:`InputStats` per shared-input group (Hessian, |x| sums, ranges; padding never counted);
    b. AWQ only: search and fold smoothing scales, mapping by mapping (:mod:`quant.awq`);
@@ -37,6 +38,7 @@ from quantbench.quant.capture import ModuleCall, capture_call, replay, to_device
 from quantbench.quant.gptq import gptq_quantize_linears
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.observers import InputStats
+from quantbench.quant.prefetch import BlockPrefetcher
 from quantbench.quant.rtn import replace_module, rtn_quantize_linear
 from quantbench.quant.stats import GroupStats, LayerStats
 from quantbench.schemes import Scheme
@@ -112,10 +114,6 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _home(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def _store(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
@@ -341,14 +339,14 @@ def quantize_blocks_sequential(
     with torch.no_grad():
         calls = capture_block_inputs(model, blocks, calibration, device, options)
     layers = []
-    for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
-        home = _home(block)
-        block.to(device)
-        try:
-            with torch.no_grad():
-                layers.append(_quantize_block(block, f"{stack.path}.{index}", stack, calls, scheme, device, storage))
-        finally:
-            block.to(home)
+    with BlockPrefetcher(blocks, device) as prefetcher:
+        for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
+            home = prefetcher.take(index)
+            try:
+                with torch.no_grad():
+                    layers.append(_quantize_block(block, f"{stack.path}.{index}", stack, calls, scheme, device, storage))
+            finally:
+                block.to(home)
     return layers
 
 
@@ -356,18 +354,18 @@ def quantize_blocks_data_free(model: nn.Module, stack: BlockStack, scheme: Schem
     """Round every target of ``stack`` to nearest, block by block on ``device``, without any forward pass."""
     layers = []
     blocks = block_list(model, stack)
-    for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
-        start = time.perf_counter()
-        name = f"{stack.path}.{index}"
-        home = _home(block)
-        block.to(device)
-        try:
-            _check_weights(block, name, stack)
-            with torch.no_grad():
-                for target in stack.targets:
-                    replace_module(block, target, rtn_quantize_linear(block.get_submodule(target), scheme))
-        finally:
-            block.to(home)
-        groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in stack.groups]
-        layers.append(LayerStats(name=name, seconds=time.perf_counter() - start, groups=groups))
+    with BlockPrefetcher(blocks, device) as prefetcher:
+        for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
+            start = time.perf_counter()
+            name = f"{stack.path}.{index}"
+            home = prefetcher.take(index)
+            try:
+                _check_weights(block, name, stack)
+                with torch.no_grad():
+                    for target in stack.targets:
+                        replace_module(block, target, rtn_quantize_linear(block.get_submodule(target), scheme))
+            finally:
+                block.to(home)
+            groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in stack.groups]
+            layers.append(LayerStats(name=name, seconds=time.perf_counter() - start, groups=groups))
     return layers

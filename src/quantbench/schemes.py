@@ -9,13 +9,12 @@ with which parameters, and which module groups it targets. Code asks a scheme qu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quantbench.errors import QuantbenchError
+from quantbench.specfile import build_spec, read_section
 
 QUANT_TYPES = ("int", "float")
 STRATEGIES = ("tensor", "channel", "group", "token")
@@ -130,19 +129,6 @@ def scheme_from_dict(raw: Mapping[str, Any]) -> Scheme:
     return parse_scheme(name, {key: value for key, value in raw.items() if value is not None})
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise QuantbenchError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise QuantbenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    try:
-        return cls(**raw)
-    except (TypeError, ValueError) as exc:
-        raise QuantbenchError(f"{where}: {exc}") from exc
-
-
 def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     """Build a :class:`Scheme` from its YAML mapping, with errors that name the scheme and key."""
     raw = dict(raw or {})
@@ -151,9 +137,9 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise QuantbenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    weights = _build(QuantArgs, raw["weights"], f"{where}.weights") if raw.get("weights") else None
+    weights = build_spec(QuantArgs, raw["weights"], f"{where}.weights") if raw.get("weights") else None
     inputs = raw.get("input_activations")
-    input_args = _build(QuantArgs, inputs, f"{where}.input_activations") if inputs else None
+    input_args = build_spec(QuantArgs, inputs, f"{where}.input_activations") if inputs else None
     algorithm = raw.get("algorithm", "rtn")
     if algorithm not in ALGORITHMS:
         raise QuantbenchError(f"{where}.algorithm: {algorithm!r} is not one of {ALGORITHMS}")
@@ -176,21 +162,15 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
         weights=weights,
         input_activations=input_args,
         algorithm=algorithm,
-        gptq=_build(GPTQParams, raw.get("gptq", {}), f"{where}.gptq"),
-        awq=_build(AWQParams, raw.get("awq", {}), f"{where}.awq"),
+        gptq=build_spec(GPTQParams, raw.get("gptq", {}), f"{where}.gptq"),
+        awq=build_spec(AWQParams, raw.get("awq", {}), f"{where}.awq"),
         targets=targets,
     )
 
 
 def load_schemes(path: str | Path) -> dict[str, Scheme]:
     """Read every scheme of a schemes YAML file (top-level key ``schemes``), in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise QuantbenchError(f"schemes file {path} does not exist; pass the path to config/schemes.yaml")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data.get("schemes"), Mapping):
-        raise QuantbenchError(f"{path}: expected a top-level 'schemes:' mapping")
-    return {name: parse_scheme(name, raw) for name, raw in data["schemes"].items()}
+    return {name: parse_scheme(name, raw) for name, raw in read_section(path, "schemes").items()}
 
 
 def get_scheme(schemes: Mapping[str, Scheme], name: str) -> Scheme:

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from quantbench.errors import QuantbenchError
-from quantbench.schemes import _build  # the project's dataclass-from-YAML helper
+from quantbench.specfile import build_spec, read_section
 
 SCORERS = ("lm_eval", "sandbox")
 # Run-time overrides a workflow may set per benchmark, and the settings block each one changes.
@@ -143,7 +142,7 @@ class BenchmarkSpec:
             if block == "lm_eval":
                 settings = dataclasses.replace(settings, generation={**settings.generation, key: value})
             else:
-                settings = _build(PerplexitySettings, {**_plain(settings), key: value}, where)
+                settings = build_spec(PerplexitySettings, {**_plain(settings), key: value}, where)
             spec = dataclasses.replace(spec, **{block: settings}, overrides={**spec.overrides, key: value})
         return spec
 
@@ -171,10 +170,10 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
         raise QuantbenchError(
             f"{where}: give exactly one of 'lm_eval' or 'perplexity' (or 'lmms_eval' for a vision-language task)"
         )
-    lm_eval = _build(LmEvalSettings, raw["lm_eval"], f"{where}.lm_eval") if "lm_eval" in raw else None
-    perplexity = _build(PerplexitySettings, raw["perplexity"], f"{where}.perplexity") if "perplexity" in raw else None
-    lmms_eval = _build(LmmsEvalSettings, raw["lmms_eval"], f"{where}.lmms_eval") if "lmms_eval" in raw else None
-    sandbox = _build(SandboxLimits, raw.get("sandbox", {}), f"{where}.sandbox")
+    lm_eval = build_spec(LmEvalSettings, raw["lm_eval"], f"{where}.lm_eval") if "lm_eval" in raw else None
+    perplexity = build_spec(PerplexitySettings, raw["perplexity"], f"{where}.perplexity") if "perplexity" in raw else None
+    lmms_eval = build_spec(LmmsEvalSettings, raw["lmms_eval"], f"{where}.lmms_eval") if "lmms_eval" in raw else None
+    sandbox = build_spec(SandboxLimits, raw.get("sandbox", {}), f"{where}.sandbox")
     unknown = sorted(set(raw) - {"files", "lm_eval", "perplexity", "lmms_eval", "sandbox"})
     if unknown:
         raise QuantbenchError(f"{where}: unknown key(s) {unknown}")
@@ -185,13 +184,7 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
 
 def load_benchmarks(path: str | Path) -> dict[str, BenchmarkSpec]:
     """Read every benchmark of a benchmarks YAML file (top-level key ``benchmarks``), in file order."""
-    path = Path(path)
-    if not path.is_file():
-        raise QuantbenchError(f"benchmarks file {path} does not exist; pass the path to config/benchmarks.yaml")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data.get("benchmarks"), Mapping):
-        raise QuantbenchError(f"{path}: expected a top-level 'benchmarks:' mapping")
-    return {name: parse_benchmark(name, raw) for name, raw in data["benchmarks"].items()}
+    return {name: parse_benchmark(name, raw) for name, raw in read_section(path, "benchmarks").items()}
 
 
 def get_benchmark(benchmarks: Mapping[str, BenchmarkSpec], name: str) -> BenchmarkSpec:

@@ -16,7 +16,6 @@ import pytest
 import yaml
 from seed_results import PUBLISHED, published_cells
 
-from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.runconfig import load_run_config
 
@@ -65,14 +64,11 @@ def test_published_calibration_sets_are_shipped_byte_for_byte():
     assert {m for m, c in calibration.items() if c == "sharegpt-gpt4"} == {m for m in calibration if m.startswith("Hunyuan")}
 
 
-def test_vision_language_benchmarks_are_refused_when_run(tmp_path):
-    from quantbench.evaluate.runner import evaluate_benchmark
-
-    out = tmp_path / "MMMU_VAL.json"
-    with pytest.raises(QuantbenchError, match=r"benchmark MMMU_VAL needs lmms-eval/issue 7 support"):
-        evaluate_benchmark(tmp_path, BENCHMARKS["MMMU_VAL"], out_path=out, model_name="Qwen2.5VL-3B", source="hub")
-    assert not out.exists()
-    assert {name for name, spec in BENCHMARKS.items() if spec.lmms_eval} == {"MMMU_VAL", "DocVQA_VAL", "ChartQA_TEST"}
+def test_vision_language_benchmarks_are_declared_with_local_files():
+    vlm = {name: spec for name, spec in BENCHMARKS.items() if spec.lmms_eval}
+    assert {name: spec.lmms_eval.task for name, spec in vlm.items()} == {
+        "MMMU_VAL": "mmmu_val", "DocVQA_VAL": "docvqa_val", "ChartQA_TEST": "chartqa"}
+    assert all(spec.lmms_eval.split in spec.files for spec in vlm.values())
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,14 @@ has one (otherwise their contents are joined by blank lines). Samples are chosen
 the records, each truncated to ``max_seq_len`` tokens and right-padded to the longest chosen sample; the
 attention mask marks real tokens, and every statistic downstream counts only those.
 
-The saved form is one safetensors file with ``input_ids`` and ``attention_mask`` ([N, L] int64) and
-metadata (the source file and its sha256, N, L, seed, the tokenizer and its fingerprint) as one
+Image-text sets (vision-language models, :func:`process_image_calibration`) go through the model's
+processor: each record's image and question (and answer) as one chat, truncated only after its last
+image token. Their samples carry the images' patches too: ``pixel_values`` [patches, C] of every image in
+sample order, ``image_grid_thw`` [images, 3] and ``images_per_sample`` [N], so any run of samples
+(:meth:`Calibration.model_inputs`) has its own images.
+
+The saved form is one safetensors file with ``input_ids`` and ``attention_mask`` ([N, L] int64), the image
+tensors when there are images, and metadata (the source file and its sha256, N, L, seed, the tokenizer and its fingerprint) as one
 key-sorted JSON string under ``METADATA_KEY``, so that the same samples always give the same bytes.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +35,9 @@ from transformers import PreTrainedTokenizerBase
 from quantbench.errors import QuantbenchError
 from quantbench.io import atomic_write_bytes
 from quantbench.provenance import sha256_file
+from quantbench.vlm import image_text_inputs, read_image_records
+
+log = logging.getLogger(__name__)
 
 METADATA_KEY = "quantbench_calibration"
 
@@ -36,17 +46,52 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "bing": "assistant", "bard": "assistant", "system": "system"}
 
 
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "images_per_sample")
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Tokenized calibration samples: ``input_ids`` and ``attention_mask`` [N, L] (1 = real token)."""
+    """Tokenized calibration samples: ``input_ids`` and ``attention_mask`` [N, L] (1 = real token), and their images if any."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     metadata: dict[str, Any]
+    pixel_values: torch.Tensor | None = None  # [patches, C], every image's patches in sample order
+    image_grid_thw: torch.Tensor | None = None  # [images, 3]: patches of image i = prod(row i)
+    images_per_sample: torch.Tensor | None = None  # [N]
 
     def __post_init__(self) -> None:
         if self.input_ids.shape != self.attention_mask.shape or self.input_ids.dim() != 2:
             raise ValueError("input_ids and attention_mask must both be [N, L]")
+        images = [getattr(self, key) is not None for key in IMAGE_KEYS]
+        if any(images) and not all(images):
+            raise ValueError(f"image samples need all of {IMAGE_KEYS}")
+        if all(images) and (
+            self.images_per_sample.shape != (self.num_samples,)
+            or int(self.images_per_sample.sum()) != self.image_grid_thw.shape[0]
+            or int(self.image_grid_thw.prod(dim=1).sum()) != self.pixel_values.shape[0]
+        ):
+            raise ValueError("images_per_sample, image_grid_thw and pixel_values do not describe the same images")
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the samples carry images (an image-text calibration set)."""
+        return self.pixel_values is not None
+
+    def model_inputs(self, start: int, stop: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The keyword inputs of a model forward for samples ``start:stop``, with their images, on ``device``."""
+        inputs = {
+            "input_ids": self.input_ids[start:stop].to(device),
+            "attention_mask": self.attention_mask[start:stop].to(device),
+        }
+        if self.has_images:
+            image_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.images_per_sample.cumsum(0)])
+            first, last = int(image_offsets[start]), int(image_offsets[min(stop, self.num_samples)])
+            patch_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.image_grid_thw.prod(dim=1).cumsum(0)])
+            if last > first:
+                inputs["pixel_values"] = self.pixel_values[int(patch_offsets[first]) : int(patch_offsets[last])].to(device)
+                inputs["image_grid_thw"] = self.image_grid_thw[first:last].to(device)
+        return inputs
 
     @property
     def num_samples(self) -> int:
@@ -151,14 +196,13 @@ def tokenize_calibration(
             f"{path} has only {len(samples)} non-empty records, fewer than the {num_samples} samples asked for; "
             "lower num_samples or use a larger calibration file"
         )
-    length = max(len(ids) for ids in samples)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((num_samples, length), pad_id, dtype=torch.int64)
-    attention_mask = torch.zeros((num_samples, length), dtype=torch.int64)
-    for row, ids in enumerate(samples):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        attention_mask[row, : len(ids)] = 1
-    metadata = {
+    input_ids, attention_mask = _pad_samples(samples, tokenizer.pad_token_id)
+    return Calibration(input_ids, attention_mask, _metadata(path, tokenizer, num_samples, max_seq_len, seed))
+
+
+def _metadata(path: Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, max_seq_len: int, seed: int) -> dict[str, Any]:
+    """What made a calibration set: its source file and hash, N, L, seed, the tokenizer and its fingerprint."""
+    return {
         "source": path.name,
         "source_sha256": sha256_file(path),
         "num_samples": num_samples,
@@ -167,7 +211,67 @@ def tokenize_calibration(
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
     }
-    return Calibration(input_ids, attention_mask, metadata)
+
+
+def _pad_samples(samples: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` right-padded to the longest sample with ``pad_id`` (0 if None), and the mask of real tokens."""
+    length = max(len(ids) for ids in samples)
+    input_ids = torch.full((len(samples), length), pad_id if pad_id is not None else 0, dtype=torch.int64)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.int64)
+    for row, ids in enumerate(samples):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def process_image_calibration(processor: Any, path: str | Path, num_samples: int, max_seq_len: int, *, seed: int = 0) -> Calibration:
+    """Choose ``num_samples`` image-text records of ``path`` by a seeded shuffle and run them through ``processor``.
+
+    Records are :func:`quantbench.vlm.read_image_records` objects (``image``, ``question``, optional
+    ``answer``). A sample is cut to ``max_seq_len`` tokens only after its last image token; a record whose
+    image tokens alone exceed ``max_seq_len`` is skipped (logged), and too few usable records is an error.
+    """
+    if num_samples <= 0 or max_seq_len <= 0:
+        raise QuantbenchError(f"num_samples and max_seq_len must be positive, got {num_samples} and {max_seq_len}")
+    path = Path(path)
+    records = read_image_records(path)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    image_token = processor.image_token_id
+    samples: list[list[int]] = []
+    pixels, grids = [], []
+    skipped = 0
+    for index in order:
+        record = records[index]
+        inputs = image_text_inputs(processor, record["image"], str(record["question"]), record.get("answer", ""))
+        ids = inputs["input_ids"][0].tolist()
+        image_end = max(i for i, token in enumerate(ids) if token == image_token) + 1
+        if image_end > max_seq_len:
+            skipped += 1
+            continue
+        samples.append(ids[:max_seq_len])
+        pixels.append(inputs["pixel_values"])
+        grids.append(inputs["image_grid_thw"])
+        if len(samples) == num_samples:
+            break
+    if skipped:
+        log.warning("%s: %d record(s) skipped, their image tokens alone exceed max_seq_len=%d", path, skipped, max_seq_len)
+    if len(samples) < num_samples:
+        raise QuantbenchError(
+            f"{path} has only {len(samples)} usable records (image tokens within max_seq_len={max_seq_len}), fewer than "
+            f"the {num_samples} samples asked for; lower num_samples, raise max_seq_len or use a larger set"
+        )
+    tokenizer = processor.tokenizer
+    input_ids, attention_mask = _pad_samples(samples, tokenizer.pad_token_id)
+    metadata = {**_metadata(path, tokenizer, num_samples, max_seq_len, seed), "images": len(grids)}
+    return Calibration(
+        input_ids,
+        attention_mask,
+        metadata,
+        pixel_values=torch.cat(pixels),
+        image_grid_thw=torch.cat(grids).to(torch.int64),
+        images_per_sample=torch.tensor([grid.shape[0] for grid in grids], dtype=torch.int64),
+    )
 
 
 def save_calibration(calibration: Calibration, path: str | Path) -> Path:
@@ -176,6 +280,8 @@ def save_calibration(calibration: Calibration, path: str | Path) -> Path:
         "input_ids": calibration.input_ids.contiguous(),
         "attention_mask": calibration.attention_mask.contiguous(),
     }
+    if calibration.has_images:
+        tensors.update((key, getattr(calibration, key).contiguous()) for key in IMAGE_KEYS)
     metadata = {METADATA_KEY: json.dumps(calibration.metadata, sort_keys=True, ensure_ascii=False)}
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
@@ -192,6 +298,7 @@ def load_calibration(path: str | Path) -> Calibration:
         metadata = json.loads(header[METADATA_KEY])
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not a calibration file"
         raise QuantbenchError(f"{path} is not a calibration file written by `quantbench calibrate` ({exc!r})") from None
-    if set(tensors) != {"input_ids", "attention_mask"}:
+    if set(tensors) not in ({"input_ids", "attention_mask"}, {"input_ids", "attention_mask", *IMAGE_KEYS}):
         raise QuantbenchError(f"{path} is not a calibration file (tensors {sorted(tensors)})")
-    return Calibration(tensors["input_ids"], tensors["attention_mask"], metadata)
+    images = {key: tensors[key] for key in IMAGE_KEYS if key in tensors}
+    return Calibration(tensors["input_ids"], tensors["attention_mask"], metadata, **images)

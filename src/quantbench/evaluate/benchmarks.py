@@ -1,8 +1,10 @@
 """Benchmarks as data: parse `config/benchmarks.yaml` into frozen specs, and apply a run's overrides.
 
 A benchmark is either scored through lm-eval (``spec.lm_eval``: the built-in task for the hub source,
-the project's twin for local JSONL files, few-shot count, reported metric and filter, scorer) or is a
-perplexity (``spec.perplexity``). Code asks the spec; it never tests benchmark names.
+the project's twin for local JSONL files, few-shot count, reported metric and filter, scorer), is a
+perplexity (``spec.perplexity``), or is a vision-language task (``spec.lmms_eval``: lmms-eval's task for
+the hub source, the project's offline scorer over local image-text files,
+:mod:`quantbench.evaluate.vlm_eval`). Code asks the spec; it never tests benchmark names.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from quantbench.errors import QuantbenchError
 from quantbench.specfile import build_spec, read_section
 
 SCORERS = ("lm_eval", "sandbox")
+VLM_SCORERS = ("anls", "relaxed", "mmmu")
 # Run-time overrides a workflow may set per benchmark, and the settings block each one changes.
-OVERRIDES = {"max_gen_toks": "lm_eval", "seq_len": "perplexity", "max_tokens": "perplexity"}
+OVERRIDES = {"max_gen_toks": "lm_eval", "seq_len": "perplexity", "max_tokens": "perplexity", "max_new_tokens": "lmms_eval"}
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,26 @@ class PerplexitySettings:
 
 @dataclass(frozen=True)
 class LmmsEvalSettings:
-    """A vision-language benchmark scored by lmms-eval (its task and reported metric).
+    """A vision-language benchmark: lmms-eval's task and metric (hub source), and the offline scorer (local files).
 
-    quantbench cannot score these yet (lmms-eval support is issue 7): they are declared so that the
-    published tables plan their jobs, and the evaluate step refuses them (:meth:`BenchmarkSpec.check_runnable`).
+    ``scorer`` is the metric of :mod:`quantbench.evaluate.vqa_metrics` the local scorer applies to the
+    records of ``files[split]``; ``prompt`` formats the question (``{question}``), ``choice_prompt``
+    closes a multiple-choice question; ``max_new_tokens`` bounds each greedy answer.
     """
 
     task: str
     metric: str
+    scorer: str
+    split: str
+    prompt: str = "{question}"
+    choice_prompt: str = ""
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.scorer not in VLM_SCORERS:
+            raise ValueError(f"scorer must be one of {VLM_SCORERS}, got {self.scorer!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -103,15 +118,6 @@ class BenchmarkSpec:
     def percent(self) -> bool:
         """True when the score is a percentage (accuracy-like), False for perplexity."""
         return self.perplexity is None
-
-    def check_runnable(self) -> None:
-        """Fail clearly for a benchmark quantbench cannot score yet (an lmms-eval vision-language task)."""
-        if self.lmms_eval is not None:
-            raise QuantbenchError(
-                f"benchmark {self.name} needs lmms-eval/issue 7 support (vision-language task "
-                f"{self.lmms_eval.task!r}), which quantbench does not have yet; leave it out of the tables or "
-                "list its cells under the model's skip"
-            )
 
     def data_paths(self, data_dir: str | Path) -> dict[str, Path]:
         """The benchmark's files under ``data_dir`` by split; a missing file is a QuantbenchError."""
@@ -141,6 +147,8 @@ class BenchmarkSpec:
                     raise QuantbenchError(f"{where} must be a positive integer, got {value!r}")
             if block == "lm_eval":
                 settings = dataclasses.replace(settings, generation={**settings.generation, key: value})
+            elif block == "lmms_eval":
+                settings = dataclasses.replace(settings, max_new_tokens=value)
             else:
                 settings = build_spec(PerplexitySettings, {**_plain(settings), key: value}, where)
             spec = dataclasses.replace(spec, **{block: settings}, overrides={**spec.overrides, key: value})
@@ -163,8 +171,8 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
     """Build a :class:`BenchmarkSpec` from its YAML mapping, with errors naming the benchmark and key."""
     where = f"benchmark {name!r}"
     raw = dict(raw or {})
-    files = raw.get("files", {} if "lmms_eval" in raw else None)
-    if not isinstance(files, Mapping) or not (files or "lmms_eval" in raw):
+    files = raw.get("files")
+    if not isinstance(files, Mapping) or not files:
         raise QuantbenchError(f"{where}.files: give the data files as a mapping split -> relative path")
     if sum(kind in raw for kind in ("lm_eval", "perplexity", "lmms_eval")) != 1:
         raise QuantbenchError(
@@ -173,6 +181,8 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
     lm_eval = build_spec(LmEvalSettings, raw["lm_eval"], f"{where}.lm_eval") if "lm_eval" in raw else None
     perplexity = build_spec(PerplexitySettings, raw["perplexity"], f"{where}.perplexity") if "perplexity" in raw else None
     lmms_eval = build_spec(LmmsEvalSettings, raw["lmms_eval"], f"{where}.lmms_eval") if "lmms_eval" in raw else None
+    if lmms_eval is not None and lmms_eval.split not in files:
+        raise QuantbenchError(f"{where}.lmms_eval.split: {lmms_eval.split!r} is not one of the files' splits {sorted(files)}")
     sandbox = build_spec(SandboxLimits, raw.get("sandbox", {}), f"{where}.sandbox")
     unknown = sorted(set(raw) - {"files", "lm_eval", "perplexity", "lmms_eval", "sandbox"})
     if unknown:

@@ -46,7 +46,6 @@ def evaluate_benchmark(
     recorded, in the command that reproduces the result.
     """
     started = time.perf_counter()
-    spec.check_runnable()
     backend = backend or Backend()
     model_dir = Path(model_dir)
     if source not in SOURCES:
@@ -64,6 +63,14 @@ def evaluate_benchmark(
         root = build_local_task(spec, data_dir) if source == "local" else build_hub_task(spec)
         outcome = run_lm_eval(make_lm(model_dir, backend), spec, root, source=source, limit=limit)
         used_backend = backend
+    elif spec.lmms_eval is not None:
+        from quantbench.evaluate.vlm_eval import score_lmms_eval, score_local
+
+        if source == "local":
+            used_backend = dataclasses.replace(backend, name="hf", batch_size=1)
+            outcome = score_local(model_dir, spec, data_dir, used_backend, limit)
+        else:
+            outcome, used_backend = score_lmms_eval(model_dir, spec, backend, limit), backend
     else:
         outcome = _perplexity(model_dir, spec, source, data_dir, backend, limit)
         used_backend = dataclasses.replace(backend, name="hf", batch_size=1)
@@ -93,7 +100,7 @@ def evaluate_benchmark(
         "score": outcome.score * scale,
         "stderr": None if outcome.stderr is None else outcome.stderr * scale,
         "unit": "percent" if spec.percent else "perplexity",
-        "metric": spec.lm_eval.result_key if spec.lm_eval else "perplexity",
+        "metric": spec.lm_eval.result_key if spec.lm_eval else (spec.lmms_eval.metric if spec.lmms_eval else "perplexity"),
         "items": outcome.items,
         "limit": limit,
         "num_fewshot": spec.lm_eval.num_fewshot if spec.lm_eval else None,
@@ -119,6 +126,8 @@ def _data_provenance(spec: BenchmarkSpec, source: str, data_dir: str | Path) -> 
     if source == "hub":
         if spec.lm_eval is not None:
             return {"source": "hub", "lm_eval_task": spec.lm_eval.hub_task}
+        if spec.lmms_eval is not None:
+            return {"source": "hub", "lmms_eval_task": spec.lmms_eval.task}
         return {"source": "hub", "dataset": dict(spec.perplexity.hub)}
     paths = spec.data_paths(data_dir)
     return {

@@ -8,7 +8,7 @@ running anything after that module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,21 +46,37 @@ def replay(module: nn.Module, call: ModuleCall, device: torch.device) -> torch.T
     return out[0] if isinstance(out, tuple) else out
 
 
-def capture_call(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Run ``run()`` until ``module`` is first called; return that call's positional and keyword arguments."""
-    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+def capture_calls(modules: Sequence[nn.Module], run: Callable[[], Any]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Run ``run()`` until the last of ``modules`` is first called; return each module's first call (args, kwargs).
 
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, kwargs))
-        raise _StopForward
+    Blocks of one stack may get different keyword arguments (a vision tower's windowed and full attention
+    spans), which this records, at the cost of running every module but the last.
+    """
+    captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    last = len(modules) - 1
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    def hook_of(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.setdefault(index, (args, kwargs))
+            if index == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_of(i), with_kwargs=True) for i, module in enumerate(modules)]
     try:
         run()
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    missing = [type(modules[i]).__name__ for i in range(len(modules)) if i not in captured]
+    if missing:
+        raise RuntimeError(f"the forward pass never reached {missing[0]}")
+    return [captured[i] for i in range(len(modules))]
+
+
+def capture_call(module: nn.Module, run: Callable[[], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Run ``run()`` until ``module`` is first called; return that call's positional and keyword arguments."""
+    return capture_calls([module], run)[0]

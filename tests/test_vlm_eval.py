@@ -1,0 +1,113 @@
+"""Vision-language benchmarks end to end on the tiny Qwen2.5-VL: offline scorer, result JSON, and the Qwen2.5VL table from results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantbench.cells import collect_cells
+from quantbench.errors import QuantbenchError
+from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.evaluate.runner import evaluate_benchmark
+from quantbench.evaluate.vqa_metrics import MMMU_SEED, anls, mmmu_score, relaxed_correctness
+from quantbench.quantize import quantize_checkpoint
+from quantbench.schemes import load_schemes
+from quantbench.tables import TableSpec, write_tables
+from vlm_fixtures import save_tiny_vlm, write_benchmark_fixtures
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = load_benchmarks(REPO / "config" / "benchmarks.yaml")
+VLM = ("MMMU_VAL", "DocVQA_VAL", "ChartQA_TEST")
+TABLE = "table-qwen2.5vl-performance"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("vlm_eval")
+    model_dir = save_tiny_vlm(root / "model")
+    write_benchmark_fixtures(root / "data")
+    quantized = quantize_checkpoint(model_dir, load_schemes(REPO / "config" / "schemes.yaml")["INT8-Dynamic-ViT"],
+                                    root / "int8vit", device="cpu")
+    return {"root": root, "model": model_dir, "quantized": quantized, "data": root / "data"}
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("name", VLM)
+def test_offline_scorer_writes_the_text_benchmarks_result_format(name: str, setup: dict) -> None:
+    spec = BENCHMARKS[name].with_overrides({"max_new_tokens": 4})
+    out = setup["root"] / "evals" / f"{name}.json"
+    result = evaluate_benchmark(setup["quantized"], spec, out_path=out, model_name="tiny-vl", scheme_name="INT8-Dynamic-ViT",
+                                data_dir=setup["data"])
+    assert json.loads(out.read_text(encoding="utf-8")) == result
+    records = _records(setup["data"] / spec.files[spec.lmms_eval.split])
+    answers = result["details"]["answers"]
+    assert result["items"] == len(records) == len(answers) == {"MMMU_VAL": 4, "DocVQA_VAL": 3, "ChartQA_TEST": 4}[name]
+    assert result["metric"] == spec.lmms_eval.metric and result["unit"] == "percent" and result["scheme"] == "INT8-Dynamic-ViT"
+    assert result["data"]["source"] == "local" and result["spec"]["overrides"] == {"max_new_tokens": 4}
+    # the score is the metric over the recorded answers, recomputed here from the records' own fields
+    rng = random.Random(MMMU_SEED)
+    if name == "DocVQA_VAL":
+        expected = [anls(a, r["answers"]) for a, r in zip(answers, records)]
+    elif name == "ChartQA_TEST":
+        expected = [float(relaxed_correctness(a, r["answer"])) for a, r in zip(answers, records)]
+        assert set(result["details"]["by_type"]) == {"human_test", "augmented_test"}
+    else:
+        expected = [float(mmmu_score(r["question_type"], a, r["answer"], r["options"], rng)) for a, r in zip(answers, records)]
+    assert result["details"]["scores"] == expected
+    assert result["score"] == pytest.approx(100 * sum(expected) / len(expected))
+    assert all(isinstance(a, str) for a in answers)
+
+
+def test_hub_source_needs_lmms_eval(setup: dict) -> None:
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("lmms-eval is installed here: the hub path would download its datasets")
+    out = setup["root"] / "hub.json"
+    with pytest.raises(QuantbenchError, match="lmms-eval's task 'chartqa', but lmms-eval is not installed"):
+        evaluate_benchmark(setup["model"], BENCHMARKS["ChartQA_TEST"], out_path=out, model_name="tiny-vl", source="hub")
+    assert not out.exists()
+
+
+def test_qwen2_5_vl_table_renders_from_result_files(tmp_path: Path) -> None:
+    """Result JSONs of the published Qwen2.5VL cells (as the evaluate step writes them) -> the page's grid, cell for cell."""
+    with (REPO / "resources" / "published" / "seed_tables.csv").open(encoding="utf-8", newline="") as handle:
+        published = [row for row in csv.DictReader(handle) if row["table"] == TABLE]
+    seed = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
+    table = next(t for t in seed["tables"] if t["name"] == TABLE)
+    assert table["benchmarks"] == list(VLM)
+    files = []
+    for row in published:
+        if row["value"] == "-":
+            continue
+        out = tmp_path / "evals" / row["model"] / row["scheme"] / f"{row['benchmark']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"benchmark": row["benchmark"], "score": float(row["value"]), "unit": "percent",
+                                   "metric": BENCHMARKS[row["benchmark"]].lmms_eval.metric, "model": row["model"],
+                                   "scheme": row["scheme"]}), encoding="utf-8")
+        files.append(out)
+    rows = tuple((model, scheme) for model in table["models"] for scheme in table["schemes"])
+    write_tables(collect_cells(TABLE, files), tmp_path / "tables", [TableSpec(TABLE, rows, tuple(VLM))])
+    rst = (tmp_path / "tables" / f"{TABLE}.rst").read_text(encoding="utf-8").splitlines()
+    cells = {}
+    for line in rst:
+        parts = [p.strip() for p in line.split("|")[1:-1]]
+        if len(parts) == 5 and parts[1] not in ("Quantization", ""):
+            model = parts[0] or model  # noqa: F821 - set by the model's first row
+            cells.update({(model, parts[1], bench): value for bench, value in zip(VLM, parts[2:])})
+    assert len(cells) == 4 * 7 * 3 == len(published)
+    assert all(cells[(r["model"], r["scheme"], r["benchmark"])] == r["value"] for r in published)
+    assert "   | Qwen2.5VL-3B      | BF16             | 47.11    | 78.57      | 80.32        |" in rst
+    assert "   |                   | INT4-AWQ         | 45.78    | -          | 79.60        |" in rst

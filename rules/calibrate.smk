@@ -1,4 +1,4 @@
-# calibrate: tokenize N samples x L tokens of a calibration set with the model's tokenizer.
+# calibrate: N samples x L tokens of a calibration set through the model's tokenizer (image-text sets: its processor).
 
 
 rule calibrate:

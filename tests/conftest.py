@@ -1,5 +1,7 @@
 """Shared pytest fixtures."""
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """The fixtures' held-out Gutenberg text split in two: calibration records and evaluation texts.
+
+    Calibration takes the even records of ``data/calib/gutenberg_heldout.jsonl``; evaluation every 18th odd
+    record (spanning all five held-out books), so no evaluated text is calibrated on.
+    """
+
+    calibration_file: Path
+    eval_texts: list[str]
+
+
+@pytest.fixture(scope="session")
+def heldout_split(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> HeldoutSplit:
+    records = (shared_dir / "data" / "calib" / "gutenberg_heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    calib_file = tmp_path_factory.mktemp("calib") / "even.jsonl"
+    calib_file.write_text("\n".join(records[0::2]) + "\n", encoding="utf-8")
+    return HeldoutSplit(calib_file, [json.loads(line)["text"] for line in records[1::2][::18]])

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from quantbench.architectures import ARCHITECTURES
 from quantbench.calibration import Calibration
 from quantbench.errors import QuantbenchError
+from quantbench.export import save_quantized
+from quantbench.quant import sequential
 from quantbench.quant.linear import QuantLinear
 from quantbench.quantize import quantize_model
+from quantbench.runtime import load_model
 from quantbench.schemes import load_schemes
 
-SCHEMES = load_schemes(Path(__file__).resolve().parents[1] / "config" / "schemes.yaml")
+REPO = Path(__file__).resolve().parents[1]
+SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")
 TEXT = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 # kv heads == heads lets AWQ fold v -> o; fewer kv heads (GQA) makes it skip that mapping
 DENSE = {
@@ -35,12 +41,27 @@ def _calibration(vocab: int) -> Calibration:
     return Calibration(ids, mask, {})
 
 
+@cache
+def _tokenizer() -> PreTrainedTokenizerBase:
+    """Any tokenizer, for checkpoints of the random-init models (the demo model's, in the repository)."""
+    return AutoTokenizer.from_pretrained(REPO / "resources" / "models" / "tinyqwen3-dense")
+
+
 def _linears(model: nn.Module) -> dict[str, str]:
     return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
 
 
-def test_every_dense_model_type_is_tested() -> None:
-    assert set(DENSE) | {"qwen2_5_vl"} == set(ARCHITECTURES)
+# mixture-of-experts layers: 4 experts, top-2 (Hunyuan adds a shared expert and routes with a Linear `mlp.gate.wg`)
+MOE = {
+    "qwen3_moe": dict(num_key_value_heads=2, head_dim=32, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2),
+    "hunyuan_v1_moe": dict(num_key_value_heads=4, head_dim=32, num_experts=4, moe_topk=2),
+}
+MOE_LINEARS = {"qwen3_moe": 4 + 4 * 3, "hunyuan_v1_moe": 4 + 4 * 3 + 3}  # per layer: attention, experts, shared expert
+ROUTER = {"qwen3_moe": "mlp.gate", "hunyuan_v1_moe": "mlp.gate.wg"}
+
+
+def test_every_model_type_is_tested() -> None:
+    assert set(DENSE) | set(MOE) | {"qwen2_5_vl"} == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("model_type", sorted(DENSE))
@@ -61,6 +82,48 @@ def test_awq_quantizes_every_decoder_linear(model_type: str) -> None:
         logits = model(calibration.input_ids[:1]).logits
     assert torch.isfinite(logits).all()
     assert float((logits - expected).norm() / expected.norm()) < 0.3
+
+
+@pytest.mark.parametrize("scheme", ["INT4-AWQ", "INT4-GPTQ", "FP8-Dynamic"])
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_moe_layers_quantize_every_expert_and_reload(model_type: str, scheme: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TEXT, **MOE[model_type])).eval()
+    calibration = _calibration(256)
+    with torch.no_grad():
+        expected = model(calibration.input_ids[:1]).logits
+    stats = quantize_model(model, SCHEMES[scheme], calibration, device="cpu")
+    kinds = _linears(model)
+    kept = {f"model.layers.{i}.{ROUTER[model_type]}" for i in range(2)} & set(kinds)  # Hunyuan's router is a Linear
+    assert {n for n, k in kinds.items() if k == "Linear"} == {"lm_head"} | kept
+    assert sum(k == "QuantLinear" for k in kinds.values()) == 2 * MOE_LINEARS[model_type]
+    assert stats.fallbacks == []
+    if SCHEMES[scheme].needs_calibration:
+        assert [sum(next(iter(layer.expert_tokens.values()))) for layer in stats.layers] == [92 * 2] * 2
+    with torch.no_grad():
+        logits = model(calibration.input_ids[:1]).logits
+    assert float((logits - expected).norm() / expected.norm()) < 0.3
+
+    out = save_quantized(model, _tokenizer(), SCHEMES[scheme], tmp_path / "ckpt", provenance={})
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == [f"model.layers.{i}.{ROUTER[model_type]}" for i in range(2)] + ["lm_head"]
+    runtime, _ = load_model(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(runtime(calibration.input_ids[:1]).logits, logits)
+
+
+def test_gptq_solves_experts_in_row_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experts' shared-input group is solved in chunks of at most GPTQ_MAX_ROWS rows: same codes."""
+    config = AutoConfig.for_model("qwen3_moe", **TEXT, **MOE["qwen3_moe"])
+    results = []
+    for max_rows in (sequential.GPTQ_MAX_ROWS, 200):  # 200 rows: q+k | v, one 128-row expert linear a chunk
+        monkeypatch.setattr(sequential, "GPTQ_MAX_ROWS", max_rows)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        quantize_model(model, SCHEMES["INT4-GPTQ"], _calibration(256), device="cpu")
+        results.append({n: m.weight_codes for n, m in model.named_modules() if isinstance(m, QuantLinear)})
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
 
 
 def _tiny_qwen2_5_vl() -> nn.Module:

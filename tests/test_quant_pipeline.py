@@ -11,7 +11,6 @@ Each scheme is quantized and evaluated once per session (module-scoped cache).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,21 +46,18 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def env(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def env(shared_dir: Path, heldout_split) -> dict:
     from transformers import AutoTokenizer
 
     model_dir = shared_dir / "models" / "tinyqwen3-dense"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = (shared_dir / "data" / "calib" / "gutenberg_heldout.jsonl").read_text(encoding="utf-8").splitlines()
-    calib_file = tmp_path_factory.mktemp("calib") / "even.jsonl"
-    calib_file.write_text("\n".join(records[0::2]) + "\n", encoding="utf-8")
     return {
         "model_dir": model_dir,
         "tokenizer": tokenizer,
         "schemes": load_schemes(REPO / "config" / "schemes.yaml"),
-        "calibration": tokenize_calibration(tokenizer, calib_file, CALIB_SAMPLES, CALIB_TOKENS, seed=0),
+        "calibration": tokenize_calibration(tokenizer, heldout_split.calibration_file, CALIB_SAMPLES, CALIB_TOKENS, seed=0),
         "wikitext": read_rows(shared_dir / "data" / "wikitext2" / "test.jsonl"),
-        "heldout": [json.loads(line)["text"] for line in records[1::2][::18]],
+        "heldout": heldout_split.eval_texts,
     }
 
 

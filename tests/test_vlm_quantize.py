@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.calibration import Calibration, load_calibration, process_image_calibration, save_calibration
+from quantbench.calibration import Calibration, load_calibration, process_image_calibration
+from quantbench.cli import main
 from quantbench.errors import QuantbenchError
 from quantbench.quant.linear import QuantLinear
 from quantbench.quantize import quantize_checkpoint, quantize_model
@@ -39,16 +40,17 @@ def vlm(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("vlm")
     model_dir = save_tiny_vlm(root / "model")
     files = write_benchmark_fixtures(root / "data")
+    calib_file = root / "calib.safetensors"  # the CLI picks the processor for image-text records
+    assert main(["calibrate", "--model", str(model_dir), "--data", str(files["chartqa_train"]), "--out", str(calib_file),
+                 "--num-samples", "4", "--max-seq-len", "256"]) == 0
     processor = load_processor(model_dir)
-    calibration = process_image_calibration(processor, files["chartqa_train"], 4, 256, seed=0)
-    calib_file = save_calibration(calibration, root / "calib.safetensors")
     original, _ = load_model(model_dir)
     record = read_image_records(files["chartqa"])[0]
     inputs = image_text_inputs(processor, record["image"], record["question"])
     with torch.no_grad():
         logits = original(**inputs).logits[0, -1].float()
     return {"root": root, "model_dir": model_dir, "calib": calib_file, "original": original.state_dict(), "inputs": inputs,
-            "logits": logits, "model": original}
+            "logits": logits, "model": original, "processor": processor, "files": files}
 
 
 def test_image_calibration_round_trips_with_its_images(vlm: dict) -> None:
@@ -62,6 +64,16 @@ def test_image_calibration_round_trips_with_its_images(vlm: dict) -> None:
     assert chunk["pixel_values"].shape == (96, 1176) and torch.equal(chunk["pixel_values"], calibration.pixel_values[48:144])
     metadata = json.loads(json.dumps(calibration.metadata))
     assert metadata["images"] == 4 and metadata["source"] == "train.jsonl"
+
+
+def test_image_records_are_cut_only_after_their_image_tokens(vlm: dict) -> None:
+    # each chart sample: 12 image tokens, the last at position 18; the longest sample is 60 tokens
+    full = process_image_calibration(vlm["processor"], vlm["files"]["chartqa_train"], 4, 256)
+    cut = process_image_calibration(vlm["processor"], vlm["files"]["chartqa_train"], 4, 19)
+    assert full.input_ids.shape == (4, 60) and cut.input_ids.shape == (4, 19)
+    assert torch.equal(cut.input_ids, full.input_ids[:, :19]) and torch.equal(cut.pixel_values, full.pixel_values)
+    with pytest.raises(QuantbenchError, match="only 0 usable records"):
+        process_image_calibration(vlm["processor"], vlm["files"]["chartqa_train"], 4, 18)
 
 
 def _kinds(model: nn.Module, prefix: str) -> tuple[int, int]:

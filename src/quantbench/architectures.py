@@ -8,7 +8,15 @@ tower's blocks) a :class:`BlockStack` names the ``nn.ModuleList`` of blocks and,
 - ``smooth``: AWQ's smoothing mappings: scales folded into ``prev`` (a norm's weight or a linear's output
   rows) and divided out of the input columns of ``linears``, which must be one of the ``groups``.
 - ``clip_skip``: linears AWQ's clipping search leaves alone (q/k: their error acts through the softmax).
-- ``keep``: linears a block holds that stay unquantized (MoE routers).
+- ``keep``: modules a block holds that stay unquantized (MoE routers); the checkpoint's ``ignore`` names
+  them, since vLLM builds them as linears.
+- ``experts``: a mixture-of-experts block's experts module, unfused to one linear per expert
+  (:mod:`quantbench.experts`). Names may then hold ``*`` (every expert, in one group or mapping: the
+  experts' gate/up read the same input) or ``{e}`` (one group or mapping per expert: its down_proj);
+  :meth:`BlockStack.for_block` expands them for a block's number of experts.
+- ``packed``: the blocks take every image's tokens packed into ``[tokens, hidden]`` (no padding) and
+  keyword arguments that differ from block to block (a vision tower's windowed or full attention
+  spans), so calibration captures each block's own arguments.
 
 Every other ``nn.Linear`` found in a block is an error, so a new architecture variant never silently
 keeps linears in BF16. lm_head, embeddings and norms live outside the blocks and are never targets.
@@ -16,7 +24,7 @@ keeps linears in BF16. lm_head, embeddings and norms live outside the blocks and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -41,16 +49,45 @@ class BlockStack:
     smooth: tuple[SmoothMapping, ...] = ()
     clip_skip: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
+    experts: str | None = None
 
     def __post_init__(self) -> None:
         for mapping in self.smooth:
             if mapping.linears not in self.groups:
                 raise ValueError(f"smoothing mapping {mapping} does not feed one of the groups {self.groups}")
+        templated = any("*" in n or "{e}" in n for names in self.groups for n in names)
+        if templated and self.experts is None:
+            raise ValueError(f"{self.path}: per-expert names need the experts module's path")
+
+    def for_block(self, block: nn.Module, block_name: str) -> BlockStack:
+        """This stack with per-expert names expanded for ``block``'s number of experts (itself without experts)."""
+        if self.experts is None:
+            return self
+        try:
+            num = len(block.get_submodule(self.experts))
+        except (AttributeError, TypeError):
+            raise QuantbenchError(
+                f"{block_name}.{self.experts} is not a list of experts (mixed dense/MoE layers, or fused experts "
+                "not unfused by quantbench.experts.unfuse_experts)"
+            ) from None
+        experts = range(num)
+        return replace(
+            self,
+            groups=tuple(g for group in self.groups for g in _expand(group, experts)),
+            smooth=tuple(SmoothMapping(t[0], t[1:]) for m in self.smooth for t in _expand((m.prev, *m.linears), experts)),
+        )
 
     @property
     def targets(self) -> tuple[str, ...]:
         """Every target linear of a block, in execution order."""
         return tuple(name for group in self.groups for name in group)
+
+
+def _expand(names: tuple[str, ...], experts: range) -> list[tuple[str, ...]]:
+    """Names with ``{e}``: one tuple per expert; else one tuple with each ``*`` name repeated for every expert."""
+    if any("{e}" in n for n in names):
+        return [tuple(n.format(e=e) for n in names) for e in experts]
+    return [tuple(x for n in names for x in ([n.replace("*", str(e)) for e in experts] if "*" in n else [n]))]
 
 
 @dataclass(frozen=True)
@@ -87,6 +124,33 @@ def _decoder(path: str) -> BlockStack:
     )
 
 
+def _moe_decoder(path: str, *, router: str, shared_expert: str | None = None) -> BlockStack:
+    """A pre-norm decoder layer whose MLP is routed experts (``mlp.experts``), optionally plus a shared expert.
+
+    Every expert's gate/up (and the shared expert's) read the post-attention norm's output: one group, one
+    AWQ mapping, one Hessian. Each expert's down_proj reads its own input.
+    """
+    dense = _decoder(path)
+    shared_in = (f"{shared_expert}.gate_proj", f"{shared_expert}.up_proj") if shared_expert else ()
+    mlp_in = (*shared_in, "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj")
+    expert_down = ("mlp.experts.{e}.down_proj",)
+    shared_down = ((f"{shared_expert}.down_proj",),) if shared_expert else ()
+    shared_smooth = (SmoothMapping(f"{shared_expert}.up_proj", shared_down[0]),) if shared_expert else ()
+    return BlockStack(
+        path=path,
+        groups=(_QKV, ("self_attn.o_proj",), mlp_in, expert_down, *shared_down),
+        smooth=(
+            *dense.smooth[:2],
+            SmoothMapping("post_attention_layernorm", mlp_in),
+            SmoothMapping("mlp.experts.{e}.up_proj", expert_down),
+            *shared_smooth,
+        ),
+        clip_skip=dense.clip_skip,
+        keep=(router,),
+        experts="mlp.experts",
+    )
+
+
 _DENSE = Architecture(language=_decoder("model.layers"))
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -95,6 +159,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": _DENSE,
     "qwen3": _DENSE,
     "hunyuan_v1_dense": _DENSE,
+    "qwen3_moe": Architecture(language=_moe_decoder("model.layers", router="mlp.gate")),
+    "hunyuan_v1_moe": Architecture(language=_moe_decoder("model.layers", router="mlp.gate.wg", shared_expert="mlp.shared_mlp")),
     "qwen2_5_vl": Architecture(
         language=_decoder("model.language_model.layers"),
         vision=BlockStack(
@@ -128,10 +194,46 @@ def block_list(model: nn.Module, stack: BlockStack) -> nn.ModuleList:
     return blocks
 
 
+def stacks_of(model: nn.Module) -> list[BlockStack]:
+    """Every block stack of ``model``'s architecture that the model holds (a VLM's text-only twin has no vision)."""
+    architecture = get_architecture(model.config)
+    stacks = [architecture.language, architecture.vision]
+    return [s for s in stacks if s is not None and _has_module(model, s.path)]
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def experts_paths(model: nn.Module) -> list[str]:
+    """Full names of the experts module of every MoE block of ``model`` (empty for dense models)."""
+    return [
+        f"{stack.path}.{index}.{stack.experts}"
+        for stack in stacks_of(model)
+        if stack.experts is not None
+        for index in range(len(block_list(model, stack)))
+    ]
+
+
+def kept_modules(model: nn.Module) -> list[str]:
+    """Full names of the modules the blocks of ``model`` keep unquantized (routers)."""
+    return [
+        f"{stack.path}.{index}.{name}"
+        for stack in stacks_of(model)
+        for index in range(len(block_list(model, stack)))
+        for name in stack.keep
+    ]
+
+
 def check_block(block: nn.Module, stack: BlockStack, block_name: str) -> None:
     """Fail unless every target is an ``nn.Linear`` and every ``nn.Linear`` is a target or kept.
 
-    Also refuses parameters of rank > 2 (fused MoE experts), which the mapping does not describe yet.
+    ``stack`` is expanded for the block (:meth:`BlockStack.for_block`). Also refuses parameters of rank > 2
+    (fused experts left fused).
     """
     for name in stack.targets:
         try:
@@ -149,4 +251,7 @@ def check_block(block: nn.Module, stack: BlockStack, block_name: str) -> None:
         )
     fused = [name for name, param in block.named_parameters() if param.dim() > 2]
     if fused:
-        raise QuantbenchError(f"{block_name} holds fused (rank > 2) weights {fused} that the mapping does not describe")
+        raise QuantbenchError(
+            f"{block_name} holds fused (rank > 2) weights {fused}; the architecture mapping must name its experts "
+            "module so quantbench unfuses them"
+        )

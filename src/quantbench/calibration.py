@@ -6,8 +6,8 @@ has one (otherwise their contents are joined by blank lines). Samples are chosen
 the records, each truncated to ``max_seq_len`` tokens and right-padded to the longest chosen sample; the
 attention mask marks real tokens, and every statistic downstream counts only those.
 
-Image-text sets (vision-language models, :func:`process_image_calibration`) go through the model's
-processor: each record's image and question (and answer) as one chat, truncated only after its last
+Image-text sets (vision-language models, :func:`process_image_calibration`; :func:`calibrate_model`
+picks by the records) go through the model's processor: each record's image and question (and answer) as one chat, truncated only after its last
 image token. Their samples carry the images' patches too: ``pixel_values`` [patches, C] of every image in
 sample order, ``image_grid_thw`` [images, 3] and ``images_per_sample`` [N], so any run of samples
 (:meth:`Calibration.model_inputs`) has its own images.
@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from quantbench.errors import QuantbenchError
 from quantbench.io import atomic_write_bytes
 from quantbench.provenance import sha256_file
-from quantbench.vlm import image_text_inputs, read_image_records
+from quantbench.vlm import image_text_inputs, load_processor, read_image_records
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,31 @@ def process_image_calibration(processor: Any, path: str | Path, num_samples: int
         image_grid_thw=torch.cat(grids).to(torch.int64),
         images_per_sample=torch.tensor([grid.shape[0] for grid in grids], dtype=torch.int64),
     )
+
+
+def _holds_images(path: Path) -> bool:
+    """Whether the first record of the JSONL ``path`` is an image-text record (has ``image``)."""
+    if not path.is_file():
+        raise QuantbenchError(f"calibration file {path} does not exist; pass a JSONL of texts, chats or image-text records")
+    with path.open(encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "{}")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise QuantbenchError(f"{path}:1: not valid JSON ({exc.msg})") from None
+    return isinstance(record, dict) and "image" in record
+
+
+def calibrate_model(model_dir: str | Path, path: str | Path, num_samples: int, max_seq_len: int, *, seed: int = 0) -> Calibration:
+    """Calibration samples of ``path`` for the model in ``model_dir``.
+
+    Image-text records go through the model's processor (:func:`process_image_calibration`), texts and
+    chats through its tokenizer (:func:`tokenize_calibration`).
+    """
+    path = Path(path)
+    if _holds_images(path):
+        return process_image_calibration(load_processor(model_dir), path, num_samples, max_seq_len, seed=seed)
+    return tokenize_calibration(AutoTokenizer.from_pretrained(model_dir), path, num_samples, max_seq_len, seed=seed)
 
 
 def save_calibration(calibration: Calibration, path: str | Path) -> Path:

@@ -115,7 +115,9 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
         help="tokenize N calibration samples of a JSONL with a model's tokenizer into one safetensors file",
         description="Choose N records of a JSONL of texts ('text') or chats ('messages' or ShareGPT "
         "'conversations', through the chat template) by a seeded shuffle, truncate each to L tokens, and "
-        "write input_ids, attention_mask and metadata (source sha256, N, L, tokenizer) atomically.",
+        "write input_ids, attention_mask and metadata (source sha256, N, L, tokenizer) atomically. Image-text "
+        "records ('image' relative to the JSONL, 'question', 'answer') go through the model's processor and "
+        "keep their images' pixel values.",
     )
     parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory (its tokenizer is used)")
     parser.add_argument("--data", type=Path, required=True, metavar="JSONL", help="calibration records")
@@ -125,12 +127,9 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from quantbench.calibration import calibrate_model, save_calibration
 
-    from quantbench.calibration import save_calibration, tokenize_calibration
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    calibration = tokenize_calibration(tokenizer, args.data, args.num_samples, args.max_seq_len, seed=args.seed)
+    calibration = calibrate_model(args.model, args.data, args.num_samples, args.max_seq_len, seed=args.seed)
     save_calibration(calibration, args.out)
     print(f"{calibration.num_samples} samples, {calibration.num_tokens} tokens -> {args.out}")
     return 0
@@ -158,9 +157,7 @@ def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from quantbench.calibration import tokenize_calibration
+    from quantbench.calibration import calibrate_model
     from quantbench.quant.sequential import PipelineOptions
     from quantbench.quantize import quantize_checkpoint
     from quantbench.schemes import get_scheme, load_schemes
@@ -168,8 +165,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     scheme = get_scheme(load_schemes(args.schemes), args.scheme)
     calibration = args.calib
     if calibration is not None and calibration.suffix != ".safetensors":
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        calibration = tokenize_calibration(tokenizer, calibration, args.num_samples, args.max_seq_len, seed=args.seed)
+        calibration = calibrate_model(args.model, calibration, args.num_samples, args.max_seq_len, seed=args.seed)
     options = PipelineOptions(chunk_size=args.chunk_size, offload_activations=args.offload_activations)
     out = quantize_checkpoint(
         args.model, scheme, args.out, calibration=calibration, device=args.device, seed=args.seed, options=options

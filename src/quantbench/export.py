@@ -3,8 +3,10 @@
 What :func:`save_quantized` writes into ``out_dir`` (vLLM and transformers + compressed-tensors load it):
 
 - ``config.json`` with a minimal ``quantization_config``: one config group whose ``targets`` is ``["Linear"]``
-  and whose ``ignore`` lists, by exact name, every ``nn.Linear`` left unquantized (``lm_head`` included),
-  so the quantized set is exactly the model's QuantLinear modules. ``weights`` / ``input_activations`` are
+  and whose ``ignore`` lists, by exact name, every ``nn.Linear`` left unquantized (``lm_head`` included)
+  and every MoE router (vLLM builds routers as linears even where transformers does not), so the
+  quantized set is exactly the model's QuantLinear modules. MoE experts are stored one linear per
+  expert (``mlp.experts.<e>.gate_proj`` ...), as Hub checkpoints and vLLM name them. ``weights`` / ``input_activations`` are
   the scheme's args (field for field compressed-tensors' ``QuantizationArgs``).
 - safetensors weights (``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``).
   Per quantized module ``m``, by format:
@@ -42,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from quantbench.architectures import kept_modules
 from quantbench.errors import QuantbenchError
 from quantbench.io import atomic_dir, atomic_write_json
 from quantbench.provenance import package_versions, sha256_file
@@ -198,7 +201,8 @@ def quantization_config(model: nn.Module, scheme: Scheme) -> dict[str, Any]:
                 f"{name} was quantized with other args than scheme {scheme.name} "
                 f"(weights {module.weight_args}, inputs {module.input_args}); export with the scheme used"
             )
-    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    kept = set(kept_modules(model))
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) or name in kept]
     group: dict[str, Any] = {"targets": [LINEAR_TARGET], "weights": scheme.weights.to_dict()}
     if scheme.input_activations is not None:
         group["input_activations"] = scheme.input_activations.to_dict()

@@ -2,7 +2,7 @@
 
 After :func:`quantize_model` every target linear of the scheme's module groups is a
 :class:`~quantbench.quant.linear.QuantLinear` and every other module is untouched (lm_head, embeddings,
-norms, routers). Data-free schemes (round-to-nearest weights, dynamic activations) never look at
+norms, routers); fused MoE experts are first split into one linear per expert (:mod:`quantbench.experts`). Data-free schemes (round-to-nearest weights, dynamic activations) never look at
 calibration data; the others run the sequential pipeline of :mod:`quantbench.quant.sequential`.
 """
 
@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantbench.architectures import get_architecture
+from quantbench.architectures import experts_paths, get_architecture
 from quantbench.calibration import Calibration, load_calibration
 from quantbench.errors import QuantbenchError
+from quantbench.experts import unfuse_experts
 from quantbench.export import save_quantized
 from quantbench.provenance import sha256_file
 from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
@@ -64,6 +65,8 @@ def quantize_model(
         raise QuantbenchError("the calibration set has no real tokens (its attention mask is all zero)")
     architecture = get_architecture(model.config)
     start = time.perf_counter()
+    if unfuse_experts(model, experts_paths(model)):
+        log.info("experts unfused to one linear per expert")
     for group in scheme.targets:
         stack = architecture.stack(group, model.config.model_type)
         if use_data and group == "vision":

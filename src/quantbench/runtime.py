@@ -32,7 +32,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from quantbench.architectures import experts_paths
 from quantbench.errors import QuantbenchError
+from quantbench.experts import unfuse_experts
 from quantbench.export import (
     QUANT_METHOD,
     WEIGHTS_FILE,
@@ -126,11 +128,16 @@ def _read_checkpoint(path: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def _build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
-    """The model of ``config`` with parameters on the meta device and buffers (rotary tables) computed."""
+    """The model of ``config`` with parameters on the meta device and buffers (rotary tables) computed.
+
+    MoE experts are unfused to one linear per expert, the layout the checkpoint stores.
+    """
     config = copy.deepcopy(config)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model, experts_paths(model))
+    return model
 
 
 def _load_quantized(path: Path, config: PretrainedConfig, *, device: str, dtype: torch.dtype) -> PreTrainedModel:

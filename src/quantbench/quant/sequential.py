@@ -12,6 +12,11 @@
    d. run the quantized block on the same inputs: its outputs become block i+1's inputs, and the
       differences to the reference give the block's and each module's relative output error.
 
+Mixture-of-experts blocks run their experts in calibration mode during steps a and d
+(:func:`quantbench.experts.calibrate_all_experts`): every expert sees every calibration token, so each one
+gets statistics (and an error) on all of them, while the block's output keeps the router's choices; the
+real tokens the router sent to each expert are reported per layer.
+
 Activations of the current block live on the compute device, or in CPU memory with
 ``offload_activations``. Schemes without data (RTN, dynamic activations) skip all of this and round
 block by block (:func:`quantize_blocks_data_free`) unless asked to measure their errors.
@@ -33,6 +38,7 @@ from tqdm.auto import tqdm
 from quantbench.architectures import BlockStack, block_list, check_block
 from quantbench.calibration import Calibration
 from quantbench.errors import QuantbenchError
+from quantbench.experts import ExpertList, calibrate_all_experts
 from quantbench.quant import awq, qdq
 from quantbench.quant.capture import ModuleCall, capture_call, replay, to_device
 from quantbench.quant.gptq import gptq_quantize_linears
@@ -44,6 +50,8 @@ from quantbench.quant.stats import GroupStats, LayerStats
 from quantbench.schemes import Scheme
 
 log = logging.getLogger(__name__)
+
+GPTQ_MAX_ROWS = 32768  # weight rows solved in one GPTQ call (the experts of a MoE layer share one Hessian)
 
 
 @dataclass(frozen=True)
@@ -66,14 +74,16 @@ class _Group:
     mask: torch.Tensor | None = None
 
     def observe(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        """Forward pre-hook of every member: the first call of a chunk feeds the statistics."""
+        """Forward pre-hook of every member: the first call of a chunk feeds the statistics.
+
+        Members share one input: the same tensor, or a view of it (a MoE layer's experts get the tokens
+        flattened to ``[tokens, hidden]``).
+        """
         x = args[0]
         if self.seen is None:
-            if x.shape[:-1] != self.mask.shape:
-                raise QuantbenchError(f"{self.names[0]} got input {tuple(x.shape)} not shaped like the tokens {tuple(self.mask.shape)}")
-            self.stats.update(x[self.mask])
+            self.stats.update(x[_token_mask(x, self.mask, self.names[0])])
             self.seen = x
-        elif x is not self.seen:
+        elif x.data_ptr() != self.seen.data_ptr() or x.numel() != self.seen.numel():
             raise QuantbenchError(f"{', '.join(self.names)} do not share one input; the architecture mapping is wrong")
 
 
@@ -95,10 +105,20 @@ class _ErrorMeter:
         return _ratio(self.err, self.ref)
 
 
+def _token_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """``mask [batch, seq]`` shaped like the token dimensions of ``x``: ``[batch, seq, ...]`` or flattened ``[tokens, ...]``."""
+    if x.shape[:-1] == mask.shape:
+        return mask
+    if x.dim() == 2 and x.shape[0] == mask.numel():
+        return mask.reshape(-1)
+    raise QuantbenchError(f"{name} got input {tuple(x.shape)} not shaped like the tokens {tuple(mask.shape)}")
+
+
 def _accumulate_error(
     output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, err: list[torch.Tensor], ref: list[torch.Tensor]
 ) -> None:
     """Append the squared error and squared reference norm over the real tokens of ``mask [batch, seq]``."""
+    mask = _token_mask(output, mask, "output")
     err.append(torch.where(mask, torch.linalg.vector_norm(output - reference, dim=-1, dtype=torch.float32), 0).square().sum())
     ref.append(torch.where(mask, torch.linalg.vector_norm(reference, dim=-1, dtype=torch.float32), 0).square().sum())
 
@@ -176,11 +196,19 @@ def capture_block_inputs(
     return calls
 
 
-def _check_weights(block: nn.Module, name: str, stack: BlockStack) -> None:
-    """The architecture check, and no NaN/Inf in a target weight (rounding would silently hide it)."""
+def _check_weights(block: nn.Module, name: str, stack: BlockStack, scheme: Scheme) -> None:
+    """The architecture check, group sizes that divide the inputs, no NaN/Inf in a target weight (rounding
+    would silently hide it)."""
     check_block(block, stack, name)
+    group_size = scheme.weights.group_size if scheme.weights.strategy == "group" else None
     for target in stack.targets:
-        if not torch.isfinite(block.get_submodule(target).weight).all():
+        linear = block.get_submodule(target)
+        if group_size and linear.in_features % group_size:
+            raise QuantbenchError(
+                f"{name}.{target} has {linear.in_features} input features, not a multiple of scheme {scheme.name}'s "
+                f"group_size {group_size}; use a group_size that divides it"
+            )
+        if not torch.isfinite(linear.weight).all():
             raise QuantbenchError(f"{name}.{target}.weight holds NaN/Inf; the checkpoint is damaged")
 
 
@@ -261,8 +289,11 @@ def _quantize_group(block: nn.Module, group: _Group, stack: BlockStack, scheme: 
         group.report.fallbacks.append("no calibration tokens: GPTQ replaced by round-to-nearest")
         modules = [rtn_quantize_linear(linear, scheme, input_scale=input_scale) for linear in linears]
     elif scheme.algorithm == "gptq":
-        modules, notes = gptq_quantize_linears(linears, group.stats.hessian, scheme, input_scale=input_scale)
-        group.report.fallbacks.extend(notes)
+        modules = []
+        for chunk in _row_chunks(linears, GPTQ_MAX_ROWS):
+            solved, notes = gptq_quantize_linears(chunk, group.stats.hessian, scheme, input_scale=input_scale)
+            modules += solved
+            group.report.fallbacks.extend(n for n in notes if n not in group.report.fallbacks)
     elif scheme.algorithm == "awq":
         clip = scheme.awq.clip_search and group.stats.tokens > 0
         modules = [
@@ -280,12 +311,43 @@ def _quantize_group(block: nn.Module, group: _Group, stack: BlockStack, scheme: 
     return dict(zip(group.names, modules))
 
 
+def _row_chunks(linears: list[nn.Linear], max_rows: int) -> Iterator[list[nn.Linear]]:
+    """Consecutive runs of ``linears`` of at most ``max_rows`` output rows (a single larger linear alone)."""
+    chunk: list[nn.Linear] = []
+    rows = 0
+    for linear in linears:
+        if chunk and rows + linear.out_features > max_rows:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(linear)
+        rows += linear.out_features
+    if chunk:
+        yield chunk
+
+
+@contextmanager
+def _calibration_mode(experts: list[ExpertList], mask: torch.Tensor) -> Iterator[None]:
+    if experts:
+        with calibrate_all_experts(experts, mask):
+            yield
+    else:
+        yield
+
+
+def _expert_lists(block: nn.Module, stack: BlockStack) -> dict[str, ExpertList]:
+    return {} if stack.experts is None else {stack.experts: block.get_submodule(stack.experts)}
+
+
 def _quantize_block(
     block: nn.Module, name: str, stack: BlockStack, calls: list[ModuleCall], scheme: Scheme, device: torch.device, storage: torch.device
 ) -> LayerStats:
     """Steps a-d of the module docstring for one block; ``calls`` are updated to the next block's inputs."""
     start = time.perf_counter()
-    _check_weights(block, name, stack)
+    stack = stack.for_block(block, name)
+    _check_weights(block, name, stack, scheme)
+    experts = _expert_lists(block, stack)
+    for module in experts.values():
+        module.routed = torch.zeros(len(module), dtype=torch.long)
     mappings = _awq_mappings(block, name, stack) if scheme.algorithm == "awq" else []
     groups = _plan_groups(block, name, stack, scheme, mappings, device)
 
@@ -296,7 +358,14 @@ def _quantize_block(
             mask = call.mask.to(device)
             for group in groups:
                 group.seen, group.mask = None, mask
-            reference.append(_store(replay(block, call, device), storage))
+            with _calibration_mode(list(experts.values()), mask):
+                reference.append(_store(replay(block, call, device), storage))
+    expert_tokens = {f"{name}.{path}": module.routed.tolist() for path, module in experts.items()}
+    for path, module in experts.items():
+        module.routed = None
+        idle = [e for e, n in enumerate(expert_tokens[f"{name}.{path}"]) if n == 0]
+        if idle:
+            log.info("%s.%s: the router chose expert(s) %s for no calibration token (calibrated on all tokens)", name, path, idle)
     for group in groups:
         group.seen = group.mask = None
         _check_finite(group)
@@ -318,7 +387,8 @@ def _quantize_block(
             mask = call.mask.to(device)
             for meter in meters.values():
                 meter.mask = mask
-            out = replay(block, call, device)
+            with _calibration_mode(list(experts.values()), mask):
+                out = replay(block, call, device)
             _accumulate_error(out, expected.to(device), mask, err, ref)
             calls[index] = ModuleCall((_store(out, storage),), call.kwargs, call.mask)
     return LayerStats(
@@ -327,6 +397,7 @@ def _quantize_block(
         rel_error=_ratio(err, ref),
         module_errors={f"{name}.{n}": m.relative() for n, m in meters.items()},
         groups=[g.report for g in groups],
+        expert_tokens=expert_tokens,
     )
 
 
@@ -359,13 +430,14 @@ def quantize_blocks_data_free(model: nn.Module, stack: BlockStack, scheme: Schem
             start = time.perf_counter()
             name = f"{stack.path}.{index}"
             home = prefetcher.take(index)
+            expanded = stack.for_block(block, name)
             try:
-                _check_weights(block, name, stack)
+                _check_weights(block, name, expanded, scheme)
                 with torch.no_grad():
-                    for target in stack.targets:
+                    for target in expanded.targets:
                         replace_module(block, target, rtn_quantize_linear(block.get_submodule(target), scheme))
             finally:
                 block.to(home)
-            groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in stack.groups]
+            groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in expanded.groups]
             layers.append(LayerStats(name=name, seconds=time.perf_counter() - start, groups=groups))
     return layers

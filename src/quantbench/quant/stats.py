@@ -26,6 +26,7 @@ class LayerStats:
     rel_error: float | None = None
     module_errors: dict[str, float] = field(default_factory=dict)
     groups: list[GroupStats] = field(default_factory=list)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # MoE: real tokens routed to each expert
 
 
 @dataclass

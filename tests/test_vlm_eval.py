@@ -12,7 +12,7 @@ import yaml
 
 from quantbench.cells import collect_cells
 from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.evaluate.benchmarks import benchmark_from_dict, load_benchmarks, parse_benchmark
 from quantbench.evaluate.runner import evaluate_benchmark
 from quantbench.evaluate.vqa_metrics import MMMU_SEED, anls, mmmu_score, relaxed_correctness
 from quantbench.quantize import quantize_checkpoint
@@ -66,6 +66,16 @@ def test_offline_scorer_writes_the_text_benchmarks_result_format(name: str, setu
     assert result["details"]["scores"] == expected
     assert result["score"] == pytest.approx(100 * sum(expected) / len(expected))
     assert all(isinstance(a, str) for a in answers)
+
+
+def test_vlm_benchmark_specs_round_trip_and_check_their_split() -> None:
+    for name in VLM:
+        spec = BENCHMARKS[name].with_overrides({"max_new_tokens": 8})
+        assert benchmark_from_dict(spec.to_dict()) == spec and spec.lmms_eval.max_new_tokens == 8
+    with pytest.raises(QuantbenchError, match=r"lmms_eval.split: 'val' is not one of the files' splits \['test'\]"):
+        parse_benchmark("X", {"files": {"test": "x.jsonl"}, "lmms_eval": {"task": "t", "metric": "m", "scorer": "anls", "split": "val"}})
+    with pytest.raises(QuantbenchError, match="scorer must be one of"):
+        parse_benchmark("X", {"files": {"val": "x.jsonl"}, "lmms_eval": {"task": "t", "metric": "m", "scorer": "bleu", "split": "val"}})
 
 
 def test_hub_source_needs_lmms_eval(setup: dict) -> None:

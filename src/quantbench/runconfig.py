@@ -207,8 +207,7 @@ def load_run_config(
     if evaluation.get("source", "local") == "local":
         data_dir = base / evaluation.get("data_dir", "resources/data")
         for name in dict.fromkeys(bench for table in tables for bench in table.benchmarks):
-            if benchmarks[name].lmms_eval is None:
-                benchmarks[name].data_paths(data_dir)
+            benchmarks[name].data_paths(data_dir)
     return RunConfig(
         results=Path(config.get("results", "results")),
         schemes=schemes,

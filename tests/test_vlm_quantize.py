@@ -19,6 +19,7 @@ from quantbench.calibration import Calibration, load_calibration, process_image_
 from quantbench.cli import main
 from quantbench.errors import QuantbenchError
 from quantbench.quant.linear import QuantLinear
+from quantbench.quant.sequential import PipelineOptions, capture_packed_inputs
 from quantbench.quantize import quantize_checkpoint, quantize_model
 from quantbench.runtime import load_model
 from quantbench.schemes import load_schemes
@@ -142,3 +143,18 @@ def test_static_vit_schemes_refuse_text_only_calibration(vlm: dict) -> None:
     text_only = Calibration(torch.randint(7, 100, (2, 16), generator=torch.Generator().manual_seed(0)), torch.ones(2, 16, dtype=torch.int64), {})
     with pytest.raises(QuantbenchError, match="vision blocks, but the calibration set has no images"):
         quantize_model(model, SCHEMES["FP8-Static-ViT"], text_only, device="cpu")
+
+
+def test_vision_capture_records_each_blocks_attention_spans(vlm: dict) -> None:
+    """Block 0 attends in windows, block 1 (fullatt_block_indexes) over whole images: each gets its own cu_seqlens."""
+    model, _ = load_model(vlm["model_dir"])
+    calibration = load_calibration(vlm["calib"])
+    blocks = model.model.visual.blocks
+    calls, per_block = capture_packed_inputs(model, blocks, calibration, torch.device("cpu"), PipelineOptions(chunk_size=2),
+                                             keep_away=[model.model.language_model.layers])
+    assert len(calls) == 2 and [c.args[0].shape for c in calls] == [(96, 64), (96, 64)] and calls[0].mask.all()
+    assert per_block[1][0]["cu_seqlens"].tolist() == [0, 48, 96]  # two images of 48 patches
+    windows = per_block[0][0]["cu_seqlens"]
+    assert windows[-1] == 96 and len(windows) > 3  # 112-pixel windows: several per image
+    # the rotary tables are one tensor shared by both blocks' arguments
+    assert per_block[0][1]["position_embeddings"][0] is per_block[1][1]["position_embeddings"][0]

@@ -50,6 +50,7 @@ class BlockStack:
     clip_skip: tuple[str, ...] = ()
     keep: tuple[str, ...] = ()
     experts: str | None = None
+    packed: bool = False
 
     def __post_init__(self) -> None:
         for mapping in self.smooth:
@@ -166,6 +167,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         vision=BlockStack(
             path="model.visual.blocks",
             groups=(("attn.qkv",), ("attn.proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+            packed=True,
         ),
     ),
 }

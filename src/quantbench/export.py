@@ -217,7 +217,7 @@ def quantization_config(model: nn.Module, scheme: Scheme) -> dict[str, Any]:
 
 def _tied_output_key(model: PreTrainedModel) -> str | None:
     """State-dict key of the output embedding when it is tied to the input embedding, else None."""
-    if not model.config.get_text_config().tie_word_embeddings:
+    if not getattr(model.config, "tie_word_embeddings", False):  # where transformers reads it (a VLM's text config lacks it)
         return None
     output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
     if output is None:

@@ -25,8 +25,13 @@ from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_fr
 from quantbench.quant.stats import QuantStats
 from quantbench.runtime import load_model
 from quantbench.schemes import Scheme
+from quantbench.vlm import is_image_text_model, load_processor
 
 log = logging.getLogger(__name__)
+
+# Target groups in the order their blocks are quantized: the vision tower first, so that the language
+# layers calibrate on the image tokens of the quantized tower, as they will be served.
+UPSTREAM_FIRST = ("vision", "language")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -67,13 +72,13 @@ def quantize_model(
     start = time.perf_counter()
     if unfuse_experts(model, experts_paths(model)):
         log.info("experts unfused to one linear per expert")
-    for group in scheme.targets:
+    for group in sorted(scheme.targets, key=UPSTREAM_FIRST.index):
         stack = architecture.stack(group, model.config.model_type)
-        if use_data and group == "vision":
+        if use_data and stack.packed and not calibration.has_images:
             if scheme.needs_calibration:
                 raise QuantbenchError(
-                    f"scheme {scheme.name} needs calibration data for the vision blocks, which take images; "
-                    "only data-free schemes (dynamic activations, round-to-nearest) can target 'vision'"
+                    f"scheme {scheme.name} needs image activations for the vision blocks, but the calibration set "
+                    "has no images; calibrate from image-text records (a JSONL with 'image', `quantbench calibrate`)"
                 )
             stats.layers += quantize_blocks_data_free(model, stack, scheme, compute)
         elif use_data:
@@ -120,4 +125,6 @@ def quantize_checkpoint(
         provenance["calibration"] = dict(calibration.metadata)
         if calibration_file is not None:
             provenance["calibration"]["file_sha256"] = sha256_file(calibration_file)
-    return save_quantized(model, tokenizer, scheme, out_dir, provenance=provenance)
+    # an image-text model's checkpoint carries its whole processor (image processor, chat template)
+    processor = load_processor(model_dir) if is_image_text_model(model.config) else tokenizer
+    return save_quantized(model, processor, scheme, out_dir, provenance=provenance)

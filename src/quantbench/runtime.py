@@ -25,6 +25,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     GenerationConfig,
     PretrainedConfig,
@@ -45,6 +46,7 @@ from quantbench.export import (
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.rtn import replace_module
 from quantbench.schemes import QuantArgs
+from quantbench.vlm import is_image_text_model
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +60,24 @@ def load_model(
     """Load the model and tokenizer in ``path`` onto ``device``, in eval mode.
 
     ``dtype`` is the dtype of unquantized tensors and of computation; quantized modules keep their
-    stored codes and scales and dequantize to the input's dtype.
+    stored codes and scales and dequantize to the input's dtype. Vision-language models load as
+    transformers' image-text-to-text class; their processor comes from :func:`quantbench.vlm.load_processor`.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise QuantbenchError(f"{path} is not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None) is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        model = _auto_class(config).from_pretrained(path, dtype=dtype).to(device)
     else:
         model = _load_quantized(path, config, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def _auto_class(config: PretrainedConfig) -> type:
+    """transformers' auto class of the model: image-text-to-text for vision-language models, else causal LM."""
+    return AutoModelForImageTextToText if is_image_text_model(config) else AutoModelForCausalLM
 
 
 def _quant_args(raw: dict[str, Any] | None, where: str) -> QuantArgs | None:
@@ -135,7 +143,7 @@ def _build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedM
     config = copy.deepcopy(config)
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = _auto_class(config).from_config(config, dtype=dtype)
     unfuse_experts(model, experts_paths(model))
     return model
 

@@ -29,14 +29,22 @@ class ModuleCall:
     mask: torch.Tensor
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+def to_device(obj: Any, device: torch.device | str, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``.
+
+    With ``memo`` (tensor id -> moved tensor, kept by the caller while the originals live), a tensor met
+    again, here or in an earlier call, is moved once and shared.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        if memo is None:
+            return obj.to(device, non_blocking=True)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device, non_blocking=True)
+        return memo[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(item, device) for item in obj)
+        return type(obj)(to_device(item, device, memo) for item in obj)
     if isinstance(obj, dict):
-        return {key: to_device(value, device) for key, value in obj.items()}
+        return {key: to_device(value, device, memo) for key, value in obj.items()}
     return obj
 
 

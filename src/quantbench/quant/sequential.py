@@ -3,6 +3,9 @@
 1. Capture the inputs of block 0 (hidden states and the keyword arguments the model passes: position
    embeddings, attention mask) for each chunk of calibration samples, by stopping the model's forward at
    block 0 (:func:`capture.capture_call`). Only the modules outside the blocks visit the compute device.
+   Calibration chunks carry their images (a VLM's language layers see image tokens). A packed stack (a
+   vision tower: patches ``[tokens, C]``, no padding) runs through to its last block once per chunk to
+   record each block's own keyword arguments (windowed or full attention), and masks no token.
 2. For each block i, on the compute device (the rest of the model stays where it was; block i+1 is
    copied there meanwhile, :mod:`quant.prefetch`):
    a. run the unquantized block on every chunk, keeping its outputs (the reference) while hooks feed one
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,12 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.architectures import BlockStack, block_list, check_block
+from quantbench.architectures import BlockStack, block_list, check_block, stacks_of
 from quantbench.calibration import Calibration
 from quantbench.errors import QuantbenchError
 from quantbench.experts import ExpertList, calibrate_all_experts
 from quantbench.quant import awq, qdq
-from quantbench.quant.capture import ModuleCall, capture_call, replay, to_device
+from quantbench.quant.capture import ModuleCall, capture_call, capture_calls, replay, to_device
 from quantbench.quant.gptq import gptq_quantize_linears
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.observers import InputStats
@@ -144,9 +147,11 @@ def _store(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
 
 
 @contextmanager
-def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
-    """Move every parameter and buffer outside ``blocks`` (except the output head) to ``device`` for a while."""
-    inside = {id(m) for m in blocks.modules()}
+def _outside_blocks_on(
+    model: nn.Module, blocks: nn.ModuleList, device: torch.device, keep_away: Sequence[nn.Module] = ()
+) -> Iterator[None]:
+    """Move every parameter and buffer outside ``blocks`` and ``keep_away`` (and the output head) to ``device`` for a while."""
+    inside = {id(m) for stay in (blocks, *keep_away) for m in stay.modules()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = inside | ({id(head)} if head is not None else set())
     moved: list[tuple[nn.Module, str, str, torch.device]] = []
@@ -187,13 +192,49 @@ def capture_block_inputs(
     calls = []
     with _outside_blocks_on(model, blocks, device):
         for start in range(0, calibration.num_samples, options.chunk_size):
-            ids = calibration.input_ids[start : start + options.chunk_size].to(device)
-            mask = calibration.attention_mask[start : start + options.chunk_size].to(device)
-            args, kwargs = capture_call(blocks[0], lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+            inputs = calibration.model_inputs(start, start + options.chunk_size, device)
+            args, kwargs = capture_call(blocks[0], lambda: model(**inputs, use_cache=False))
             kwargs = dict(kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            calls.append(ModuleCall((_store(hidden, storage),), to_device(kwargs, storage), mask.bool()))
+            calls.append(ModuleCall((_store(hidden, storage),), to_device(kwargs, storage), inputs["attention_mask"].bool()))
     return calls
+
+
+def capture_packed_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calibration: Calibration,
+    device: torch.device,
+    options: PipelineOptions,
+    keep_away: Sequence[nn.Module] = (),
+) -> tuple[list[ModuleCall], list[list[dict]]]:
+    """Inputs of a packed stack (a vision tower, ``BlockStack.packed``) for each chunk of calibration samples with images.
+
+    Returns block 0's calls, whose token mask is all true over the chunk's packed tokens, and the keyword
+    arguments of every block per chunk (``[block][chunk]``), since they differ between blocks (tensors
+    they share are stored once). ``keep_away``: modules the forward never reaches before the stack's last
+    block (the language layers), left where they are.
+    """
+    if not calibration.has_images:
+        raise QuantbenchError("the vision blocks take images, but the calibration set has none; calibrate from an image-text set")
+    storage = torch.device("cpu") if options.offload_activations else device
+    calls: list[ModuleCall] = []
+    per_block: list[list[dict]] = [[] for _ in blocks]
+    with _outside_blocks_on(model, blocks, device, keep_away):
+        for start in range(0, calibration.num_samples, options.chunk_size):
+            inputs = calibration.model_inputs(start, start + options.chunk_size, device)
+            if "pixel_values" not in inputs:
+                continue
+            recorded = capture_calls(list(blocks), lambda: model(**inputs, use_cache=False))
+            args, kwargs = recorded[0]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            stored: dict[int, torch.Tensor] = {}
+            for index, (_, block_kwargs) in enumerate(recorded):
+                kept = {k: v for k, v in block_kwargs.items() if k != "hidden_states"}
+                per_block[index].append(to_device(kept, storage, memo=stored))
+            mask = torch.ones(hidden.shape[0], dtype=torch.bool, device=device)
+            calls.append(ModuleCall((_store(hidden, storage),), per_block[0][-1], mask))
+    return calls, per_block
 
 
 def _check_weights(block: nn.Module, name: str, stack: BlockStack, scheme: Scheme) -> None:
@@ -408,11 +449,18 @@ def quantize_blocks_sequential(
     blocks = block_list(model, stack)
     storage = torch.device("cpu") if options.offload_activations else device
     with torch.no_grad():
-        calls = capture_block_inputs(model, blocks, calibration, device, options)
+        if stack.packed:
+            others = [block_list(model, other) for other in stacks_of(model) if other.path != stack.path]
+            calls, block_kwargs = capture_packed_inputs(model, blocks, calibration, device, options, others)
+        else:
+            calls, block_kwargs = capture_block_inputs(model, blocks, calibration, device, options), None
     layers = []
     with BlockPrefetcher(blocks, device) as prefetcher:
         for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
             home = prefetcher.take(index)
+            if block_kwargs is not None:
+                for call, kwargs in zip(calls, block_kwargs[index]):
+                    call.kwargs = kwargs
             try:
                 with torch.no_grad():
                     layers.append(_quantize_block(block, f"{stack.path}.{index}", stack, calls, scheme, device, storage))

@@ -14,6 +14,7 @@ from quantbench.cells import collect_cells
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import benchmark_from_dict, load_benchmarks, parse_benchmark
 from quantbench.evaluate.runner import evaluate_benchmark
+from quantbench.evaluate.vlm_eval import question_prompt
 from quantbench.evaluate.vqa_metrics import MMMU_SEED, anls, mmmu_score, relaxed_correctness
 from quantbench.quantize import quantize_checkpoint
 from quantbench.schemes import load_schemes
@@ -76,6 +77,16 @@ def test_vlm_benchmark_specs_round_trip_and_check_their_split() -> None:
         parse_benchmark("X", {"files": {"test": "x.jsonl"}, "lmms_eval": {"task": "t", "metric": "m", "scorer": "anls", "split": "val"}})
     with pytest.raises(QuantbenchError, match="scorer must be one of"):
         parse_benchmark("X", {"files": {"val": "x.jsonl"}, "lmms_eval": {"task": "t", "metric": "m", "scorer": "bleu", "split": "val"}})
+
+
+def test_prompts_follow_the_lmms_eval_tasks() -> None:
+    mc = {"question": "<image 1> What colour is the shape?", "options": ["red", "green"], "question_type": "multiple-choice"}
+    assert question_prompt(BENCHMARKS["MMMU_VAL"], mc) == (
+        "What colour is the shape?\nA. red\nB. green\n\nAnswer with the option's letter from the given choices directly.")
+    assert question_prompt(BENCHMARKS["MMMU_VAL"], {**mc, "question_type": "open"}) == (
+        "What colour is the shape?\n\nAnswer the question using a single word or phrase.")
+    assert question_prompt(BENCHMARKS["ChartQA_TEST"], {"question": "Which bar is highest?"}) == (
+        "Which bar is highest?\nAnswer the question with a single word.")
 
 
 def test_hub_source_needs_lmms_eval(setup: dict) -> None:

@@ -82,8 +82,9 @@ class LmmsEvalSettings:
     """A vision-language benchmark: lmms-eval's task and metric (hub source), and the offline scorer (local files).
 
     ``scorer`` is the metric of :mod:`quantbench.evaluate.vqa_metrics` the local scorer applies to the
-    records of ``files[split]``; ``prompt`` formats the question (``{question}``), ``choice_prompt``
-    closes a multiple-choice question; ``max_new_tokens`` bounds each greedy answer.
+    records of ``files[split]``; ``prompt`` is the user's text (``{question}``), ``choice_prompt`` that of a
+    multiple-choice question (``{question}``, ``{options}``: one ``A. text`` line each);
+    ``max_new_tokens`` bounds each greedy answer.
     """
 
     task: str
@@ -91,7 +92,7 @@ class LmmsEvalSettings:
     scorer: str
     split: str
     prompt: str = "{question}"
-    choice_prompt: str = ""
+    choice_prompt: str = "{question}\n{options}"
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:

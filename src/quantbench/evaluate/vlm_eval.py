@@ -39,16 +39,14 @@ log = logging.getLogger(__name__)
 _IMAGE_MARKER = re.compile(r"<image \d+>\s*")
 
 
-def _prompt(spec: BenchmarkSpec, record: dict[str, Any]) -> str:
+def question_prompt(spec: BenchmarkSpec, record: dict[str, Any]) -> str:
+    """The user's text: ``prompt`` with the question, or ``choice_prompt`` with the question and lettered options."""
     settings = spec.lmms_eval
-    question = str(record["question"])
-    if settings.scorer != "mmmu":
-        return settings.prompt.format(question=question)
-    question = _IMAGE_MARKER.sub("", question).strip()
-    if record["question_type"] == "multiple-choice":
+    question = _IMAGE_MARKER.sub("", str(record["question"])).strip()
+    if record.get("question_type") == "multiple-choice":
         options = "\n".join(f"{letter}. {text}" for letter, text in option_letters(record["options"]).items())
-        return f"{question}\n{options}\n\n{settings.choice_prompt}"
-    return f"{question}\n\n{settings.prompt.format(question='').strip()}"
+        return settings.choice_prompt.format(question=question, options=options)
+    return settings.prompt.format(question=question)
 
 
 def _score(spec: BenchmarkSpec, record: dict[str, Any], answer: str, rng: random.Random) -> float:
@@ -70,7 +68,7 @@ def score_local(model_dir: str | Path, spec: BenchmarkSpec, data_dir: str | Path
     rng = random.Random(MMMU_SEED)
     answers, scores, by_type = [], [], {}
     for record in tqdm(records, desc=spec.name, unit="item"):
-        inputs = {k: v.to(backend.device) for k, v in image_text_inputs(processor, record["image"], _prompt(spec, record)).items()}
+        inputs = {k: v.to(backend.device) for k, v in image_text_inputs(processor, record["image"], question_prompt(spec, record)).items()}
         try:
             with torch.no_grad():
                 output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False)

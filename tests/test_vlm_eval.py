@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 from quantbench.cells import collect_cells
+from quantbench.cli import main
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import benchmark_from_dict, load_benchmarks, parse_benchmark
 from quantbench.evaluate.runner import evaluate_benchmark
@@ -67,6 +69,18 @@ def test_offline_scorer_writes_the_text_benchmarks_result_format(name: str, setu
     assert result["details"]["scores"] == expected
     assert result["score"] == pytest.approx(100 * sum(expected) / len(expected))
     assert all(isinstance(a, str) for a in answers)
+
+
+def test_recorded_command_reproduces_the_score(setup: dict) -> None:
+    spec = BENCHMARKS["DocVQA_VAL"].with_overrides({"max_new_tokens": 3})
+    first = evaluate_benchmark(setup["quantized"], spec, out_path=setup["root"] / "first.json", model_name="tiny-vl",
+                               scheme_name="INT8-Dynamic-ViT", data_dir=setup["data"], limit=2,
+                               benchmarks_file=REPO / "config" / "benchmarks.yaml")
+    argv = shlex.split(first["command"])[1:]
+    argv[argv.index("--out") + 1] = str(setup["root"] / "again.json")
+    assert "--max-new-tokens" in argv and main(argv) == 0
+    again = json.loads((setup["root"] / "again.json").read_text(encoding="utf-8"))
+    assert again["items"] == 2 and again["details"]["answers"] == first["details"]["answers"] and again["score"] == first["score"]
 
 
 def test_vlm_benchmark_specs_round_trip_and_check_their_split() -> None:

@@ -56,8 +56,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("resources/data"), metavar="DIR",
                         help="folder of the local JSONL files (default resources/data, the demo subsets)")
     parser.add_argument("--limit", type=int, metavar="N", help="score the first N items of each lm-eval task "
-                        "(per subject for grouped benchmarks; perplexity: the first N windows)")
+                        "(per subject for grouped benchmarks; perplexity: the first N windows; VLM: the first N records)")
     parser.add_argument("--max-gen-toks", type=int, metavar="N", help="override max_gen_toks (generative benchmarks)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override max_new_tokens (vision-language benchmarks)")
     parser.add_argument("--seq-len", type=int, metavar="N", help="override the perplexity window length")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="override the perplexity token budget")
     parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
@@ -77,7 +78,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from quantbench.evaluate.runner import evaluate_benchmark
 
     spec = get_benchmark(load_benchmarks(args.benchmarks), args.benchmark)
-    overrides = {"max_gen_toks": args.max_gen_toks, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
+    overrides = {"max_gen_toks": args.max_gen_toks, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
+                 "max_new_tokens": args.max_new_tokens}
     spec = spec.with_overrides({key: value for key, value in overrides.items() if value is not None})
     backend = Backend(
         name=args.backend,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, decoders, models
 from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
 from quantbench.vlm import image_only_processor_class
@@ -38,6 +38,7 @@ def tiny_processor() -> Qwen2_5_VLProcessor:
     vocab = {token: i for i, token in enumerate(SPECIAL + list(string.printable))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.add_special_tokens(SPECIAL)
+    backend.decoder = decoders.Fuse()  # characters back to text with no separator
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     images = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16})
     return image_only_processor_class(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)

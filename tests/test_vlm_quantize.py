@@ -158,3 +158,11 @@ def test_vision_capture_records_each_blocks_attention_spans(vlm: dict) -> None:
     assert windows[-1] == 96 and len(windows) > 3  # 112-pixel windows: several per image
     # the rotary tables are one tensor shared by both blocks' arguments
     assert per_block[0][1]["position_embeddings"][0] is per_block[1][1]["position_embeddings"][0]
+
+
+def test_docvqa_style_records_calibrate_on_their_first_answer(vlm: dict) -> None:
+    calibration = process_image_calibration(vlm["processor"], vlm["files"]["docvqa"], 3, 256)
+    tokenizer = vlm["processor"].tokenizer
+    texts = [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(calibration.input_ids, calibration.attention_mask)]
+    answers = sorted(text.rsplit("<|im_start|>assistant\n", 1)[1] for text in texts)
+    assert answers == ["12B<|im_end|>\n", "17.50<|im_end|>\n", "5<|im_end|>\n"]

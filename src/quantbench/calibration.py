@@ -228,8 +228,9 @@ def process_image_calibration(processor: Any, path: str | Path, num_samples: int
     """Choose ``num_samples`` image-text records of ``path`` by a seeded shuffle and run them through ``processor``.
 
     Records are :func:`quantbench.vlm.read_image_records` objects (``image``, ``question``, optional
-    ``answer``). A sample is cut to ``max_seq_len`` tokens only after its last image token; a record whose
-    image tokens alone exceed ``max_seq_len`` is skipped (logged), and too few usable records is an error.
+    ``answer`` or ``answers``, whose first one is used). A sample is cut to ``max_seq_len`` tokens only
+    after its last image token; a record whose image tokens alone exceed ``max_seq_len`` is skipped
+    (logged), and too few usable records is an error.
     """
     if num_samples <= 0 or max_seq_len <= 0:
         raise QuantbenchError(f"num_samples and max_seq_len must be positive, got {num_samples} and {max_seq_len}")
@@ -243,7 +244,8 @@ def process_image_calibration(processor: Any, path: str | Path, num_samples: int
     skipped = 0
     for index in order:
         record = records[index]
-        inputs = image_text_inputs(processor, record["image"], str(record["question"]), record.get("answer", ""))
+        answer = record.get("answer", (record.get("answers") or [""])[0])  # DocVQA-style records: the first answer
+        inputs = image_text_inputs(processor, record["image"], str(record["question"]), answer)
         ids = inputs["input_ids"][0].tolist()
         image_end = max(i for i, token in enumerate(ids) if token == image_token) + 1
         if image_end > max_seq_len:

@@ -118,6 +118,10 @@ def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run
         "results/models/Qwen3-8B, results/calib/Qwen3-8B/sharegpt-qwen3.safetensors"
     )
     assert inputs["results/quantized/Hunyuan-7B-Instruct/FP8-Static"].endswith("Hunyuan-7B-Instruct/sharegpt-gpt4.safetensors")
+    # the VLMs calibrate on ChartQA train from the Hub: the job's only file input is the model
+    assert inputs["results/quantized/Qwen2.5VL-7B/FP8-Static-ViT"].endswith("Qwen2.5VL-7B/chartqa-train.safetensors")
+    calibrate = {f["output"]: f["input"] for rule, f in planned if rule == "calibrate"}
+    assert calibrate["results/calib/Qwen2.5VL-7B/chartqa-train.safetensors"] == "results/models/Qwen2.5VL-7B"
 
 
 def test_a_235b_moe_is_evaluated_on_several_gpus(seed_dry_run):

@@ -7,14 +7,17 @@ the records, each truncated to ``max_seq_len`` tokens and right-padded to the lo
 attention mask marks real tokens, and every statistic downstream counts only those.
 
 Image-text sets (vision-language models, :func:`process_image_calibration`; :func:`calibrate_model`
-picks by the records) go through the model's processor: each record's image and question (and answer) as one chat, truncated only after its last
-image token. Their samples carry the images' patches too: ``pixel_values`` [patches, C] of every image in
-sample order, ``image_grid_thw`` [images, 3] and ``images_per_sample`` [N], so any run of samples
-(:meth:`Calibration.model_inputs`) has its own images.
+picks by the records) go through the model's processor: each record's image and question (and answer) as
+one chat, truncated only after its last image token. They come from a JSONL with image files, or from a
+split of a Hugging Face dataset (:class:`quantbench.hubsets.HubImageSet`); the same records give the same
+samples either way. Their samples carry the images' patches too: ``pixel_values`` [patches, C] of every
+image in sample order, ``image_grid_thw`` [images, 3] and ``images_per_sample`` [N], so any run of
+samples (:meth:`Calibration.model_inputs`) has its own images.
 
 The saved form is one safetensors file with ``input_ids`` and ``attention_mask`` ([N, L] int64), the image
-tensors when there are images, and metadata (the source file and its sha256, N, L, seed, the tokenizer and its fingerprint) as one
-key-sorted JSON string under ``METADATA_KEY``, so that the same samples always give the same bytes.
+tensors when there are images, and metadata (the source file and its sha256, or the Hub dataset, split,
+revision and columns; N, L, seed, the tokenizer and its fingerprint) as one key-sorted JSON string under
+``METADATA_KEY``, so that the same samples always give the same bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from safetensors.torch import save
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from quantbench.errors import QuantbenchError
+from quantbench.hubsets import HubImageSet, hub_image_records
 from quantbench.io import atomic_write_bytes
 from quantbench.provenance import sha256_file
 from quantbench.vlm import image_text_inputs, load_processor, read_image_records
@@ -200,11 +204,16 @@ def tokenize_calibration(
     return Calibration(input_ids, attention_mask, _metadata(path, tokenizer, num_samples, max_seq_len, seed))
 
 
-def _metadata(path: Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, max_seq_len: int, seed: int) -> dict[str, Any]:
-    """What made a calibration set: its source file and hash, N, L, seed, the tokenizer and its fingerprint."""
+def _metadata(
+    source: Path | HubImageSet, tokenizer: PreTrainedTokenizerBase, num_samples: int, max_seq_len: int, seed: int
+) -> dict[str, Any]:
+    """What made a calibration set: its source (file and hash, or Hub set), N, L, seed, the tokenizer and its fingerprint."""
+    if isinstance(source, HubImageSet):
+        origin: dict[str, Any] = {"source": source.describe(), "source_hub": source.to_dict()}
+    else:
+        origin = {"source": source.name, "source_sha256": sha256_file(source)}
     return {
-        "source": path.name,
-        "source_sha256": sha256_file(path),
+        **origin,
         "num_samples": num_samples,
         "max_seq_len": max_seq_len,
         "seed": seed,
@@ -224,18 +233,24 @@ def _pad_samples(samples: list[list[int]], pad_id: int | None) -> tuple[torch.Te
     return input_ids, attention_mask
 
 
-def process_image_calibration(processor: Any, path: str | Path, num_samples: int, max_seq_len: int, *, seed: int = 0) -> Calibration:
-    """Choose ``num_samples`` image-text records of ``path`` by a seeded shuffle and run them through ``processor``.
+def process_image_calibration(
+    processor: Any, source: str | Path | HubImageSet, num_samples: int, max_seq_len: int, *, seed: int = 0
+) -> Calibration:
+    """Choose ``num_samples`` image-text records of ``source`` by a seeded shuffle and run them through ``processor``.
 
-    Records are :func:`quantbench.vlm.read_image_records` objects (``image``, ``question``, optional
-    ``answer`` or ``answers``, whose first one is used). A sample is cut to ``max_seq_len`` tokens only
-    after its last image token; a record whose image tokens alone exceed ``max_seq_len`` is skipped
+    ``source`` is a JSONL of :func:`quantbench.vlm.read_image_records` objects (``image``, ``question``,
+    optional ``answer`` or ``answers``, whose first one is used) or a Hub set, whose rows
+    :func:`quantbench.hubsets.hub_image_records` gives in the same form. A sample is cut to
+    ``max_seq_len`` tokens only after its last image token; a record whose image tokens alone exceed ``max_seq_len`` is skipped
     (logged), and too few usable records is an error.
     """
     if num_samples <= 0 or max_seq_len <= 0:
         raise QuantbenchError(f"num_samples and max_seq_len must be positive, got {num_samples} and {max_seq_len}")
-    path = Path(path)
-    records = read_image_records(path)
+    if isinstance(source, HubImageSet):
+        where, records = source.describe(), hub_image_records(source)
+    else:
+        source = Path(source)
+        where, records = str(source), read_image_records(source)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     image_token = processor.image_token_id
@@ -257,15 +272,15 @@ def process_image_calibration(processor: Any, path: str | Path, num_samples: int
         if len(samples) == num_samples:
             break
     if skipped:
-        log.warning("%s: %d record(s) skipped, their image tokens alone exceed max_seq_len=%d", path, skipped, max_seq_len)
+        log.warning("%s: %d record(s) skipped, their image tokens alone exceed max_seq_len=%d", where, skipped, max_seq_len)
     if len(samples) < num_samples:
         raise QuantbenchError(
-            f"{path} has only {len(samples)} usable records (image tokens within max_seq_len={max_seq_len}), fewer than "
+            f"{where} has only {len(samples)} usable records (image tokens within max_seq_len={max_seq_len}), fewer than "
             f"the {num_samples} samples asked for; lower num_samples, raise max_seq_len or use a larger set"
         )
     tokenizer = processor.tokenizer
     input_ids, attention_mask = _pad_samples(samples, tokenizer.pad_token_id)
-    metadata = {**_metadata(path, tokenizer, num_samples, max_seq_len, seed), "images": len(grids)}
+    metadata = {**_metadata(source, tokenizer, num_samples, max_seq_len, seed), "images": len(grids)}
     return Calibration(
         input_ids,
         attention_mask,
@@ -289,16 +304,17 @@ def _holds_images(path: Path) -> bool:
     return isinstance(record, dict) and "image" in record
 
 
-def calibrate_model(model_dir: str | Path, path: str | Path, num_samples: int, max_seq_len: int, *, seed: int = 0) -> Calibration:
-    """Calibration samples of ``path`` for the model in ``model_dir``.
+def calibrate_model(
+    model_dir: str | Path, source: str | Path | HubImageSet, num_samples: int, max_seq_len: int, *, seed: int = 0
+) -> Calibration:
+    """Calibration samples of ``source`` (a JSONL, or a Hub image-text set) for the model in ``model_dir``.
 
     Image-text records go through the model's processor (:func:`process_image_calibration`), texts and
     chats through its tokenizer (:func:`tokenize_calibration`).
     """
-    path = Path(path)
-    if _holds_images(path):
-        return process_image_calibration(load_processor(model_dir), path, num_samples, max_seq_len, seed=seed)
-    return tokenize_calibration(AutoTokenizer.from_pretrained(model_dir), path, num_samples, max_seq_len, seed=seed)
+    if isinstance(source, HubImageSet) or _holds_images(Path(source)):
+        return process_image_calibration(load_processor(model_dir), source, num_samples, max_seq_len, seed=seed)
+    return tokenize_calibration(AutoTokenizer.from_pretrained(model_dir), source, num_samples, max_seq_len, seed=seed)
 
 
 def save_calibration(calibration: Calibration, path: str | Path) -> Path:

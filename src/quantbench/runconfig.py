@@ -2,12 +2,14 @@
 
 The JSON schema (``workflow/schemas/config.schema.yaml``) checks shapes and types; this module checks what a
 schema cannot: that every scheme, benchmark, calibration set and model a key refers to exists, that each model
-has exactly one source, that schemes needing calibration have a calibration set, and that benchmark data is
+and each calibration set has exactly one source (a JSONL, whose images must exist, or a Hub dataset split with
+its column names), that schemes needing calibration have a calibration set, and that benchmark data is
 present. It takes a plain dict, so the workflow, the CLI and the tests share one reading of the config.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
+from quantbench.hubsets import HubImageSet
 from quantbench.schemes import Scheme, load_schemes
 
 
@@ -45,13 +48,20 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """A calibration set: a JSONL file and how many samples of how many tokens to take from it."""
+    """A calibration set: a JSONL file (and the images its records name) or a Hub split, and how many samples of how many tokens."""
 
     name: str
-    path: Path
     num_samples: int
     max_seq_len: int
     seed: int = 0
+    path: Path | None = None
+    images: tuple[Path, ...] = ()
+    hub: HubImageSet | None = None
+
+    @property
+    def source(self) -> Path | HubImageSet:
+        """What calibration reads: the JSONL file or the Hub set."""
+        return self.hub if self.hub is not None else self.path
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,41 @@ def _source(name: str, raw: Mapping[str, Any], base: Path) -> ModelSource:
     return ModelSource(repo=hub["repo"], revision=hub.get("revision"))
 
 
+def _calibration_set(name: str, raw: Mapping[str, Any], base: Path) -> CalibrationSet:
+    key = f"calibration_sets.{name}"
+    if ("path" in raw) == ("hub" in raw):
+        raise QuantbenchError(
+            f"{key}: give exactly one source, 'path: <JSONL>' or 'hub: {{dataset, split, revision, image, question, "
+            "answer}' (a Hugging Face dataset split and its column names)"
+        )
+    size = {"num_samples": int(raw.get("num_samples", 128)), "max_seq_len": int(raw.get("max_seq_len", 2048)),
+            "seed": int(raw.get("seed", 0))}
+    if "hub" in raw:
+        return CalibrationSet(name=name, hub=HubImageSet.from_dict(raw["hub"], f"{key}.hub"), **size)
+    path = base / raw["path"]
+    if not path.is_file():
+        raise QuantbenchError(f"{key}.path: {path} does not exist")
+    return CalibrationSet(name=name, path=path, images=_record_images(path, key), **size)
+
+
+def _record_images(path: Path, key: str) -> tuple[Path, ...]:
+    """The image files the records of the JSONL ``path`` name (relative to its folder), each once, checked to exist."""
+    images = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise QuantbenchError(f"{key}.path: {path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if isinstance(record, dict) and "image" in record:
+                    images.append(path.parent / record["image"])
+    missing = [str(image) for image in dict.fromkeys(images) if not image.is_file()]
+    if missing:
+        raise QuantbenchError(f"{key}.path: {path} names image(s) that do not exist: {', '.join(missing[:5])}")
+    return tuple(dict.fromkeys(images))
+
+
 def _check_known(kind: str, key: str, names: Any, known: Mapping[str, Any] | tuple[str, ...]) -> None:
     for name in names:
         if name not in known:
@@ -154,16 +199,7 @@ def load_run_config(
     schemes = load_schemes(base / config.get("schemes_file", "config/schemes.yaml"))
     calib_sets: dict[str, CalibrationSet] = {}
     for name, raw in (config.get("calibration_sets") or {}).items():
-        path = base / raw["path"]
-        if not path.is_file():
-            raise QuantbenchError(f"calibration_sets.{name}.path: {path} does not exist")
-        calib_sets[name] = CalibrationSet(
-            name=name,
-            path=path,
-            num_samples=int(raw.get("num_samples", 128)),
-            max_seq_len=int(raw.get("max_seq_len", 2048)),
-            seed=int(raw.get("seed", 0)),
-        )
+        calib_sets[name] = _calibration_set(name, raw, base)
     models: dict[str, ModelEntry] = {}
     for name, raw in (config.get("models") or {}).items():
         key = f"models.{name}"

@@ -92,8 +92,12 @@ def read_image_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def image_text_inputs(processor: ProcessorMixin, image: str | Path, question: str, answer: str | None = None) -> dict[str, Any]:
+def image_text_inputs(
+    processor: ProcessorMixin, image: str | Path | Image.Image, question: str, answer: str | None = None
+) -> dict[str, Any]:
     """Model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, batch of 1) of one prompt.
+
+    ``image`` is an image file or an already decoded image (a Hugging Face dataset's rows).
 
     Without ``answer`` the prompt ends where the assistant starts (for generation); with it, the
     assistant's answer closes the conversation (for calibration).
@@ -102,7 +106,10 @@ def image_text_inputs(processor: ProcessorMixin, image: str | Path, question: st
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
-    with Image.open(image) as picture:
-        rgb = picture.convert("RGB")
+    if isinstance(image, Image.Image):
+        rgb = image.convert("RGB")
+    else:
+        with Image.open(image) as picture:
+            rgb = picture.convert("RGB")
     inputs = processor(text=[text], images=[rgb], return_tensors="pt")
     return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}

@@ -11,32 +11,20 @@ half-to-even like ``torch.round`` (the 1.5 * 2**23 trick, exact for the clamped 
 ``w - e * u`` may be fused into one multiply-add, so codes can differ from the torch loop's where a value
 lies within an ulp of a rounding boundary (the tests bound how often, and the resulting error).
 
-Triton is optional: without it (CPU-only installs) :func:`available` is false and the torch loop runs.
-``TRITON_INTERPRET=1`` runs the kernel on CPU tensors, for tests on machines without a GPU.
+Triton is optional (:mod:`quant.triton_support`): without it :func:`available` is false and the torch loop
+runs; ``TRITON_INTERPRET=1`` runs the kernel on CPU tensors, for tests on machines without a GPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from quantbench.quant.triton_support import available, tl, triton
 from quantbench.schemes import QuantArgs
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch ships without Triton
-    triton = None
+__all__ = ["BLOCK_ROWS", "available", "quantize_columns"]
 
 BLOCK_ROWS = 16
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernel can run for tensors on ``device`` (CUDA with Triton, or Triton's interpreter)."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:

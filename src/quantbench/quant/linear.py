@@ -3,7 +3,8 @@
 The module stores what a compressed-tensors checkpoint stores (codes, ``weight_scale``, optional
 ``weight_zero_point`` and static ``input_scale``) and computes ``linear(qdq(x), dequant(codes))``.
 The quantizers produce it, the exporter reads it, and the runtime rebuilds it from a checkpoint, so
-the weights a test evaluates are the weights that are written.
+the weights a test evaluates are the weights that are written. On CUDA the input's quantize-dequantize
+runs as one fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code).
 """
 
 from __future__ import annotations
@@ -12,8 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbench.quant import qdq
+from quantbench.quant import qdq, qdq_kernel
 from quantbench.schemes import QuantArgs
+
+
+def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """The input a QuantLinear computes with: the fused kernel where it runs, else the torch function."""
+    if qdq_kernel.available(x.device) and qdq_kernel.supports(args):
+        return qdq_kernel.fake_quantize_activation(x, args, input_scale)
+    return qdq.quantize_dequantize_activation(x, args, input_scale)
 
 
 class QuantLinear(nn.Module):
@@ -113,7 +121,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_args is not None:
-            x = qdq.quantize_dequantize_activation(x, self.input_args, self.input_scale)
+            x = fake_quantize_input(x, self.input_args, self.input_scale)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,131 @@
+"""Activation quantize-dequantize in one pass on CUDA: the Triton twin of :func:`qdq.quantize_dequantize_activation`.
+
+The torch function upcasts the input to float32 and makes about eight passes over it (abs, amax, divide,
+clamp, cast or round, multiply, cast back), which made activation-quantized models run at about half the
+speed of BF16 in the simulated runtime. Here one program handles one row (token) of ``x [rows, width]``:
+it reads the row once for its absolute maximum (dynamic per-token scales) and once more, from cache, to
+write ``qdq(x)`` in the input's dtype; a static scale skips the first read. The row width is a compile-time
+constant (a model has a handful of input widths, each compiled once).
+
+The arithmetic is the torch function's, bit for bit: the input is upcast to float32 exactly; the dynamic
+scale is ``amax / qmax`` computed as torch computes it on the same device (on CUDA torch multiplies by the
+float32 reciprocal of a Python-number divisor, on the CPU it divides; 1 where the row is all zeros);
+``x / scale`` is an IEEE round-to-nearest division (``div_rn``) like torch's tensor division; fp8 codes are
+that quotient clamped to +-448 and rounded to the e4m3 grid, integer codes are rounded half-to-even and
+clamped to ``[qmin, qmax]``; the result is ``codes * scale`` in float32, rounded once to the input's dtype.
+Every rounding is written out in float32 arithmetic (power-of-two steps, the 1.5 * 2**23 trick) rather than
+left to dtype casts: Triton's interpreter, which the tests run on CPU, casts to fp8 and bf16 with other
+rounding than the GPU and torch, and no fp8 hardware is needed. Inputs are assumed finite: a row
+holding NaN gets other values than the torch path gives it.
+
+Covers static scales and dynamic per-token scales; dynamic per-tensor scales stay on the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantbench.quant.qdq import FP8_MAX
+from quantbench.quant.triton_support import available, tl, triton
+from quantbench.schemes import QuantArgs
+
+__all__ = ["available", "fake_quantize_activation", "supports"]
+
+MAX_BLOCK = 4096  # elements of a row handled per loop step
+
+if triton is not None:
+
+    @triton.jit
+    def _with_sign_of(magnitude, value):
+        """``magnitude`` (float32, >= 0) carrying the sign bit of ``value``, so that -0.0 stays -0.0 as in torch."""
+        sign = value.to(tl.uint32, bitcast=True) & 0x80000000
+        return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_half_even(v):
+        """Nearest integer of float32 ``v`` (``|v| < 2**22``), ties to even, the sign of zero kept."""
+        return _with_sign_of(tl.abs((v + 12582912.0) - 12582912.0), v)  # 1.5 * 2**23
+
+    @triton.jit
+    def _round_to_e4m3(v):
+        """Nearest fp8 e4m3 value of float32 ``v`` (``|v| <= 448``), ties to even: torch's cast, in float32.
+
+        The step of e4m3 on ``[2**e, 2**(e+1))`` is ``2**(e-3)``, and ``2**-9`` below ``2**-6`` (subnormals);
+        dividing by a power of two is exact, so rounding ``|v| / step`` to an integer is the cast.
+        """
+        exponent = tl.maximum((v.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 121)  # biased; 121: 2**-6
+        step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)
+        inverse = ((257 - exponent) << 23).to(tl.float32, bitcast=True)
+        return _with_sign_of(_round_half_even(tl.abs(v) * inverse) * step, v)
+
+    @triton.jit
+    def _round_to_bf16(v):
+        """Float32 ``v`` rounded to the nearest bfloat16 value (ties to even), still as float32; finite ``v``."""
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _qdq_rows_kernel(
+        x_ptr, out_ptr, scale_ptr, stride_x, stride_out, qmax, qmin, inverse_qmax,
+        WIDTH: tl.constexpr, DYNAMIC: tl.constexpr, RECIPROCAL: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        out_row = out_ptr + row * stride_out
+        offsets = tl.arange(0, BLOCK)
+        if DYNAMIC:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, WIDTH, BLOCK):
+                cols = start + offsets
+                x = tl.load(x_row + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            if RECIPROCAL:  # torch on CUDA divides by a Python number as a multiplication by its reciprocal
+                scale = tl.max(amax, axis=0) * inverse_qmax
+            else:
+                scale = tl.math.div_rn(tl.max(amax, axis=0), qmax)
+            scale = tl.where(scale > 0, scale, 1.0)
+        else:
+            scale = tl.load(scale_ptr).to(tl.float32)
+        for start in range(0, WIDTH, BLOCK):
+            cols = start + offsets
+            v = tl.math.div_rn(tl.load(x_row + cols, mask=cols < WIDTH, other=0.0).to(tl.float32), scale)
+            if FP8:
+                q = _round_to_e4m3(tl.minimum(tl.maximum(v, qmin), qmax))
+            else:
+                q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(v, qmin - 1.0), qmax + 1.0)), qmin), qmax)
+            y = q * scale
+            if out_ptr.dtype.element_ty == tl.bfloat16:
+                y = _round_to_bf16(y)  # then the cast below is exact, whatever rounding it uses
+            tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=cols < WIDTH)
+
+
+def supports(args: QuantArgs) -> bool:
+    """Whether the kernel implements these activation args: static, or dynamic per-token scales."""
+    return not args.dynamic or args.strategy == "token"
+
+
+def fake_quantize_activation(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``qdq.quantize_dequantize_activation(x, args, input_scale)``, bit for bit, in one kernel launch.
+
+    Needs :func:`available` for ``x.device`` and :func:`supports` for ``args``.
+    """
+    if not supports(args):
+        raise ValueError(f"the fused activation kernel does not cover dynamic {args.strategy} scales")
+    if not args.dynamic and input_scale is None:
+        raise ValueError("static activation quantization needs an input_scale")
+    width = x.shape[-1]
+    rows = x.reshape(-1, width)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    fp8 = args.type == "float"
+    qmax = FP8_MAX if fp8 else float(args.qmax)
+    block = min(triton.next_power_of_2(max(width, 16)), MAX_BLOCK)
+    if rows.shape[0]:
+        _qdq_rows_kernel[(rows.shape[0],)](
+            rows, out, rows if args.dynamic else input_scale, rows.stride(0), out.stride(0),
+            qmax, -FP8_MAX if fp8 else float(args.qmin), float(torch.tensor(1.0) / torch.tensor(qmax)),
+            WIDTH=width, DYNAMIC=args.dynamic, RECIPROCAL=x.is_cuda, FP8=fp8, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
+    return out.reshape(x.shape)

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +325,9 @@ def save_quantized(
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        paths = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+        with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
+            files = dict(zip((p.name for p in paths), pool.map(sha256_file, paths)))
         provenance.update(scheme=scheme_dict, versions=package_versions(), files=files)
         atomic_write_json(tmp / PROVENANCE_FILE, provenance)
     log.info("wrote %s checkpoint of scheme %s to %s", checkpoint_format(scheme.weights), scheme.name, out_dir)

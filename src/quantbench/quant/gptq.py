@@ -20,6 +20,7 @@ dequantizing the returned codes reproduces exactly the weights the solver settle
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -126,20 +127,25 @@ def _quantize_columns(
 
 
 def _current_columns(
-    w: torch.Tensor, w_block: torch.Tensor, err_done: torch.Tensor, upper_done: torch.Tensor, start: int, positions: torch.Tensor
+    w: torch.Tensor,
+    w_block: torch.Tensor,
+    err_done: torch.Tensor,
+    upper_done: torch.Tensor,
+    start: int,
+    positions: torch.Tensor,
+    inside: int,
 ) -> torch.Tensor:
-    """The weights at processing ``positions`` (none processed yet) as updated by every column done so far.
+    """The weights at processing ``positions`` (ascending, none processed yet) as updated by every column done so far.
 
-    Positions inside the current block are up to date in ``w_block``; later ones still owe the block's
-    pending lazy update ``err_done @ upper_done[:, positions]``.
+    The first ``inside`` positions lie in the current block, up to date in ``w_block``; later ones still owe
+    the block's pending lazy update ``err_done @ upper_done[:, positions]``. Plain slicing (``inside`` is
+    known on the host) keeps this free of host synchronisation.
     """
-    end = start + w_block.shape[1]
-    inside = positions < end
     current = torch.empty(w.shape[0], positions.numel(), dtype=w.dtype, device=w.device)
-    current[:, inside] = w_block[:, positions[inside] - start]
-    later = positions[~inside]
-    if later.numel():
-        current[:, ~inside] = w[:, later] - err_done @ upper_done[:, later]
+    current[:, :inside] = w_block[:, positions[:inside] - start]
+    if inside < positions.numel():
+        later = positions[inside:]
+        current[:, inside:] = w[:, later] - err_done @ upper_done[:, later]
     return current
 
 
@@ -172,8 +178,10 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
     if grouped:  # parameters fixed when a group's first column is reached, from the weights as updated so far
         scale = torch.empty(out_features, in_features // group, dtype=sdtype, device=w.device)
         zero_point = None if args.symmetric else torch.empty(scale.shape, dtype=torch.int8, device=w.device)
-        positions = torch.argsort(perm).reshape(-1, group)  # group -> processing positions of its columns
-        group_start = {first: g for g, first in enumerate(positions.amin(dim=1).tolist())}
+        # group -> processing positions of its columns, ascending (min-max parameters ignore column order)
+        positions = torch.argsort(perm).reshape(-1, group).sort(dim=1).values
+        positions_host = positions.tolist()  # the one host synchronisation for the group schedule
+        group_start = {columns[0]: g for g, columns in enumerate(positions_host)}
     else:
         scale, zero_point = qdq.weight_qparams(w, args, sdtype)
         group_start = {}
@@ -194,7 +202,8 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
         for first, last in zip(cuts, cuts[1:]):
             if first in group_start:
                 g = group_start[first]
-                current = _current_columns(w, w_block, err_block[:, : first - start], upper[start:first], start, positions[g])
+                inside = bisect.bisect_left(positions_host[g], end)
+                current = _current_columns(w, w_block, err_block[:, : first - start], upper[start:first], start, positions[g], inside)
                 s, z = qdq.weight_qparams(current, args, sdtype)
                 scale[:, g : g + 1] = s
                 if zero_point is not None:

@@ -154,20 +154,23 @@ def _outside_blocks_on(
     inside = {id(m) for stay in (blocks, *keep_away) for m in stay.modules()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = inside | ({id(head)} if head is not None else set())
-    moved: list[tuple[nn.Module, str, str, torch.device]] = []
+    moved: list[tuple[nn.Module, str, str, torch.Tensor]] = []
     for module in model.modules():
         if id(module) in skip:
             continue
         for kind in ("_parameters", "_buffers"):
             for key, tensor in getattr(module, kind).items():
                 if tensor is not None and tensor.device != device:
-                    moved.append((module, kind, key, tensor.device))
+                    moved.append((module, kind, key, tensor.data if kind == "_parameters" else tensor))
                     _set_tensor(module, kind, key, tensor, device)
     try:
         yield
-    finally:
-        for module, kind, key, home in moved:
-            _set_tensor(module, kind, key, getattr(module, kind)[key], home)
+    finally:  # forward passes leave these tensors unchanged: put the originals back instead of copying back
+        for module, kind, key, original in moved:
+            if kind == "_parameters":
+                module._parameters[key].data = original
+            else:
+                module._buffers[key] = original
 
 
 def _set_tensor(module: nn.Module, kind: str, key: str, tensor: torch.Tensor, device: torch.device) -> None:
@@ -465,7 +468,7 @@ def quantize_blocks_sequential(
                 with torch.no_grad():
                     layers.append(_quantize_block(block, f"{stack.path}.{index}", stack, calls, scheme, device, storage))
             finally:
-                block.to(home)
+                prefetcher.put_back(index, home)
     return layers
 
 
@@ -485,7 +488,7 @@ def quantize_blocks_data_free(model: nn.Module, stack: BlockStack, scheme: Schem
                     for target in expanded.targets:
                         replace_module(block, target, rtn_quantize_linear(block.get_submodule(target), scheme))
             finally:
-                block.to(home)
+                prefetcher.put_back(index, home)
             groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in expanded.groups]
             layers.append(LayerStats(name=name, seconds=time.perf_counter() - start, groups=groups))
     return layers

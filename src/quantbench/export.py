@@ -36,7 +36,7 @@ import copy
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from quantbench.architectures import kept_modules
 from quantbench.errors import QuantbenchError
 from quantbench.io import atomic_dir, atomic_write_json
-from quantbench.provenance import package_versions, sha256_file
+from quantbench.provenance import package_versions, sha256_file, sha256_stream
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
 from quantbench.schemes import QuantArgs, Scheme
@@ -262,19 +262,20 @@ def checkpoint_tensors(model: PreTrainedModel) -> Iterator[tuple[str, dict[str, 
             yield name, {prefix + key: t for key, t in local.items()}
 
 
-def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int) -> None:
+def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, hasher: Executor) -> dict[str, Future[str]]:
     """Write the checkpoint tensors as one safetensors file, or shards plus an index, names sorted per file.
 
-    Each shard is written as soon as it is full, so at most one shard of packed tensors is held at a time.
+    Each shard is written as soon as it is full, so at most one shard of packed tensors is held at a time,
+    and hashed on ``hasher`` meanwhile. Returns the SHA-256 (pending) of each weights file by name.
     """
-    written: list[tuple[Path, list[str]]] = []
+    written: list[tuple[Path, list[str], Future[str]]] = []
     shard: dict[str, torch.Tensor] = {}
     size = total = 0
 
     def flush() -> None:
         part = out_dir / f".shard-{len(written):05d}.part"
         save_file(dict(sorted(shard.items())), part, metadata=SAFETENSORS_METADATA)
-        written.append((part, list(shard)))
+        written.append((part, list(shard), hasher.submit(sha256_stream, part.open("rb"))))  # open now: renamed later
         shard.clear()
 
     for _, tensors in tqdm(checkpoint_tensors(model), desc="export", unit="module"):
@@ -287,15 +288,18 @@ def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int) 
         total += nbytes
     flush()
     if len(written) == 1:
-        written[0][0].rename(out_dir / WEIGHTS_FILE)
-        return
-    weight_map = {}
-    for i, (part, names) in enumerate(written, start=1):
+        part, _, digest = written[0]
+        part.rename(out_dir / WEIGHTS_FILE)
+        return {WEIGHTS_FILE: digest}
+    weight_map, digests = {}, {}
+    for i, (part, names, digest) in enumerate(written, start=1):
         filename = f"model-{i:05d}-of-{len(written):05d}.safetensors"
         part.rename(out_dir / filename)
         weight_map.update(dict.fromkeys(names, filename))
+        digests[filename] = digest
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_json(out_dir / WEIGHTS_INDEX_FILE, index)
+    return digests
 
 
 def save_quantized(
@@ -319,15 +323,16 @@ def save_quantized(
         raise ValueError("provenance keys 'scheme', 'versions' and 'files' are filled in by save_quantized")
     config = copy.deepcopy(model.config)
     config.quantization_config = quantization_config(model, scheme)
-    with atomic_dir(out_dir) as tmp:
-        _write_weights(model, tmp, max_shard_bytes)
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as hasher:  # hashlib frees the GIL
+        digests = _write_weights(model, tmp, max_shard_bytes, hasher)
         config.save_pretrained(tmp)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        paths = [p for p in sorted(tmp.iterdir()) if p.is_file()]
-        with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
-            files = dict(zip((p.name for p in paths), pool.map(sha256_file, paths)))
+        for path in tmp.iterdir():
+            if path.is_file() and path.name not in digests:
+                digests[path.name] = hasher.submit(sha256_file, path)
+        files = {name: digests[name].result() for name in sorted(digests)}
         provenance.update(scheme=scheme_dict, versions=package_versions(), files=files)
         atomic_write_json(tmp / PROVENANCE_FILE, provenance)
     log.info("wrote %s checkpoint of scheme %s to %s", checkpoint_format(scheme.weights), scheme.name, out_dir)

@@ -6,15 +6,21 @@ import hashlib
 import platform
 from importlib import metadata
 from pathlib import Path
+from typing import BinaryIO
 
 # Packages whose versions decide what a quantized checkpoint contains and how it loads.
 TRACKED_PACKAGES = ("quantbench", "torch", "transformers", "compressed-tensors", "safetensors")
 
 
-def sha256_file(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of the bytes of ``path``, read in chunks."""
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of the bytes of ``path``."""
+    return sha256_stream(Path(path).open("rb"))
+
+
+def sha256_stream(handle: BinaryIO, *, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of what is left to read in ``handle``, read in chunks; closes it."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
+    with handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()

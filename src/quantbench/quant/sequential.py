@@ -13,7 +13,8 @@
    b. AWQ only: search and fold smoothing scales, mapping by mapping (:mod:`quant.awq`);
    c. quantize every target (RTN, GPTQ per group, AWQ's rounding) and swap it for a QuantLinear;
    d. run the quantized block on the same inputs: its outputs become block i+1's inputs, and the
-      differences to the reference give the block's and each module's relative output error.
+      differences to the reference give the block's relative output error (each module's, against its
+      unquantized weight, on the first chunk: a sample that costs one extra matmul per module).
 
 Mixture-of-experts blocks run their experts in calibration mode during steps a and d
 (:func:`quantbench.experts.calibrate_all_experts`): every expert sees every calibration token, so each one
@@ -424,21 +425,22 @@ def _quantize_block(
             replace_module(block, module_name, quantized)
         group.stats = None  # free the Hessians before the propagation pass
 
-    handles = [block.get_submodule(n).register_forward_hook(m.measure) for n, m in meters.items()]
     err, ref = [], []
-    with _hooks(handles):
-        for index, (call, expected) in enumerate(zip(calls, reference)):
-            mask = call.mask.to(device)
-            for meter in meters.values():
-                meter.mask = mask
-            with _calibration_mode(list(experts.values()), mask):
-                out = replay(block, call, device)
-            _accumulate_error(out, expected.to(device), mask, err, ref)
-            calls[index] = ModuleCall((_store(out, storage),), call.kwargs, call.mask)
+    for index, (call, expected) in enumerate(zip(calls, reference)):
+        mask = call.mask.to(device)
+        for meter in meters.values():
+            meter.mask = mask
+        # each module's error (an extra unquantized matmul) on the first chunk only; the block's on all of them
+        handles = [block.get_submodule(n).register_forward_hook(m.measure) for n, m in meters.items()] if index == 0 else []
+        with _hooks(handles), _calibration_mode(list(experts.values()), mask):
+            out = replay(block, call, device)
+        _accumulate_error(out, expected.to(device), mask, err, ref)
+        calls[index] = ModuleCall((_store(out, storage),), call.kwargs, call.mask)
+    rel_error = _ratio(err, ref)  # waits for the block's queued GPU work, so the time below includes it
     return LayerStats(
         name=name,
         seconds=time.perf_counter() - start,
-        rel_error=_ratio(err, ref),
+        rel_error=rel_error,
         module_errors={f"{name}.{n}": m.relative() for n, m in meters.items()},
         groups=[g.report for g in groups],
         expert_tokens=expert_tokens,

@@ -24,7 +24,7 @@ class LayerStats:
     name: str
     seconds: float = 0.0
     rel_error: float | None = None
-    module_errors: dict[str, float] = field(default_factory=dict)
+    module_errors: dict[str, float] = field(default_factory=dict)  # on the first calibration chunk only
     groups: list[GroupStats] = field(default_factory=list)
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # MoE: real tokens routed to each expert
 

@@ -67,11 +67,11 @@ class InputStats:
         if self.hessian is not None:
             accumulate_hessian(self.hessian, rows)
         if self.absmax is not None or self.abs_sum is not None:
-            magnitude = rows.abs().float()
-            if self.absmax is not None:
-                torch.maximum(self.absmax, magnitude.amax(dim=0), out=self.absmax)
+            magnitude = rows.abs()
+            if self.absmax is not None:  # a maximum is exact in the input's dtype: no float32 copy of the rows
+                torch.maximum(self.absmax, magnitude.amax(dim=0).float(), out=self.absmax)
             if self.abs_sum is not None:
-                self.abs_sum.add_(magnitude.sum(dim=0))
+                self.abs_sum.add_(magnitude.float().sum(dim=0))
 
     def mean_abs(self) -> torch.Tensor:
         """Per-channel mean ``|x|`` (zeros when no token was seen)."""

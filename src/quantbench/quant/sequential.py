@@ -75,7 +75,7 @@ class _Group:
     stats: InputStats
     report: GroupStats
     seen: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # the chunk's real tokens; None when every token is real
 
     def observe(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         """Forward pre-hook of every member: the first call of a chunk feeds the statistics.
@@ -85,7 +85,7 @@ class _Group:
         """
         x = args[0]
         if self.seen is None:
-            self.stats.update(x[_token_mask(x, self.mask, self.names[0])])
+            self.stats.update(x.reshape(-1, x.shape[-1]) if self.mask is None else x[_token_mask(x, self.mask, self.names[0])])
             self.seen = x
         elif x.data_ptr() != self.seen.data_ptr() or x.numel() != self.seen.numel():
             raise QuantbenchError(f"{', '.join(self.names)} do not share one input; the architecture mapping is wrong")
@@ -401,8 +401,9 @@ def _quantize_block(
     with _hooks(handles):
         for call in calls:
             mask = call.mask.to(device)
+            every_token_real = bool(call.mask.all())  # then the hooks take the rows without indexing (no sync)
             for group in groups:
-                group.seen, group.mask = None, mask
+                group.seen, group.mask = None, None if every_token_real else mask
             with _calibration_mode(list(experts.values()), mask):
                 reference.append(_store(replay(block, call, device), storage))
     expert_tokens = {f"{name}.{path}": module.routed.tolist() for path, module in experts.items()}

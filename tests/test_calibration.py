@@ -94,6 +94,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path: Path, shared_dir: Path, tokeniz
     ("content", "message"),
     [
         ('{"text": "ok"}\nnot json\n', r"bad\.jsonl:2: not valid JSON"),
+        ('\n["text"]\n', r"bad\.jsonl:2: expected a JSON object, got list"),
         ('{"prompt": "x"}\n', "expected an object with 'text', 'messages' or 'conversations'"),
         ('{"conversations": [{"from": "robot", "value": "x"}]}\n', "'conversations' turn needs 'from'"),
         ("\n", "has no records"),

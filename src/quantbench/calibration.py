@@ -38,6 +38,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from quantbench.errors import QuantbenchError
 from quantbench.hubsets import HubImageSet, hub_image_records
 from quantbench.io import atomic_write_bytes
+from quantbench.jsonl import read_jsonl
 from quantbench.provenance import sha256_file
 from quantbench.vlm import image_text_inputs, load_processor, read_image_records
 
@@ -145,24 +146,11 @@ def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]] | None
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file (blank lines skipped), each checked to carry text or a chat."""
-    path = Path(path)
-    if not path.is_file():
-        raise QuantbenchError(f"calibration file {path} does not exist; pass a JSONL of texts or chats")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QuantbenchError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not ({"text", "messages", "conversations"} & set(record)):
-                raise QuantbenchError(f"{path}:{lineno}: expected an object with 'text', 'messages' or 'conversations'")
-            records.append(record)
-    if not records:
-        raise QuantbenchError(f"calibration file {path} has no records")
-    return records
+    records = read_jsonl(path, "calibration file (a JSONL of texts or chats)")
+    for lineno, record in records:
+        if not {"text", "messages", "conversations"} & set(record):
+            raise QuantbenchError(f"{path}:{lineno}: expected an object with 'text', 'messages' or 'conversations'")
+    return [record for _, record in records]
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where: str) -> list[int]:
@@ -293,15 +281,8 @@ def process_image_calibration(
 
 def _holds_images(path: Path) -> bool:
     """Whether the first record of the JSONL ``path`` is an image-text record (has ``image``)."""
-    if not path.is_file():
-        raise QuantbenchError(f"calibration file {path} does not exist; pass a JSONL of texts, chats or image-text records")
-    with path.open(encoding="utf-8") as handle:
-        first = next((line for line in handle if line.strip()), "{}")
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError as exc:
-        raise QuantbenchError(f"{path}:1: not valid JSON ({exc.msg})") from None
-    return isinstance(record, dict) and "image" in record
+    _, first = read_jsonl(path, "calibration file (a JSONL of texts, chats or image-text records)")[0]
+    return "image" in first
 
 
 def calibrate_model(

@@ -9,7 +9,6 @@ present. It takes a plain dict, so the workflow, the CLI and the tests share one
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.hubsets import HubImageSet
+from quantbench.jsonl import read_jsonl
 from quantbench.schemes import Scheme, load_schemes
 
 
@@ -165,16 +165,10 @@ def _calibration_set(name: str, raw: Mapping[str, Any], base: Path) -> Calibrati
 
 def _record_images(path: Path, key: str) -> tuple[Path, ...]:
     """The image files the records of the JSONL ``path`` name (relative to its folder), each once, checked to exist."""
-    images = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise QuantbenchError(f"{key}.path: {path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if isinstance(record, dict) and "image" in record:
-                    images.append(path.parent / record["image"])
+    try:
+        images = [path.parent / record["image"] for _, record in read_jsonl(path, "calibration file") if "image" in record]
+    except QuantbenchError as exc:
+        raise QuantbenchError(f"{key}.path: {exc}") from None
     missing = [str(image) for image in dict.fromkeys(images) if not image.is_file()]
     if missing:
         raise QuantbenchError(f"{key}.path: {path} names image(s) that do not exist: {', '.join(missing[:5])}")

@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.utils import is_torchvision_available
 
 from quantbench.errors import QuantbenchError
+from quantbench.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +72,14 @@ def load_processor(path: str | Path) -> ProcessorMixin:
 def read_image_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of an image-text JSONL file, each with ``image`` resolved to an existing file."""
     path = Path(path)
-    if not path.is_file():
-        raise QuantbenchError(f"image-text file {path} does not exist")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QuantbenchError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "image" not in record or "question" not in record:
+    for lineno, record in read_jsonl(path, "image-text file"):
+        if "image" not in record or "question" not in record:
             raise QuantbenchError(f"{path}:{lineno}: expected an object with 'image' (a path) and 'question'")
         image = path.parent / record["image"]
         if not image.is_file():
             raise QuantbenchError(f"{path}:{lineno}: image {image} does not exist")
         records.append({**record, "image": image})
-    if not records:
-        raise QuantbenchError(f"image-text file {path} has no records")
     return records
 
 

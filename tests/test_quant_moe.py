@@ -189,3 +189,15 @@ def test_transformers_loads_the_per_expert_checkpoint_into_fused_experts(env: di
             gate_up = torch.cat([ours[e].gate_proj.dequantized_weight(torch.float32), ours[e].up_proj.dequantized_weight(torch.float32)])
             assert torch.equal(fused.gate_up_proj[e], gate_up)
             assert torch.equal(fused.down_proj[e], ours[e].down_proj.dequantized_weight(torch.float32))
+
+
+def test_checkpoint_provenance_reports_the_routed_tokens(env: dict, tmp_path: Path) -> None:
+    """`quantbench_provenance.json` of a quantized MoE checkpoint holds each layer's routed-token counts."""
+    from quantbench.export import PROVENANCE_FILE
+    from quantbench.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(env["model_dir"], _scheme("FP8-Static"), tmp_path / "ckpt", calibration=env["calibration"], device="cpu")
+    layers = json.loads((out / PROVENANCE_FILE).read_text())["quantization"]["layers"]
+    assert [list(layer["expert_tokens"]) for layer in layers] == [[f"model.layers.{i}.mlp.experts"] for i in range(LAYERS)]
+    counts = [next(iter(layer["expert_tokens"].values())) for layer in layers]
+    assert all(len(c) == EXPERTS and sum(c) == env["calibration"].num_tokens * TOP_K for c in counts)

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from quantbench.errors import QuantbenchError
 from quantbench.hubsets import HubImageSet, hub_image_records
 from quantbench.io import atomic_write_bytes
-from quantbench.jsonl import read_jsonl
+from quantbench.jsonl import iter_jsonl
 from quantbench.provenance import sha256_file
 from quantbench.vlm import image_text_inputs, load_processor, read_image_records
 
@@ -146,11 +146,12 @@ def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]] | None
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file (blank lines skipped), each checked to carry text or a chat."""
-    records = read_jsonl(path, "calibration file (a JSONL of texts or chats)")
-    for lineno, record in records:
+    records = []
+    for lineno, record in iter_jsonl(path, "calibration file (a JSONL of texts or chats)"):
         if not {"text", "messages", "conversations"} & set(record):
             raise QuantbenchError(f"{path}:{lineno}: expected an object with 'text', 'messages' or 'conversations'")
-    return [record for _, record in records]
+        records.append(record)
+    return records
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where: str) -> list[int]:
@@ -280,8 +281,8 @@ def process_image_calibration(
 
 
 def _holds_images(path: Path) -> bool:
-    """Whether the first record of the JSONL ``path`` is an image-text record (has ``image``)."""
-    _, first = read_jsonl(path, "calibration file (a JSONL of texts, chats or image-text records)")[0]
+    """Whether the first record of the JSONL ``path`` is an image-text record (has ``image``); reads no further."""
+    _, first = next(iter_jsonl(path, "calibration file (a JSONL of texts, chats or image-text records)"))
     return "image" in first
 
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from quantbench.errors import QuantbenchError
 
 
-def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line of the JSONL file ``path``.
+def iter_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of the JSONL file ``path``, read as consumed.
 
     ``what`` names the file in errors ("calibration file"): a missing file, a line that is not a JSON
     object and a file without records are :class:`QuantbenchError` naming the path (and line).
@@ -18,7 +19,7 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise QuantbenchError(f"{what} {path} does not exist")
-    records = []
+    found = False
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
@@ -29,7 +30,7 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
                 raise QuantbenchError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise QuantbenchError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append((lineno, record))
-    if not records:
+            found = True
+            yield lineno, record
+    if not found:
         raise QuantbenchError(f"{what} {path} has no records")
-    return records

@@ -17,7 +17,7 @@ from typing import Any
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.hubsets import HubImageSet
-from quantbench.jsonl import read_jsonl
+from quantbench.jsonl import iter_jsonl
 from quantbench.schemes import Scheme, load_schemes
 
 
@@ -166,7 +166,7 @@ def _calibration_set(name: str, raw: Mapping[str, Any], base: Path) -> Calibrati
 def _record_images(path: Path, key: str) -> tuple[Path, ...]:
     """The image files the records of the JSONL ``path`` name (relative to its folder), each once, checked to exist."""
     try:
-        images = [path.parent / record["image"] for _, record in read_jsonl(path, "calibration file") if "image" in record]
+        images = [path.parent / record["image"] for _, record in iter_jsonl(path, "calibration file") if "image" in record]
     except QuantbenchError as exc:
         raise QuantbenchError(f"{key}.path: {exc}") from None
     missing = [str(image) for image in dict.fromkeys(images) if not image.is_file()]

@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.utils import is_torchvision_available
 
 from quantbench.errors import QuantbenchError
-from quantbench.jsonl import read_jsonl
+from quantbench.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def read_image_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of an image-text JSONL file, each with ``image`` resolved to an existing file."""
     path = Path(path)
     records = []
-    for lineno, record in read_jsonl(path, "image-text file"):
+    for lineno, record in iter_jsonl(path, "image-text file"):
         if "image" not in record or "question" not in record:
             raise QuantbenchError(f"{path}:{lineno}: expected an object with 'image' (a path) and 'question'")
         image = path.parent / record["image"]

@@ -370,19 +370,6 @@ def _row_chunks(linears: list[nn.Linear], max_rows: int) -> Iterator[list[nn.Lin
         yield chunk
 
 
-@contextmanager
-def _calibration_mode(experts: list[ExpertList], mask: torch.Tensor) -> Iterator[None]:
-    if experts:
-        with calibrate_all_experts(experts, mask):
-            yield
-    else:
-        yield
-
-
-def _expert_lists(block: nn.Module, stack: BlockStack) -> dict[str, ExpertList]:
-    return {} if stack.experts is None else {stack.experts: block.get_submodule(stack.experts)}
-
-
 def _quantize_block(
     block: nn.Module, name: str, stack: BlockStack, calls: list[ModuleCall], scheme: Scheme, device: torch.device, storage: torch.device
 ) -> LayerStats:
@@ -390,8 +377,8 @@ def _quantize_block(
     start = time.perf_counter()
     stack = stack.for_block(block, name)
     _check_weights(block, name, stack, scheme)
-    experts = _expert_lists(block, stack)
-    for module in experts.values():
+    experts: list[ExpertList] = [] if stack.experts is None else [block.get_submodule(stack.experts)]
+    for module in experts:
         module.routed = torch.zeros(len(module), dtype=torch.long)
     mappings = _awq_mappings(block, name, stack) if scheme.algorithm == "awq" else []
     groups = _plan_groups(block, name, stack, scheme, mappings, device)
@@ -404,14 +391,14 @@ def _quantize_block(
             every_token_real = bool(call.mask.all())  # then the hooks take the rows without indexing (no sync)
             for group in groups:
                 group.seen, group.mask = None, None if every_token_real else mask
-            with _calibration_mode(list(experts.values()), mask):
+            with calibrate_all_experts(experts, mask):
                 reference.append(_store(replay(block, call, device), storage))
-    expert_tokens = {f"{name}.{path}": module.routed.tolist() for path, module in experts.items()}
-    for path, module in experts.items():
+    expert_tokens = {}
+    for module in experts:
+        expert_tokens[f"{name}.{stack.experts}"] = counts = module.routed.tolist()
         module.routed = None
-        idle = [e for e, n in enumerate(expert_tokens[f"{name}.{path}"]) if n == 0]
-        if idle:
-            log.info("%s.%s: the router chose expert(s) %s for no calibration token (calibrated on all tokens)", name, path, idle)
+        if idle := [e for e, n in enumerate(counts) if n == 0]:
+            log.info("%s.%s: the router chose expert(s) %s for no calibration token (calibrated on all tokens)", name, stack.experts, idle)
     for group in groups:
         group.seen = group.mask = None
         _check_finite(group)
@@ -433,7 +420,7 @@ def _quantize_block(
             meter.mask = mask
         # each module's error (an extra unquantized matmul) on the first chunk only; the block's on all of them
         handles = [block.get_submodule(n).register_forward_hook(m.measure) for n, m in meters.items()] if index == 0 else []
-        with _hooks(handles), _calibration_mode(list(experts.values()), mask):
+        with _hooks(handles), calibrate_all_experts(experts, mask):
             out = replay(block, call, device)
         _accumulate_error(out, expected.to(device), mask, err, ref)
         calls[index] = ModuleCall((_store(out, storage),), call.kwargs, call.mask)

@@ -58,8 +58,12 @@ def test_block_size_is_only_a_schedule() -> None:
     h = x.T @ x
     a = gptq_solve(weight, h, INT4_SYM, GPTQParams(block_size=128))
     b = gptq_solve(weight, h, INT4_SYM, GPTQParams(block_size=20))
-    assert (a.codes == b.codes).float().mean() > 0.999
+    # float rounding differs between schedules and GPTQ amplifies a flipped code into its row's later
+    # columns: measured 99.6-100% identical codes over seeds 2-5, and the same output error
+    assert (a.codes == b.codes).float().mean() > 0.99
     assert torch.allclose(a.scale.float(), b.scale.float(), rtol=1e-2)
+    error_a = _output_error(x, weight, _dequant(a, INT4_SYM))
+    assert _output_error(x, weight, _dequant(b, INT4_SYM)) == pytest.approx(error_a, rel=0.02)
 
 
 def test_dead_and_constant_channels_give_finite_scales() -> None:

@@ -2,14 +2,13 @@
 
 The solver follows Frantar et al. (2022): with ``H = sum x^T x`` of the layer's input (float32), damped by
 ``dampening * mean(diag(H))``, the upper Cholesky factor ``U`` of ``H^-1`` gives each column's error
-feedback. Columns are processed in blocks of ``block_size`` with lazy batch updates of the rest.
+feedback (computed from one factorisation of ``H`` in reversed column order). Columns are processed in
+blocks of ``block_size`` with lazy batch updates of the rest.
 
-- Group parameters always belong to the *contiguous* groups of the original column layout, so the
-  checkpoint needs no runtime ``g_idx``. Each group's min-max parameters are fixed when the first of its
-  columns is reached, from its columns as updated by every column done so far (columns in later blocks
-  get the pending lazy update first). act-order processes columns by descending ``diag(H)``; a group's
-  columns are then spread over the whole pass, and its parameters are still fixed at its first one.
-- Channel and tensor parameters are min-max of the original weight.
+- Scale and zero point (per tensor, channel or contiguous group) are min-max of the *original* weight,
+  fixed before the first column, as llm-compressor 0.14 does by default (``actorder: static``). act-order
+  processes columns by descending ``diag(H)`` with those parameters, so the checkpoint keeps plain
+  contiguous groups and needs no runtime ``g_idx``; every block of columns is one kernel launch.
 - Dead inputs (``diag(H) == 0``: the channel was always zero) get ``H_jj = 1``: they take no error and pass
   none on, so they round to nearest.
 - A failed Cholesky raises the damping tenfold, up to ``MAX_DAMPENING`` (recorded as a fallback).
@@ -20,7 +19,6 @@ dequantizing the returned codes reproduces exactly the weights the solver settle
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,24 +50,26 @@ class GPTQResult:
 
 
 def _inverse_cholesky(hessian: torch.Tensor, dampening: float, notes: list[str]) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising ``damp`` tenfold on failure.
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U`` is the inverse), raising
+    ``damp`` tenfold on failure.
 
-    Each intermediate ``[in, in]`` matrix is dropped as soon as the next exists (at most two alive).
+    With ``J`` the reversal of the column order and ``J H J = L L^T``, ``U = J L^-1 J``: one factorisation
+    and one triangular inverse, half the float32 work of factorising ``H``, inverting it and factorising
+    the inverse. Each intermediate ``[in, in]`` matrix is dropped as soon as the next exists.
     """
     mean_diag = hessian.diagonal().mean()
     damp = dampening
     while damp <= MAX_DAMPENING * (1 + 1e-9):
-        damped = hessian.clone()
+        damped = hessian.flip(0, 1)
         damped.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0:
-                return upper, damp
+            identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
+            del lower, identity
+            if torch.isfinite(inverse.diagonal()).all():
+                return inverse.flip(0, 1), damp
         notes.append(f"Cholesky failed at dampening {damp:g}; raised to {damp * 10:g}")
         damp *= 10
     raise QuantbenchError(
@@ -90,12 +90,6 @@ def _cpu_single_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _param_columns(param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Float32 ``[out or 1, len(index)]``: the stored parameter (per-tensor ``[1]``, per-channel ``[out, 1]``,
-    ``[out, G]``) of parameter column ``index[k]`` for each ``k``."""
-    return param.float().reshape(-1, param.shape[-1])[:, index]
 
 
 def _quantize_columns(
@@ -126,29 +120,6 @@ def _quantize_columns(
         err_block[:, i] = err
 
 
-def _current_columns(
-    w: torch.Tensor,
-    w_block: torch.Tensor,
-    err_done: torch.Tensor,
-    upper_done: torch.Tensor,
-    start: int,
-    positions: torch.Tensor,
-    inside: int,
-) -> torch.Tensor:
-    """The weights at processing ``positions`` (ascending, none processed yet) as updated by every column done so far.
-
-    The first ``inside`` positions lie in the current block, up to date in ``w_block``; later ones still owe
-    the block's pending lazy update ``err_done @ upper_done[:, positions]``. Plain slicing (``inside`` is
-    known on the host) keeps this free of host synchronisation.
-    """
-    current = torch.empty(w.shape[0], positions.numel(), dtype=w.dtype, device=w.device)
-    current[:, :inside] = w_block[:, positions[:inside] - start]
-    if inside < positions.numel():
-        later = positions[inside:]
-        current[:, inside:] = w[:, later] - err_done @ upper_done[:, later]
-    return current
-
-
 def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params: GPTQParams) -> GPTQResult:
     """Quantize ``weight [out, in]`` against ``hessian [in, in]``; scales come out in the weight's storage dtype."""
     with _cpu_single_thread(weight.device):
@@ -156,7 +127,7 @@ def gptq_solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, par
 
 
 def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params: GPTQParams) -> GPTQResult:
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
     sdtype = qdq.scale_dtype(args, weight.dtype)
     notes: list[str] = []
     if not torch.isfinite(hessian).all():
@@ -167,26 +138,19 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
     dead = diag <= 0
     h.diagonal()[dead] = 1.0
 
-    grouped = args.strategy == "group"
-    group = args.group_size if grouped else in_features
+    scale, zero_point = qdq.weight_qparams(w, args, sdtype)  # the original weight's, before any column moves
+    group = args.group_size if args.strategy == "group" else in_features
     if params.act_order:
         perm = torch.argsort(diag, descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     else:
         perm = torch.arange(in_features, device=w.device)
-    column_group = perm // group  # processing position -> group of the original column
-    if grouped:  # parameters fixed when a group's first column is reached, from the weights as updated so far
-        scale = torch.empty(out_features, in_features // group, dtype=sdtype, device=w.device)
-        zero_point = None if args.symmetric else torch.empty(scale.shape, dtype=torch.int8, device=w.device)
-        # group -> processing positions of its columns, ascending (min-max parameters ignore column order)
-        positions = torch.argsort(perm).reshape(-1, group).sort(dim=1).values
-        positions_host = positions.tolist()  # the one host synchronisation for the group schedule
-        group_start = {columns[0]: g for g, columns in enumerate(positions_host)}
-    else:
-        scale, zero_point = qdq.weight_qparams(w, args, sdtype)
-        group_start = {}
+    column_param = perm // group  # processing position -> its column of the stored parameters
     upper, damp = _inverse_cholesky(h, params.dampening, notes)
     del h
+    # float32 [out or 1, parameter columns]: per-tensor [1], per-channel [out, 1] or per-group [out, G] parameters
+    scale_columns = scale.float().reshape(-1, scale.shape[-1])
+    zero_columns = None if zero_point is None else zero_point.float().reshape(-1, zero_point.shape[-1])
 
     codes = torch.empty_like(w)
     quantize_columns = gptq_kernel.quantize_columns if gptq_kernel.available(w.device) else _quantize_columns
@@ -194,25 +158,10 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
         end = min(start + params.block_size, in_features)
         w_block = w[:, start:end].clone()
         err_block = torch.zeros_like(w_block)
-        u_block = upper[start:end, start:end]
-        scales = torch.empty_like(w_block)
-        zeros = None if zero_point is None else torch.empty_like(w_block)
-        # stretches of columns, cut where a group's parameters are fixed (at its first column)
-        cuts = [start] + [col for col in range(start + 1, end) if col in group_start] + [end]
-        for first, last in zip(cuts, cuts[1:]):
-            if first in group_start:
-                g = group_start[first]
-                inside = bisect.bisect_left(positions_host[g], end)
-                current = _current_columns(w, w_block, err_block[:, : first - start], upper[start:first], start, positions[g], inside)
-                s, z = qdq.weight_qparams(current, args, sdtype)
-                scale[:, g : g + 1] = s
-                if zero_point is not None:
-                    zero_point[:, g : g + 1] = z
-            index = column_group[first:last]
-            scales[:, first - start : last - start] = _param_columns(scale, index)
-            if zeros is not None:
-                zeros[:, first - start : last - start] = _param_columns(zero_point, index)
-            quantize_columns(w_block, err_block, codes[:, start:end], u_block, scales, zeros, first - start, last - start, args)
+        index = column_param[start:end]
+        scales = scale_columns[:, index].expand_as(w_block).contiguous()
+        zeros = None if zero_columns is None else zero_columns[:, index].expand_as(w_block).contiguous()
+        quantize_columns(w_block, err_block, codes[:, start:end], upper[start:end, start:end], scales, zeros, 0, end - start, args)
         w[:, end:].addmm_(err_block, upper[start:end, end:], alpha=-1.0)
 
     codes = codes[:, torch.argsort(perm)]

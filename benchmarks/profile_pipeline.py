@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402  (a script beside this one, not a package)
 
 from quantbench import export  # noqa: E402
-from quantbench.quant import gptq, gptq_kernel, prefetch, qdq, sequential  # noqa: E402
+from quantbench.quant import gptq, gptq_kernel, norm_kernel, prefetch, qdq, sequential  # noqa: E402
 
 
 class PhaseTimer:
@@ -95,6 +95,7 @@ PHASES: list[tuple[Any, str, str]] = [
     (gptq, "_inverse_cholesky", "gptq: Cholesky + inverse"),
     (qdq, "weight_qparams", "weight qparams"),
     (gptq_kernel, "quantize_columns", "gptq: column kernel"),
+    (norm_kernel, "rms_norm", "fused RMSNorm"),
     (export, "save_quantized", "export: rest (and file hashes computed in worker threads)"),
     (export, "save_file", "export: safetensors write"),
     (export, "pack_int4", "export: int4 packing"),

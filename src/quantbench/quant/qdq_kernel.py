@@ -59,7 +59,7 @@ if triton is not None:
         return _with_sign_of(_round_half_even(tl.abs(v) * inverse) * step, v)
 
     @triton.jit
-    def _round_to_bf16(v):
+    def round_to_bf16(v):
         """Float32 ``v`` rounded to the nearest bfloat16 value (ties to even), still as float32; finite ``v``."""
         bits = v.to(tl.uint32, bitcast=True)
         bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
@@ -96,7 +96,7 @@ if triton is not None:
                 q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(v, qmin - 1.0), qmax + 1.0)), qmin), qmax)
             y = q * scale
             if out_ptr.dtype.element_ty == tl.bfloat16:
-                y = _round_to_bf16(y)  # then the cast below is exact, whatever rounding it uses
+                y = round_to_bf16(y)  # then the cast below is exact, whatever rounding it uses
             tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=cols < WIDTH)
 
 

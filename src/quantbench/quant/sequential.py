@@ -21,6 +21,7 @@ Mixture-of-experts blocks run their experts in calibration mode during steps a a
 gets statistics (and an error) on all of them, while the block's output keeps the router's choices; the
 real tokens the router sent to each expert are reported per layer.
 
+On CUDA the blocks' RMSNorms run as one fused kernel during these passes (:mod:`quant.norm_kernel`).
 Activations of the current block live on the compute device, or in CPU memory with
 ``offload_activations``. Schemes without data (RTN, dynamic activations) skip all of this and round
 block by block (:func:`quantize_blocks_data_free`) unless asked to measure their errors.
@@ -47,6 +48,7 @@ from quantbench.quant import awq, qdq
 from quantbench.quant.capture import ModuleCall, capture_call, capture_calls, replay, to_device
 from quantbench.quant.gptq import gptq_quantize_linears
 from quantbench.quant.linear import QuantLinear
+from quantbench.quant.norm_kernel import fused_rms_norms
 from quantbench.quant.observers import InputStats
 from quantbench.quant.prefetch import BlockPrefetcher
 from quantbench.quant.rtn import replace_module, rtn_quantize_linear
@@ -455,7 +457,7 @@ def quantize_blocks_sequential(
                 for call, kwargs in zip(calls, block_kwargs[index]):
                     call.kwargs = kwargs
             try:
-                with torch.no_grad():
+                with torch.no_grad(), fused_rms_norms(block):
                     layers.append(_quantize_block(block, f"{stack.path}.{index}", stack, calls, scheme, device, storage))
             finally:
                 prefetcher.put_back(index, home)

@@ -8,7 +8,8 @@ What :func:`save_quantized` writes into ``out_dir`` (vLLM and transformers + com
   quantized set is exactly the model's QuantLinear modules. MoE experts are stored one linear per
   expert (``mlp.experts.<e>.gate_proj`` ...), as Hub checkpoints and vLLM name them. ``weights`` / ``input_activations`` are
   the scheme's args (field for field compressed-tensors' ``QuantizationArgs``).
-- safetensors weights (``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``).
+- safetensors weights (``model.safetensors``, or numbered shards of about 1 GiB, each hashed while the next is
+  written, plus ``model.safetensors.index.json``).
   Per quantized module ``m``, by format:
 
   ``float-quantized`` (fp8 weights)  ``m.weight`` float8_e4m3fn, ``m.weight_scale`` float32
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -63,8 +65,9 @@ PROVENANCE_FILE = "quantbench_provenance.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+DEFAULT_MAX_SHARD_BYTES = 2**30  # small shards: each is hashed while the next is written, so only the last one's hash waits
 PACK_FACTOR = 8  # int4 codes per int32 word
+COMPRESS_AHEAD = 16  # modules compressed ahead of the one being written
 
 
 def checkpoint_format(args: QuantArgs) -> str:
@@ -93,15 +96,17 @@ def pack_int4(codes: torch.Tensor, dim: int = 1) -> torch.Tensor:
             f"not a multiple of {PACK_FACTOR}; leave this module unquantized (add it to the scheme's ignore) "
             "or use an 8-bit scheme"
         )
-    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
-        raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(codes.min())}, {int(codes.max())}]")
-    values = (codes + 8).to(torch.uint8)
+    if codes.numel():
+        low, high = torch.aminmax(codes)
+        if low < -8 or high > 7:
+            raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(low)}, {int(high)}]")
     if dim == 0:
-        values = values.t()
-    pairs = values.reshape(values.shape[0], -1, 2)
+        codes = codes.t()
+    # code + 8 (0..15) is the low nibble of the code's byte with bit 3 flipped; the high nibble is dropped below
+    values = (codes.contiguous().view(torch.uint8) ^ 8).reshape(codes.shape[0], -1, 2)
     # one byte per two codes, the first in the low nibble; four bytes read as a little-endian int32 word
     # put code k of a run of eight at bits 4k..4k+3 (every platform torch runs on is little-endian)
-    words = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous().view(torch.int32)
+    words = ((values[..., 0] & 0xF) | (values[..., 1] << 4)).view(torch.int32)
     return (words.t() if dim == 0 else words).contiguous()
 
 
@@ -232,41 +237,59 @@ def _tied_output_key(model: PreTrainedModel) -> str | None:
     return next(name for name, m in model.named_modules() if m is output) + ".weight"
 
 
-def checkpoint_tensors(model: PreTrainedModel) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yield ``(module name, {full tensor name: tensor})`` for every tensor the checkpoint holds, in module order."""
-    quantized = quantized_modules(model)
+def checkpoint_tensors(model: PreTrainedModel, workers: Executor) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Yield ``(module name, {full tensor name: tensor})`` for every tensor the checkpoint holds, in module order.
+
+    Modules are compressed (int4 packing) on ``workers`` up to :data:`COMPRESS_AHEAD` modules ahead of the
+    one yielded, so that packing overlaps what the caller does with the tensors (writing them).
+    """
     tied = _tied_output_key(model)
+    pending: deque[tuple[str, Future[dict[str, torch.Tensor]]]] = deque()
     for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if name in quantized:
-            try:
-                local = compress_quantized_linear(
-                    module.weight_codes,
-                    module.weight_scale,
-                    module.weight_zero_point,
-                    module.weight_args,
-                    input_scale=module.input_scale,
-                    bias=module.bias,
-                )
-            except QuantbenchError as exc:
-                raise QuantbenchError(f"{name}: {exc}") from exc
-        else:
-            local = {key: t.detach().contiguous() for key, t in module.named_parameters(recurse=False)}
-            local.update(
-                (key, t.contiguous())
-                for key, t in module.named_buffers(recurse=False)
-                if t is not None and key not in module._non_persistent_buffers_set
+        pending.append((name, workers.submit(_module_tensors, name, module, tied)))
+        if len(pending) > COMPRESS_AHEAD:
+            yield from _nonempty(*pending.popleft())
+    for name, tensors in pending:
+        yield from _nonempty(name, tensors)
+
+
+def _nonempty(name: str, tensors: Future[dict[str, torch.Tensor]]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    if result := tensors.result():
+        yield name, result
+
+
+def _module_tensors(name: str, module: nn.Module, tied: str | None) -> dict[str, torch.Tensor]:
+    """``{full tensor name: tensor}`` of the checkpoint tensors ``module`` itself holds (not its children's);
+    ``tied``: the output embedding's key when it is tied to the input embedding (not written)."""
+    prefix = f"{name}." if name else ""
+    if isinstance(module, QuantLinear):
+        try:
+            local = compress_quantized_linear(
+                module.weight_codes,
+                module.weight_scale,
+                module.weight_zero_point,
+                module.weight_args,
+                input_scale=module.input_scale,
+                bias=module.bias,
             )
-            local = {key: t for key, t in local.items() if prefix + key != tied}
-        if local:
-            yield name, {prefix + key: t for key, t in local.items()}
+        except QuantbenchError as exc:
+            raise QuantbenchError(f"{name}: {exc}") from exc
+    else:
+        local = {key: t.detach().contiguous() for key, t in module.named_parameters(recurse=False)}
+        local.update(
+            (key, t.contiguous())
+            for key, t in module.named_buffers(recurse=False)
+            if t is not None and key not in module._non_persistent_buffers_set
+        )
+        local = {key: t for key, t in local.items() if prefix + key != tied}
+    return {prefix + key: t for key, t in local.items()}
 
 
-def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, hasher: Executor) -> dict[str, Future[str]]:
+def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, workers: Executor) -> dict[str, Future[str]]:
     """Write the checkpoint tensors as one safetensors file, or shards plus an index, names sorted per file.
 
-    Each shard is written as soon as it is full, so at most one shard of packed tensors is held at a time,
-    and hashed on ``hasher`` meanwhile. Returns the SHA-256 (pending) of each weights file by name.
+    Modules are compressed on ``workers`` ahead of the writing; each shard is written as soon as it is full,
+    so at most one shard of packed tensors is held at a time, and hashed on ``workers`` meanwhile. Returns the SHA-256 (pending) of each weights file by name.
     """
     written: list[tuple[Path, list[str], Future[str]]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -275,10 +298,10 @@ def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, 
     def flush() -> None:
         part = out_dir / f".shard-{len(written):05d}.part"
         save_file(dict(sorted(shard.items())), part, metadata=SAFETENSORS_METADATA)
-        written.append((part, list(shard), hasher.submit(sha256_stream, part.open("rb"))))  # open now: renamed later
+        written.append((part, list(shard), workers.submit(sha256_stream, part.open("rb"))))  # open now: renamed later
         shard.clear()
 
-    for _, tensors in tqdm(checkpoint_tensors(model), desc="export", unit="module"):
+    for _, tensors in tqdm(checkpoint_tensors(model, workers), desc="export", unit="module"):
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if shard and size + nbytes > max_shard_bytes:
             flush()
@@ -323,15 +346,16 @@ def save_quantized(
         raise ValueError("provenance keys 'scheme', 'versions' and 'files' are filled in by save_quantized")
     config = copy.deepcopy(model.config)
     config.quantization_config = quantization_config(model, scheme)
-    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as hasher:  # hashlib frees the GIL
-        digests = _write_weights(model, tmp, max_shard_bytes, hasher)
+    # packing (torch) and hashing (hashlib) release the GIL: both run on worker threads
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as workers:
+        digests = _write_weights(model, tmp, max_shard_bytes, workers)
         config.save_pretrained(tmp)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for path in tmp.iterdir():
             if path.is_file() and path.name not in digests:
-                digests[path.name] = hasher.submit(sha256_file, path)
+                digests[path.name] = workers.submit(sha256_file, path)
         files = {name: digests[name].result() for name in sorted(digests)}
         provenance.update(scheme=scheme_dict, versions=package_versions(), files=files)
         atomic_write_json(tmp / PROVENANCE_FILE, provenance)

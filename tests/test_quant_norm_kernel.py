@@ -104,3 +104,16 @@ def test_a_norm_of_another_formula_keeps_its_own_forward() -> None:
         first, second = norm(x), norm(x)
     assert norm_kernel._verified[OffsetRMSNorm] is False
     assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+def test_calls_the_kernel_does_not_take_go_to_the_module() -> None:
+    norm = _norm(256, torch.bfloat16, seed=4)
+    x = _inputs((4, 8, 256), torch.bfloat16, seed=5)
+    expected = norm(x)
+    with norm_kernel.fused_rms_norms(norm):
+        by_keyword = norm(hidden_states=x)  # the kernel takes one positional input
+        strided = norm(x.transpose(0, 1))  # and contiguous rows
+        other_dtype = norm(x.float())  # of the weight's dtype
+    assert torch.equal(by_keyword, expected)
+    assert torch.equal(strided, Qwen3RMSNorm.forward(norm, x.transpose(0, 1)))
+    assert torch.equal(other_dtype, Qwen3RMSNorm.forward(norm, x.float()))

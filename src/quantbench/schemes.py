@@ -64,7 +64,8 @@ class QuantArgs:
 
 @dataclass(frozen=True)
 class GPTQParams:
-    """GPTQ solver settings: damping is a fraction of mean(diag(H)); act_order sorts columns by diag(H)."""
+    """GPTQ solver settings: damping is a fraction of mean(diag(H)); act_order processes columns by descending
+    diag(H) (the group parameters stay those of the original contiguous groups, as llm-compressor's ``static``)."""
 
     dampening: float = 0.01
     block_size: int = 128

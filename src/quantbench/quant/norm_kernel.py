@@ -16,9 +16,11 @@ than the weight's, non-contiguous) go to the module's forward too.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,8 +97,10 @@ def is_rms_norm(module: nn.Module) -> bool:
     )
 
 
-def _fused_forward(module: nn.Module, original, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a bound forward
-    weight = module.weight
+def _fused_forward(module: nn.Module, original, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: ANN001 - a bound forward
+    if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+        return original(*args, **kwargs)
+    x, weight = args[0], module.weight
     if x.dtype != weight.dtype or not x.is_contiguous() or x.shape[-1] != weight.shape[0] or not available(x.device):
         return original(x)
     kind = type(module)
@@ -120,7 +124,7 @@ def fused_rms_norms(module: nn.Module) -> Iterator[None]:
     """
     norms = [m for m in module.modules() if is_rms_norm(m)] if triton is not None else []
     for norm in norms:
-        norm.forward = lambda x, _norm=norm, _original=norm.forward: _fused_forward(_norm, _original, x)
+        norm.forward = functools.partial(_fused_forward, norm, norm.forward)
     try:
         yield
     finally:

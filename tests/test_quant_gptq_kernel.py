@@ -36,8 +36,8 @@ def _problem(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 @pytest.mark.parametrize("args", [INT4_GROUP, INT4_ASYM, INT8_CHANNEL], ids=["int4-sym", "int4-asym", "int8-channel"])
 def test_block_matches_torch_loop(args: QuantArgs) -> None:
-    """One block, columns 5..60 of 64: same codes (ties at an ulp aside), errors and updated weights."""
-    rows, width = 300, 64
+    """One block of 60 columns (not a power of two): same codes (ties at an ulp aside), errors and updated weights."""
+    rows, width = 300, 60
     weight, hessian = _problem(rows, width, seed=1)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian + 0.01 * hessian.diagonal().mean() * torch.eye(width, device=DEVICE))), upper=True)
     g = torch.Generator().manual_seed(2)
@@ -46,14 +46,16 @@ def test_block_matches_torch_loop(args: QuantArgs) -> None:
     outputs = []
     for run in (gptq._quantize_columns, gptq_kernel.quantize_columns):
         w_block, err, codes = weight.clone(), torch.zeros(rows, width, device=DEVICE), torch.full((rows, width), 99.0, device=DEVICE)
-        run(w_block, err, codes, upper, scales, zeros, 5, 60, args)
+        run(w_block, err, codes, upper, scales, zeros, args)
         outputs.append((w_block, err, codes))
     (w_ref, err_ref, codes_ref), (w_k, err_k, codes_k) = outputs
-    assert (codes_k[:, :5] == 99).all() and (codes_k[:, 60:] == 99).all()  # only the asked columns are written
-    assert (codes_k[:, 5:60] != 99).all()
+    assert (codes_k != 99).all()  # every column written
     same_rows = (codes_k == codes_ref).all(dim=1)
     assert same_rows.float().mean() >= 0.99
-    torch.testing.assert_close(err_k[same_rows], err_ref[same_rows], rtol=1e-4, atol=1e-6)
+    # the kernel may fuse w - e * u into one multiply-add: an error near zero (w close to the grid) then
+    # differs by a few ulps of the largest errors (measured on the H100: 1.2e-6 where the largest is 1.6)
+    err_tolerance = 1e-5 * float(err_ref.abs().max())
+    torch.testing.assert_close(err_k[same_rows], err_ref[same_rows], rtol=1e-4, atol=err_tolerance)
     torch.testing.assert_close(w_k[same_rows], w_ref[same_rows], rtol=1e-4, atol=1e-6)
 
 

@@ -99,17 +99,15 @@ def _quantize_columns(
     u_block: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
-    first: int,
-    last: int,
     args: QuantArgs,
 ) -> None:
-    """Columns ``first:last`` of a block, in place: codes into ``codes_block``, each column's error (over the
+    """Every column of a block in order, in place: codes into ``codes_block``, each column's error (over the
     diagonal of ``u_block``) into ``err_block``, and that error pushed onto the block's later columns.
 
     ``scales``/``zeros`` hold each column's parameters per row. :mod:`quant.gptq_kernel` is the same loop
     as one CUDA kernel.
     """
-    for i in range(first, last):
+    for i in range(w_block.shape[1]):
         column = w_block[:, i]
         s = scales[:, i]
         z = 0.0 if zeros is None else zeros[:, i]
@@ -161,7 +159,7 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
         index = column_param[start:end]
         scales = scale_columns[:, index].expand_as(w_block).contiguous()
         zeros = None if zero_columns is None else zero_columns[:, index].expand_as(w_block).contiguous()
-        quantize_columns(w_block, err_block, codes[:, start:end], upper[start:end, start:end], scales, zeros, 0, end - start, args)
+        quantize_columns(w_block, err_block, codes[:, start:end], upper[start:end, start:end], scales, zeros, args)
         w[:, end:].addmm_(err_block, upper[start:end, end:], alpha=-1.0)
 
     codes = codes[:, torch.argsort(perm)]

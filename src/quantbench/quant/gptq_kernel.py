@@ -3,8 +3,9 @@
 The loop of :func:`quantbench.quant.gptq._quantize_columns` issues about ten tiny tensor operations per
 weight column; on a GPU each is a kernel launch, so an 8B model's ~900k columns would cost about a minute
 of launch overhead alone. Rows are independent given the Hessian, so here each program keeps a tile of
-``BLOCK_ROWS`` rows of the current block in registers and walks the columns itself: round to codes, error
-over the diagonal of the inverse-Hessian factor, rank-1 update of the columns to the right.
+``BLOCK_ROWS`` rows of the current block in registers and walks the block's columns itself: round to
+codes, error over the diagonal of the inverse-Hessian factor, rank-1 update of the columns to the right.
+The block width is a compile-time constant (a solve has one, plus a narrower last block at most).
 
 The arithmetic is the torch loop's: divisions are IEEE round-to-nearest (``div_rn``) and rounding is
 half-to-even like ``torch.round`` (the 1.5 * 2**23 trick, exact for the clamped range). Only the update
@@ -32,19 +33,19 @@ if triton is not None:
     @triton.jit
     def _columns_kernel(
         w_ptr, err_ptr, codes_ptr, upper_ptr, scale_ptr, zero_ptr,
-        rows, width, first, last,
+        rows,
         stride_w, stride_err, stride_codes, stride_upper, stride_upper_col, stride_scale, stride_zero,
         qmin, qmax,
-        HAS_ZERO: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        WIDTH: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
         r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         c = tl.arange(0, BLOCK_COLS)
         row_ok = r < rows
-        col_ok = c < width
+        col_ok = c < WIDTH
         tile_ptrs = w_ptr + r[:, None] * stride_w + c[None, :]
         tile_ok = row_ok[:, None] & col_ok[None, :]
         tile = tl.load(tile_ptrs, mask=tile_ok, other=0.0)
-        for i in range(first, last):
+        for i in range(WIDTH):
             column = tl.sum(tl.where(c[None, :] == i, tile, 0.0), axis=1)
             s = tl.load(scale_ptr + r * stride_scale + i, mask=row_ok, other=1.0)
             if HAS_ZERO:
@@ -70,11 +71,9 @@ def quantize_columns(
     u_block: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
-    first: int,
-    last: int,
     args: QuantArgs,
 ) -> None:
-    """Columns ``first:last`` of a block, in place: the contract of :func:`quantbench.quant.gptq._quantize_columns`.
+    """Every column of a block, in place: the contract of :func:`quantbench.quant.gptq._quantize_columns`.
 
     All tensors are float32, with unit stride along columns except ``u_block``; ``scales``/``zeros`` hold each column's
     parameters per row (``[rows, width]``).
@@ -88,9 +87,9 @@ def quantize_columns(
     grid = (triton.cdiv(rows, BLOCK_ROWS),)
     _columns_kernel[grid](
         w_block, err_block, codes_block, u_block, scales, scales if zeros is None else zeros,
-        rows, width, first, last,
+        rows,
         w_block.stride(0), err_block.stride(0), codes_block.stride(0), u_block.stride(0), u_block.stride(1), scales.stride(0),
         scales.stride(0) if zeros is None else zeros.stride(0),
         float(args.qmin), float(args.qmax),
-        HAS_ZERO=zeros is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=triton.next_power_of_2(width),
+        WIDTH=width, HAS_ZERO=zeros is not None, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=triton.next_power_of_2(width),
     )  # fmt: skip

@@ -17,7 +17,6 @@ used by the library. Writes ``profile.json`` and ``profile.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import shutil
@@ -25,7 +24,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any

@@ -23,6 +23,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The input shapes :func:`norm_kernel.rms_norm` ran on (the real kernel, counted on its way in)."""
+    calls: list[tuple[int, ...]] = []
+    kernel = norm_kernel.rms_norm
+
+    def counted(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return kernel(x, weight, eps)
+
+    monkeypatch.setattr(norm_kernel, "rms_norm", counted)
+    return calls
+
+
 def _norm(width: int, dtype: torch.dtype, seed: int) -> Qwen3RMSNorm:
     norm = Qwen3RMSNorm(width, eps=1e-6)
     norm.weight.data = 1 + torch.randn(width, generator=torch.Generator().manual_seed(seed))
@@ -52,7 +66,7 @@ def test_rms_norm_is_the_module_formula_up_to_the_sum_order(shape: tuple[int, ..
     assert ((got.float() - expected.float()).abs() <= bound).all()
 
 
-def test_fused_norms_in_a_decoder_layer_and_restored_after() -> None:
+def test_fused_norms_in_a_decoder_layer_and_restored_after(kernel_calls: list[tuple[int, ...]]) -> None:
     config = Qwen3Config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=1)
     torch.manual_seed(2)
     exact = Qwen3DecoderLayer(config, 0).to(DEVICE).eval()
@@ -75,6 +89,7 @@ def test_fused_norms_in_a_decoder_layer_and_restored_after() -> None:
         with norm_kernel.fused_rms_norms(layer):
             assert all("forward" in vars(m) for m in norms)
             fused = run(layer, torch.bfloat16)
+        assert len(kernel_calls) == 4  # every norm of the layer ran the kernel
         assert not any("forward" in vars(m) for m in norms)
     assert norm_kernel._verified[Qwen3RMSNorm]
     # in bfloat16 the layer is as far from its float32 result with fused norms as with its own
@@ -95,7 +110,7 @@ class OffsetRMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())).to(x.dtype)
 
 
-def test_a_norm_of_another_formula_keeps_its_own_forward() -> None:
+def test_a_norm_of_another_formula_keeps_its_own_forward(kernel_calls: list[tuple[int, ...]]) -> None:
     norm = OffsetRMSNorm(128).to(DEVICE, torch.bfloat16)
     x = _inputs((16, 128), torch.bfloat16, seed=3)
     expected = norm(x)
@@ -103,10 +118,11 @@ def test_a_norm_of_another_formula_keeps_its_own_forward() -> None:
     with norm_kernel.fused_rms_norms(norm):
         first, second = norm(x), norm(x)
     assert norm_kernel._verified[OffsetRMSNorm] is False
+    assert kernel_calls == [(16, 128)]  # the first call's check only
     assert torch.equal(first, expected) and torch.equal(second, expected)
 
 
-def test_calls_the_kernel_does_not_take_go_to_the_module() -> None:
+def test_calls_the_kernel_does_not_take_go_to_the_module(kernel_calls: list[tuple[int, ...]]) -> None:
     norm = _norm(256, torch.bfloat16, seed=4)
     x = _inputs((4, 8, 256), torch.bfloat16, seed=5)
     expected = norm(x)
@@ -114,6 +130,9 @@ def test_calls_the_kernel_does_not_take_go_to_the_module() -> None:
         by_keyword = norm(hidden_states=x)  # the kernel takes one positional input
         strided = norm(x.transpose(0, 1))  # and contiguous rows
         other_dtype = norm(x.float())  # of the weight's dtype
+        assert kernel_calls == []
+        norm(x)
+        assert kernel_calls == [(4, 8, 256)]
     assert torch.equal(by_keyword, expected)
     assert torch.equal(strided, Qwen3RMSNorm.forward(norm, x.transpose(0, 1)))
     assert torch.equal(other_dtype, Qwen3RMSNorm.forward(norm, x.float()))

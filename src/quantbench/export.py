@@ -52,7 +52,6 @@ from quantbench.architectures import kept_modules
 from quantbench.errors import QuantbenchError
 from quantbench.io import atomic_dir, atomic_write_json
 from quantbench.provenance import package_versions, sha256_file, sha256_stream
-from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
 from quantbench.schemes import QuantArgs, Scheme
 
@@ -289,7 +288,8 @@ def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, 
     """Write the checkpoint tensors as one safetensors file, or shards plus an index, names sorted per file.
 
     Modules are compressed on ``workers`` ahead of the writing; each shard is written as soon as it is full,
-    so at most one shard of packed tensors is held at a time, and hashed on ``workers`` meanwhile. Returns the SHA-256 (pending) of each weights file by name.
+    so at most one shard of packed tensors is held at a time, and hashed on ``workers`` meanwhile.
+    Returns the SHA-256 (pending) of each weights file by name.
     """
     written: list[tuple[Path, list[str], Future[str]]] = []
     shard: dict[str, torch.Tensor] = {}

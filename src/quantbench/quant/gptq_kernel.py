@@ -1,4 +1,4 @@
-"""GPTQ's column loop on CUDA: one Triton kernel runs a stretch of columns of a block for every row at once.
+"""GPTQ's column loop on CUDA: one Triton kernel runs a block of columns for every row at once.
 
 The loop of :func:`quantbench.quant.gptq._quantize_columns` issues about ten tiny tensor operations per
 weight column; on a GPU each is a kernel launch, so an 8B model's ~900k columns would cost about a minute

@@ -418,10 +418,11 @@ def _quantize_block(
     err, ref = [], []
     for index, (call, expected) in enumerate(zip(calls, reference)):
         mask = call.mask.to(device)
-        for meter in meters.values():
-            meter.mask = mask
-        # each module's error (an extra unquantized matmul) on the first chunk only; the block's on all of them
-        handles = [block.get_submodule(n).register_forward_hook(m.measure) for n, m in meters.items()] if index == 0 else []
+        handles = []
+        if index == 0:  # each module's error (an extra unquantized matmul) on the first chunk only; the block's on all
+            for module_name, meter in meters.items():
+                meter.mask = mask
+                handles.append(block.get_submodule(module_name).register_forward_hook(meter.measure))
         with _hooks(handles), calibrate_all_experts(experts, mask):
             out = replay(block, call, device)
         _accumulate_error(out, expected.to(device), mask, err, ref)

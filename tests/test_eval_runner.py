@@ -68,6 +68,10 @@ def test_every_benchmark_runs_offline_end_to_end(name: str, model_dir: Path, tmp
         assert result["num_fewshot"] == spec.lm_eval.num_fewshot
         assert result["metric"] == spec.lm_eval.result_key
         assert result["task"]["name"].startswith("qb_")
+        if spec.lm_eval.scorer == "lm_eval":  # the sandbox's pass@1 is quantbench's, not lm-eval's
+            assert result["scores"][result["metric"]] == result["score"]
+        if name == "GSM8K":  # both filters recorded, the configured one is the score
+            assert set(result["scores"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
     else:
         assert 100 < result["score"] < 2000 and result["unit"] == "perplexity"
     assert result["data"]["source"] == "local"
@@ -123,7 +127,7 @@ def test_task_unknown_to_lm_eval_is_a_clear_error_and_writes_nothing(model_dir: 
 def test_unknown_local_task_template_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:
     spec = BENCHMARKS["GSM8K"]
     bogus = replace(spec, lm_eval=replace(spec.lm_eval, local_task="gsm8k_cot"))
-    with pytest.raises(QuantbenchError, match="no local task template 'gsm8k_cot'.*known: ceval-valid, gsm8k"):
+    with pytest.raises(QuantbenchError, match="no local task template 'gsm8k_cot'.*known: .*ceval-valid, drop, .*gsm8k"):
         evaluate_benchmark(model_dir, bogus, out_path=tmp_path / "x.json", model_name="m", data_dir=DEMO)
 
 

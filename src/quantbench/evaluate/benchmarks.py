@@ -1,9 +1,9 @@
 """Benchmarks as data: parse `config/benchmarks.yaml` into frozen specs, and apply a run's overrides.
 
 A benchmark is either scored through lm-eval (``spec.lm_eval``: the built-in task for the hub source,
-the project's twin for local JSONL files, few-shot count, reported metric and filter, scorer), is a
-perplexity (``spec.perplexity``), or is a vision-language task (``spec.lmms_eval``: lmms-eval's task for
-the hub source, the project's offline scorer over local image-text files,
+the project's twin for local JSONL files, few-shot count, reported metric and filter, scorer, chat
+template), is a perplexity (``spec.perplexity``), or is a vision-language task (``spec.lmms_eval``:
+lmms-eval's task for the hub source, the project's offline scorer over local image-text files,
 :mod:`quantbench.evaluate.vlm_eval`). Code asks the spec; it never tests benchmark names.
 """
 
@@ -27,21 +27,34 @@ OVERRIDES = {"max_gen_toks": "lm_eval", "seq_len": "perplexity", "max_tokens": "
 
 @dataclass(frozen=True)
 class LmEvalSettings:
-    """How lm-eval scores the benchmark."""
+    """How lm-eval scores the benchmark.
 
-    hub_task: str
+    The hub source runs lm-eval's built-in task ``hub_task``, or, for a benchmark lm-eval does not ship,
+    the project's task ``local_task`` over the Hub files ``hub_data`` (per split of the benchmark's
+    ``files``: the keyword arguments of ``datasets.load_dataset``). ``chat_template``: prompts go through
+    the model's chat template; ``think_end_token``: only the reply after its last occurrence is scored
+    (lm-eval's reasoning-model option).
+    """
+
     local_task: str
     num_fewshot: int
     metric: str
+    hub_task: str | None = None
+    hub_data: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     filter: str = "none"
     scorer: str = "lm_eval"
     generation: Mapping[str, Any] = field(default_factory=dict)
+    chat_template: bool = False
+    think_end_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         if self.num_fewshot < 0:
             raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        if (self.hub_task is None) == (not self.hub_data):
+            raise ValueError("give exactly one of hub_task (lm-eval's built-in task) or hub_data (the Hub files "
+                             "the local task reads)")
 
     @property
     def result_key(self) -> str:
@@ -182,6 +195,11 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
     lm_eval = build_spec(LmEvalSettings, raw["lm_eval"], f"{where}.lm_eval") if "lm_eval" in raw else None
     perplexity = build_spec(PerplexitySettings, raw["perplexity"], f"{where}.perplexity") if "perplexity" in raw else None
     lmms_eval = build_spec(LmmsEvalSettings, raw["lmms_eval"], f"{where}.lmms_eval") if "lmms_eval" in raw else None
+    if lm_eval is not None and lm_eval.hub_data and set(lm_eval.hub_data) != set(files):
+        raise QuantbenchError(
+            f"{where}.lm_eval.hub_data: give the Hub files of exactly the splits of files ({sorted(files)}), "
+            f"got {sorted(lm_eval.hub_data)}"
+        )
     if lmms_eval is not None and lmms_eval.split not in files:
         raise QuantbenchError(f"{where}.lmms_eval.split: {lmms_eval.split!r} is not one of the files' splits {sorted(files)}")
     sandbox = build_spec(SandboxLimits, raw.get("sandbox", {}), f"{where}.sandbox")

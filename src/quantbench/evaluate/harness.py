@@ -3,12 +3,14 @@ the configured metric (or the generated programs scored in the sandbox).
 
 Backends: ``hf`` wraps the model object of :func:`quantbench.runtime.load_model` (plain or simulated-
 quantization checkpoints) in lm-eval's HFLM; ``vllm`` is lm-eval's vLLM backend on the checkpoint path,
-where the vllm package is installed. Prompts never use a chat template; a BOS token is prepended where
-the tokenizer has one (``add_bos_token=True``).
+where the vllm package is installed. Prompts go through the model's chat template only where the benchmark
+says so (``chat_template``; the published text tables use none); a BOS token is prepended where the
+tokenizer has one (``add_bos_token=True``).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import math
@@ -25,15 +27,17 @@ from lm_eval.tasks import TaskManager
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate import sandbox
 from quantbench.evaluate.backend import Backend
-from quantbench.evaluate.benchmarks import BenchmarkSpec
+from quantbench.evaluate.benchmarks import BenchmarkSpec, LmEvalSettings
 from quantbench.evaluate.results import Outcome
 from quantbench.evaluate.tasks import builtin_task_manager, leaf_tasks, task_name, task_version
 
 log = logging.getLogger(__name__)
 
 
-def make_lm(model_dir: str | Path, backend: Backend) -> LM:
-    """The lm-eval model for ``model_dir`` on ``backend``."""
+def make_lm(model_dir: str | Path, backend: Backend, settings: LmEvalSettings | None = None) -> LM:
+    """The lm-eval model for ``model_dir`` on ``backend``; ``settings``' think_end_token, if any, makes it
+    return only the reply after that marker."""
+    reasoning = {"think_end_token": settings.think_end_token} if settings and settings.think_end_token else {}
     if backend.name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise QuantbenchError(
@@ -48,11 +52,12 @@ def make_lm(model_dir: str | Path, backend: Backend) -> LM:
             tensor_parallel_size=backend.tensor_parallel_size,
             add_bos_token=True,
             batch_size="auto",
+            **reasoning,
         )
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = backend.load(model_dir)
-    return HFLM(pretrained=model, tokenizer=tokenizer, add_bos_token=True, batch_size=backend.batch_size)
+    return HFLM(pretrained=model, tokenizer=tokenizer, add_bos_token=True, batch_size=backend.batch_size, **reasoning)
 
 
 def run_lm_eval(
@@ -63,7 +68,8 @@ def run_lm_eval(
     leaves = leaf_tasks(root)
     samples = {t.task_name: list(range(min(limit, len(t.eval_docs)))) for t in leaves} if limit else None
     by_sandbox = settings.scorer == "sandbox"
-    manager = builtin_task_manager() if source == "hub" else TaskManager(include_defaults=False)
+    builtin = source == "hub" and settings.hub_task is not None
+    manager = builtin_task_manager() if builtin else TaskManager(include_defaults=False)
     log.info("%s: lm-eval task %s (%s), %d-shot, %s items", spec.name, task_name(root), source,
              settings.num_fewshot, "all" if limit is None else f"first {limit} per task")
     try:
@@ -72,8 +78,9 @@ def run_lm_eval(
             tasks=[root],
             num_fewshot=settings.num_fewshot,
             samples=samples,
-            gen_kwargs=dict(settings.generation) or None,
+            gen_kwargs=copy.deepcopy(dict(settings.generation)) or None,  # lm-eval appends to `until`
             task_manager=manager,
+            apply_chat_template=settings.chat_template,
             predict_only=by_sandbox,
             confirm_run_unsafe_code=by_sandbox,
             log_samples=by_sandbox,
@@ -100,7 +107,18 @@ def run_lm_eval(
         items=sum(out["n-samples"][t.task_name]["effective"] for t in leaves),
         task=name,
         task_version=task_version(root),
+        scores=reported_scores(row),
     )
+
+
+def reported_scores(row: dict) -> dict[str, float]:
+    """Every ``metric,filter`` score lm-eval reported for a task (stderrs left out), e.g. GSM8K's
+    ``exact_match,strict-match`` and ``exact_match,flexible-extract``."""
+    return {
+        key: float(value)
+        for key, value in row.items()
+        if "," in key and "_stderr," not in key and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def _sandbox_outcome(

@@ -23,6 +23,7 @@ class Outcome:
     task: str
     task_version: str
     details: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # every metric,filter lm-eval reported (fractions)
 
 
 VERSIONED = ("quantbench", "lm_eval", "transformers", "torch", "datasets", "compressed-tensors", "vllm")

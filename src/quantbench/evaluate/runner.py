@@ -61,7 +61,7 @@ def evaluate_benchmark(
         from quantbench.evaluate.tasks import build_hub_task, build_local_task
 
         root = build_local_task(spec, data_dir) if source == "local" else build_hub_task(spec)
-        outcome = run_lm_eval(make_lm(model_dir, backend), spec, root, source=source, limit=limit)
+        outcome = run_lm_eval(make_lm(model_dir, backend, spec.lm_eval), spec, root, source=source, limit=limit)
         used_backend = backend
     elif spec.lmms_eval is not None:
         from quantbench.evaluate.vlm_eval import score_lmms_eval, score_local
@@ -101,6 +101,7 @@ def evaluate_benchmark(
         "stderr": None if outcome.stderr is None else outcome.stderr * scale,
         "unit": "percent" if spec.percent else "perplexity",
         "metric": spec.lm_eval.result_key if spec.lm_eval else (spec.lmms_eval.metric if spec.lmms_eval else "perplexity"),
+        "scores": {key: value * scale for key, value in outcome.scores.items()},
         "items": outcome.items,
         "limit": limit,
         "num_fewshot": spec.lm_eval.num_fewshot if spec.lm_eval else None,
@@ -124,6 +125,8 @@ def evaluate_benchmark(
 
 def _data_provenance(spec: BenchmarkSpec, source: str, data_dir: str | Path) -> dict[str, Any]:
     if source == "hub":
+        if spec.lm_eval is not None and spec.lm_eval.hub_task is None:
+            return {"source": "hub", "datasets": {split: dict(kw) for split, kw in spec.lm_eval.hub_data.items()}}
         if spec.lm_eval is not None:
             return {"source": "hub", "lm_eval_task": spec.lm_eval.hub_task}
         if spec.lmms_eval is not None:

@@ -2,11 +2,15 @@
 over local JSONL files (source ``local``).
 
 A local task is a template in ``quantbench/evaluate/tasks/<name>.yaml``: an lm-eval task config without
-data, plus an optional ``per_subject`` block. At run time the benchmark's files (``spec.files``, relative
-to a data directory: the demo subsets in resources/data, the full sets in ../shared/data, or a user's
-copy) are read once with ``datasets``' JSON loader and handed to lm-eval tasks (:class:`LocalTask`);
-``per_subject`` makes one task per subject (docs and few-shot docs of that subject, like the Hub
-dataset's per-subject configs) grouped with a size-weighted mean, as lm-eval's mmlu and ceval-valid are.
+data, plus an optional ``per_subject`` or ``per_split`` block. At run time the benchmark's files
+(``spec.files``, relative to a data directory: the demo subsets in resources/data, the full sets in
+../shared/data, or a user's copy) are read once with ``datasets``' JSON loader and handed to lm-eval
+tasks (:class:`LocalTask`); ``per_subject`` makes one task per subject (docs and few-shot docs of that
+subject, like the Hub dataset's per-subject configs) grouped with a size-weighted mean, as lm-eval's mmlu
+and ceval-valid are;
+``per_split`` makes one task per listed split (file), grouped the same way (OlympiadBench's subsets).
+A benchmark lm-eval does not ship runs the same template on its hub source, over the Hub files the
+benchmark names (``hub_data``).
 
 Demo subsets list their rows' positions in the full files in ``<data dir>/subsets.json``. lm-eval's
 default few-shot sampler draws at random from the whole few-shot split, so for a subset the local task
@@ -123,17 +127,13 @@ class LocalTask(ConfigurableTask):
 
 def build_local_task(spec: BenchmarkSpec, data_dir: str | Path) -> Task | Group:
     """The project's twin of ``spec``'s lm-eval task over the files in ``data_dir``."""
-    cfg = load_template(spec.lm_eval.local_task)
-    per_subject = cfg.pop("per_subject", None)
+    cfg, splits = _template_splits(spec)
     paths = spec.data_paths(data_dir)
-    splits = {cfg[key] for key in SPLIT_KEYS if cfg.get(key)}
-    if splits - set(paths):
-        raise QuantbenchError(
-            f"benchmark {spec.name}: task template {spec.lm_eval.local_task} reads split(s) "
-            f"{sorted(splits - set(paths))} but files: gives only {sorted(paths)}"
-        )
     try:
-        dataset = datasets.load_dataset("json", data_files={s: str(paths[s]) for s in sorted(splits)})
+        # one split at a time: each file's column types are its own (a column all null in one file)
+        dataset = datasets.DatasetDict(
+            {s: datasets.load_dataset("json", data_files=str(paths[s]), split="train") for s in sorted(splits)}
+        )
     except Exception as exc:  # malformed JSONL, unreadable file
         raise QuantbenchError(
             f"benchmark {spec.name}: could not read {', '.join(str(paths[s]) for s in sorted(splits))} as JSONL "
@@ -145,9 +145,47 @@ def build_local_task(spec: BenchmarkSpec, data_dir: str | Path) -> Task | Group:
         log.info("%s: few-shot examples drawn over the %d rows of the full %s split (%s is a subset)",
                  spec.name, subset.source_rows, fewshot_split, spec.files[fewshot_split])
         cfg["fewshot_config"] = {**(cfg.get("fewshot_config") or {}), "sampler": subset_sampler(subset)}
-    if per_subject is None:
-        return LocalTask(dataset, cfg)
-    return _subject_group(cfg, per_subject, dataset)
+    return _task_from_template(cfg, dataset)
+
+
+def _template_splits(spec: BenchmarkSpec) -> tuple[dict[str, Any], set[str]]:
+    """The local task template of ``spec`` and the splits of ``spec.files`` it reads (checked to exist)."""
+    cfg = load_template(spec.lm_eval.local_task)
+    splits = {cfg[key] for key in SPLIT_KEYS if cfg.get(key)} | set((cfg.get("per_split") or {}).get("splits", []))
+    if splits - set(spec.files):
+        raise QuantbenchError(
+            f"benchmark {spec.name}: task template {spec.lm_eval.local_task} reads split(s) "
+            f"{sorted(splits - set(spec.files))} but files: gives only {sorted(spec.files)}"
+        )
+    return cfg, splits
+
+
+def _task_from_template(cfg: dict[str, Any], dataset: datasets.DatasetDict) -> Task | Group:
+    per_subject, per_split = cfg.pop("per_subject", None), cfg.pop("per_split", None)
+    if per_subject is not None:
+        return _subject_group(cfg, per_subject, dataset)
+    if per_split is not None:
+        return _split_group(cfg, per_split, dataset)
+    return LocalTask(dataset, cfg)
+
+
+def _split_group(cfg: dict[str, Any], per_split: Mapping[str, Any], dataset: datasets.DatasetDict) -> Group:
+    """One task per split of ``per_split["splits"]`` (each scored as its own test split), as one group."""
+    group = _group(per_split)
+    for split in per_split["splits"]:
+        group.add(LocalTask(datasets.DatasetDict({split: dataset[split]}),
+                            {**cfg, "task": f"{cfg['task']}_{split}", "test_split": split}))
+    return group
+
+
+def _group(settings: Mapping[str, Any]) -> Group:
+    return Group.from_config(
+        {
+            "group": settings["group"],
+            "aggregate_metric_list": list(settings["aggregate_metric_list"]),
+            "metadata": {"version": settings["group_version"]},
+        }
+    )
 
 
 def _subject_group(cfg: dict[str, Any], per_subject: Mapping[str, Any], dataset: datasets.DatasetDict) -> Group:
@@ -156,13 +194,7 @@ def _subject_group(cfg: dict[str, Any], per_subject: Mapping[str, Any], dataset:
     subjects = list(dict.fromkeys(dataset[eval_split][field]))
     names = _subject_names(per_subject, subjects)
     rows = {split: _rows_by_value(ds[field]) for split, ds in dataset.items()}
-    group = Group.from_config(
-        {
-            "group": per_subject["group"],
-            "aggregate_metric_list": list(per_subject["aggregate_metric_list"]),
-            "metadata": {"version": per_subject["group_version"]},
-        }
-    )
+    group = _group(per_subject)
     for subject in subjects:
         part = datasets.DatasetDict(
             {split: ds.select(rows[split].get(subject, [])) for split, ds in dataset.items()}
@@ -201,7 +233,10 @@ def builtin_task_manager() -> TaskManager:
 
 
 def build_hub_task(spec: BenchmarkSpec) -> Task | Group:
-    """lm-eval's built-in task or group ``spec.lm_eval.hub_task``; lm-eval downloads its dataset."""
+    """lm-eval's built-in task or group ``spec.lm_eval.hub_task``, lm-eval downloading its dataset; or the
+    project's task over the Hub files ``spec.lm_eval.hub_data``."""
+    if spec.lm_eval.hub_task is None:
+        return _hub_data_task(spec)
     name = spec.lm_eval.hub_task
     manager = builtin_task_manager()
     if name not in manager.all_tasks:
@@ -217,6 +252,21 @@ def build_hub_task(spec: BenchmarkSpec) -> Task | Group:
             f"({type(exc).__name__}: {exc}); without internet use --source local"
         ) from exc
     return loaded["groups"].get(name) or loaded["tasks"][name]
+
+
+def _hub_data_task(spec: BenchmarkSpec) -> Task | Group:
+    cfg, splits = _template_splits(spec)
+    parts = {}
+    for split in sorted(splits):
+        source = dict(spec.lm_eval.hub_data[split])
+        try:
+            parts[split] = datasets.load_dataset(**source)
+        except Exception as exc:  # no network, gated or moved dataset, bad revision
+            raise QuantbenchError(
+                f"benchmark {spec.name}: could not load {source} from the hub ({type(exc).__name__}: {exc}); "
+                "without internet use --source local"
+            ) from exc
+    return _task_from_template(cfg, datasets.DatasetDict(parts))
 
 
 def leaf_tasks(root: Task | Group) -> list[Task]:

@@ -48,12 +48,15 @@ def eval_file(model, scheme, benchmark):
     return f"{R}/evals/{model}/{scheme}/{benchmark}.json"
 
 
-def table_outputs(table):
-    return [f"{R}/tables/{table}.{ext}" for ext in ("rst", "csv", "md")]
+def table_outputs(table, folder=""):
+    return [f"{R}/tables/{folder}{table}.{ext}" for ext in ("rst", "csv", "md")]
 
 
 def all_tables():
-    return [path for table in RUN.tables for path in table_outputs(table.name)]
+    """Every table's files, and the as-published rendering of tables whose page labels columns differently."""
+    return [path for table in RUN.tables for path in table_outputs(table.name)] + [
+        path for table in RUN.tables if table.published_labels for path in table_outputs(table.name, "as-published/")
+    ]
 
 
 def evals_of_table(name):

@@ -24,6 +24,7 @@ if "compare" in config:
             png=compared("png"),
         params:
             tolerance=config["compare"].get("tolerance", 1.0),
+            page_labels=lambda w: dict(RUN.table(w.table).published_labels),
         log:
             "logs/compare/{table}.log",
         localrule: True

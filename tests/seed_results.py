@@ -19,6 +19,18 @@ def published_cells(path: Path = PUBLISHED) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def true_benchmarks(cells: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``cells`` with each benchmark the one its number came from: config/seed.yaml's ``published_labels``
+    read backwards (the Hunyuan table's CEVAL column is OlympiadBench, ...)."""
+    config = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
+    benchmark_of = {
+        (table["name"], label): benchmark
+        for table in config["tables"]
+        for benchmark, label in (table.get("published_labels") or {}).items()
+    }
+    return [{**c, "benchmark": benchmark_of.get((c["table"], c["benchmark"]), c["benchmark"])} for c in cells]
+
+
 def seed_workdir(tmp_path: Path, scores: dict[tuple[str, str, str], float]) -> Path:
     """A working directory for config/seed.yaml whose evaluation results are ``scores``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from quantbench.compare import compare_cells, render_markdown, render_plot, write_comparison
+from quantbench.cells import collect_filter_scores
+from quantbench.compare import compare_cells, compare_filters, render_markdown, render_plot, write_comparison
 from quantbench.errors import QuantbenchError
 from quantbench.tables import load_long_csv
 
@@ -115,3 +117,64 @@ def test_bad_inputs_are_clear_errors():
     assert "0 beyond" in render_markdown(
         compare_cells(PUBLISHED, PUBLISHED[PUBLISHED["value"] != "-"], table=T, tolerance=0.0), table=T, tolerance=0.0
     )
+
+
+def test_a_relabelled_column_is_compared_on_the_benchmark_it_came_from():
+    """The page prints OlympiadBench's numbers under CEVAL: they meet the reproduced OlympiadBench cells."""
+    published = long([(T, "A", "BF16", "CEVAL", "82.70"), (T, "A", "BF16", "MMLU", "87.30")])
+    reproduced = long([(T, "A", "BF16", "OlympiadBench", 82.2), (T, "A", "BF16", "CEVAL", 20.0),
+                       (T, "A", "BF16", "AIME2024", 90.0)])
+    labels = {"OlympiadBench": "CEVAL", "AIME2024": "MMLU"}
+    result = compare_cells(published, reproduced, table=T, tolerance=1.0, page_labels=labels)
+    assert list(zip(result["benchmark"], result["page_label"], result["status"])) == [
+        ("OlympiadBench", "CEVAL", "ok"), ("AIME2024", "MMLU", "beyond tolerance")]
+    assert result["difference"].round(6).tolist() == [-0.5, 2.7]
+    md = render_markdown(result, table=T, tolerance=1.0)
+    assert "| A | BF16 | OlympiadBench (page: CEVAL) | 82.70 | 82.20 | -0.50 | ok |" in md
+    # without the labels, the page's CEVAL cell meets the reproduced CEVAL cell
+    plain = compare_cells(published, reproduced, table=T, tolerance=1.0)
+    assert plain["benchmark"].tolist() == plain["page_label"].tolist() == ["CEVAL", "MMLU"]
+    assert "| A | BF16 | CEVAL | 82.70 | 20.00 | -62.70 | **beyond tolerance** |" in render_markdown(
+        plain, table=T, tolerance=1.0)
+
+
+def result_json(path: Path, model: str, scheme: str, scores: dict[str, float], filter_: str = "strict-match") -> Path:
+    """A result file as the evaluate step writes it (the fields the comparison reads)."""
+    record = {"model": model, "scheme": scheme, "benchmark": "GSM8K", "score": scores[f"exact_match,{filter_}"],
+              "scores": scores, "spec": {"lm_eval": {"metric": "exact_match", "filter": filter_}}}
+    path.write_text(json.dumps(record), encoding="utf-8")
+    return path
+
+
+def test_the_report_says_per_row_which_gsm8k_filter_is_closer(tmp_path):
+    def both(strict: float, flexible: float) -> dict[str, float]:
+        return {"exact_match,strict-match": strict, "exact_match,flexible-extract": flexible}
+
+    files = [
+        result_json(tmp_path / "a.json", "A", "BF16", both(39.6, 40.2)),
+        result_json(tmp_path / "b.json", "B", "BF16", both(70.0, 71.5)),
+        result_json(tmp_path / "c.json", "B", "INT4-AWQ", both(65.5, 66.5)),
+        result_json(tmp_path / "d.json", "A", "FP8-Static", {"exact_match,strict-match": 1.0}),  # one filter: no row
+    ]
+    scores = collect_filter_scores(T, files)
+    assert len(scores) == 6 and scores.loc[scores["reported"], "filter"].unique().tolist() == ["strict-match"]
+    comparison = compare_cells(PUBLISHED, REPRODUCED, table=T, tolerance=1.0)
+    filters = compare_filters(comparison, scores)
+    # published 40.00, 70.25, 66.00: |39.6-40| = 0.4 > |40.2-40| = 0.2; |70-70.25| = 0.25 < 1.25; 0.5 = 0.5
+    assert filters.values.tolist() == [
+        ["A", "BF16", "GSM8K", 40.0, "strict-match", 39.6, 40.2, "flexible-extract"],
+        ["B", "BF16", "GSM8K", 70.25, "strict-match", 70.0, 71.5, "strict-match"],
+        ["B", "INT4-AWQ", "GSM8K", 66.0, "strict-match", 65.5, 66.5, "tie"],
+    ]
+    paths = {k: tmp_path / f"x.{k}" for k in ("csv", "md", "png")}
+    write_comparison(PUBLISHED, REPRODUCED, table=T, tolerance=1.0, csv_path=paths["csv"], md_path=paths["md"],
+                     png_path=paths["png"], filter_scores=scores)
+    md = paths["md"].read_text().splitlines()
+    section = md[md.index("## Which filter is closer to the published number"):]
+    assert section[2] == (
+        "The table reports one filter per benchmark (GSM8K: strict-match); the results record every filter. "
+        "Closer to the page: strict-match in 1, flexible-extract in 1 row(s); equally close in 1."
+    )
+    assert section[4] == "| Model | Quantization | Benchmark | Published | strict-match | flexible-extract | Closer |"
+    assert section[6] == "| A | BF16 | GSM8K | 40.00 | 39.60 | 40.20 | flexible-extract |"
+    assert "## Which filter" not in render_markdown(comparison, table=T, tolerance=1.0)

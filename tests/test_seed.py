@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -14,15 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from seed_results import PUBLISHED, published_cells
+from seed_results import PUBLISHED, published_cells, true_benchmarks
 
+from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.runconfig import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
 BENCHMARKS = load_benchmarks(REPO / "config" / "benchmarks.yaml")
-CELLS = published_cells()
+CELLS = true_benchmarks(published_cells())  # the benchmark each published number came from
 HEAVY = ("torch", "transformers", "lm_eval", "vllm", "matplotlib", "datasets")
 
 
@@ -39,6 +41,36 @@ def test_seed_config_is_the_published_page():
         captions = [line for line in page.read_text(encoding="utf-8").splitlines() if line.endswith("评测结果如下：")]
         assert [t.caption for t in run.tables] == captions
     assert run.evaluation == {"source": "hub", "limit": None, "backend": {"name": "vllm", "device": "cuda", "dtype": "auto"}}
+
+
+def test_hunyuan_table_runs_the_benchmarks_its_numbers_came_from():
+    """The page's CEVAL/MMLU/GSM8K/HUMANEVAL labels stay for the as-published rendering only."""
+    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    hunyuan = run.table("table-Hunyuan-Instruct-performance")
+    page = [c["benchmark"] for c in published_cells() if c["table"] == hunyuan.name]
+    assert hunyuan.benchmarks == ("OlympiadBench", "AIME2024", "DROP", "GPQA-Diamond")
+    assert tuple(hunyuan.headers().values()) == ("OlympiadBench", "AIME 2024", "DROP", "GPQA-Diamond")
+    assert tuple(hunyuan.headers(as_published=True).values()) == tuple(dict.fromkeys(page))
+    assert [t.name for t in run.tables if t.published_labels] == [hunyuan.name]
+    lm = {name: BENCHMARKS[name].lm_eval for name in hunyuan.benchmarks}
+    assert {n: (s.hub_task, s.num_fewshot, s.result_key) for n, s in lm.items()} == {
+        "OlympiadBench": (None, 0, "acc,none"),
+        "AIME2024": ("aime24", 0, "exact_match,none"),
+        "DROP": ("drop", 0, "f1,none"),
+        "GPQA-Diamond": ("gpqa_diamond_cot_zeroshot", 0, "exact_match,flexible-extract"),
+    }
+    assert all(s.chat_template and s.think_end_token == "<answer>" for s in lm.values())
+    assert all(s.generation == lm["DROP"].generation for s in lm.values())
+    assert lm["DROP"].generation["max_gen_toks"] == 32768 and lm["DROP"].generation["until"] == ["</answer>"]
+    assert set(lm["OlympiadBench"].hub_data) == set(BENCHMARKS["OlympiadBench"].files) == {"maths", "physics"}
+
+
+def test_labels_must_name_the_tables_benchmarks():
+    config = copy.deepcopy(CONFIG)
+    config["tables"][0]["published_labels"]["CEVAL"] = "X"
+    with pytest.raises(QuantbenchError, match=r"tables\[0\] \(table-Hunyuan-Instruct-performance\)\.published_labels: "
+                                              r"unknown benchmark 'CEVAL'"):
+        load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
 
 
 def test_models_are_pinned_hub_snapshots_where_a_revision_is_known():
@@ -104,8 +136,8 @@ def jobs(output: str) -> list[tuple[str, dict[str, str]]]:
 def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run):
     planned = jobs(seed_dry_run.stdout)
     assert Counter(rule for rule, _ in planned) == {
-        "download": 25, "calibrate": 25, "quantize": 101, "evaluate": 445, "tabulate": 4, "compare": 4,
-        "docs_page": 1, "all": 1,
+        "download": 25, "calibrate": 25, "quantize": 101, "evaluate": 445, "tabulate": 4, "tabulate_as_published": 1,
+        "compare": 4, "docs_page": 1, "all": 1,
     }
     evals = {f["output"] for rule, f in planned if rule == "evaluate"}
     assert evals == {f"results/evals/{c['model']}/{c['scheme']}/{c['benchmark']}.json" for c in CELLS}

@@ -12,9 +12,12 @@ from pathlib import Path
 import docutils.core
 import pandas as pd
 import pytest
+import yaml
 from docutils import nodes
 
 from quantbench.errors import QuantbenchError
+from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.runconfig import load_run_config
 from quantbench.tables import (
     TableSpec,
     load_long_csv,
@@ -31,6 +34,8 @@ SEED_NAMES = [
     "table-other-performance",
 ]
 MALFORMED = "table-qwen2.5vl-performance"
+HUNYUAN = "table-Hunyuan-Instruct-performance"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -160,6 +165,45 @@ def test_seed_tables_parse_cleanly_with_spans(seed, name):
     schemes_per_model = cells.groupby("model", sort=False)["scheme"].nunique().tolist()
     first_entries = [row[0] for row in body_entries(document) if len(row) == 2 + cells["benchmark"].nunique()]
     assert [entry.get("morerows", 0) + 1 for entry in first_entries] == schemes_per_model
+
+
+def test_hunyuan_table_as_published_and_with_its_true_benchmarks(seed):
+    """config/seed.yaml's Hunyuan table, from the page's cells filed under the benchmarks they came from (as the
+    workflow's results are): with the page's labels it is the page's block byte for byte; with its own labels
+    the same cells sit under the true benchmarks' headers."""
+    frame, _, page = seed
+    run = load_run_config(yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8")), base_dir=REPO,
+                          benchmarks=load_benchmarks(REPO / "config" / "benchmarks.yaml"))
+    table = run.table(HUNYUAN)
+    benchmark_of = {label: benchmark for benchmark, label in table.published_labels.items()}
+    results = frame.assign(benchmark=[benchmark_of.get(b, b) if t == HUNYUAN else b
+                                      for t, b in zip(frame["table"], frame["benchmark"])])
+
+    def render(as_published: bool) -> str:
+        spec = TableSpec(name=HUNYUAN, rows=run.table_rows(table), benchmarks=table.benchmarks,
+                         labels=table.headers(as_published=as_published))
+        return render_rst_table(wide_table(results, spec), name=HUNYUAN)
+
+    assert render(as_published=True) == "\n".join(page[HUNYUAN]) + "\n"
+    corrected = render(as_published=False).splitlines()
+    assert corrected[4:8] == [
+        "   +-----------------------+--------------+---------------+-----------+---------+--------------+",
+        "   | Model                 | Quantization | OlympiadBench | AIME 2024 | DROP    | GPQA-Diamond |",
+        "   +=======================+==============+===============+===========+=========+==============+",
+        "   | Hunyuan-A13B-Instruct | BF16         | 82.70         | 87.30     | 91.10   | 71.20        |",
+    ]
+    ours, theirs = parse_grid(corrected), parse_grid(page[HUNYUAN])
+    assert [c for c in ours if c[0] > 0] == [c for c in theirs if c[0] > 0]  # every body cell in place
+    assert publish("\n".join(corrected) + "\n")[1] == ""
+
+
+def test_column_labels_must_name_the_tables_benchmarks_and_differ():
+    with pytest.raises(QuantbenchError, match=r"labels given for \['Y'\], which are not its benchmarks"):
+        TableSpec(name="t", rows=[("a", "BF16")], benchmarks=["X"], labels={"Y": "y"})
+    with pytest.raises(QuantbenchError, match="lists column label 'Z' twice"):
+        TableSpec(name="t", rows=[("a", "BF16")], benchmarks=["X", "Y"], labels={"X": "Z", "Y": "Z"})
+    with pytest.raises(QuantbenchError, match=r"\['model'\] clash with row labels"):
+        TableSpec(name="t", rows=[("a", "BF16")], benchmarks=["X"], labels={"X": "model"})
 
 
 # --- rendering rules ------------------------------------------------------------------------------

@@ -11,12 +11,21 @@ published cell with a number is one row of the comparison, in the published orde
 Only ``ok`` rows are unflagged. Published ``-`` cells have nothing to compare and are left out, as are
 reproduced cells the page did not publish. Differences are ``reproduced - published`` in the benchmark's
 unit (points for percentages).
+
+Where the page prints a benchmark under another label (``page_labels``: benchmark -> the page's label, e.g.
+the Hunyuan table's OlympiadBench column labelled CEVAL), the published cell is compared with the
+reproduced cell of the benchmark it came from, and the row keeps the page's label (``page_label``).
+
+Where a benchmark's results record several filters of its metric (GSM8K: strict-match, flexible-extract),
+:func:`compare_filters` says per row which filter's score is closer to the published number; the
+Markdown report lists it under the comparison.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -27,14 +36,27 @@ from quantbench.tables import MISSING
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("table", "model", "scheme", "benchmark", "published", "reproduced", "difference", "status", "flagged")
+COLUMNS = (
+    "table", "model", "scheme", "benchmark", "page_label", "published", "reproduced", "difference", "status", "flagged",
+)
 OK, BEYOND, NOT_REPRODUCED = "ok", "beyond tolerance", "not reproduced"
+TIE = "tie"  # two filters equally close to the published number
 # The published values have two decimals: a difference within this of the tolerance counts as equal to it.
 EPSILON = 1e-9
 
 
-def compare_cells(published: pd.DataFrame, reproduced: pd.DataFrame, *, table: str, tolerance: float) -> pd.DataFrame:
-    """The comparison rows (:data:`COLUMNS`) of ``table``: one per published cell with a number."""
+def compare_cells(
+    published: pd.DataFrame,
+    reproduced: pd.DataFrame,
+    *,
+    table: str,
+    tolerance: float,
+    page_labels: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
+    """The comparison rows (:data:`COLUMNS`) of ``table``: one per published cell with a number.
+
+    ``page_labels``: benchmark -> the label the published page prints for it, where they differ.
+    """
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise QuantbenchError(f"compare.tolerance must be a number >= 0, got {tolerance!r}")
     keys = ["model", "scheme", "benchmark"]
@@ -48,17 +70,43 @@ def compare_cells(published: pd.DataFrame, reproduced: pd.DataFrame, *, table: s
         raise QuantbenchError(
             f"the published results have no cell of table {table!r}; check compare.published and the table's name"
         )
+    benchmark_of = {label: benchmark for benchmark, label in (page_labels or {}).items()}
     rows = []
-    for model, scheme, benchmark, value in cells[[*keys, "value"]].itertuples(index=False, name=None):
+    for model, scheme, label, value in cells[[*keys, "value"]].itertuples(index=False, name=None):
+        benchmark = benchmark_of.get(label, label)
         theirs = float(value)
         mine = ours.get((model, scheme, benchmark))
         if mine is None:
-            rows.append((table, model, scheme, benchmark, theirs, math.nan, math.nan, NOT_REPRODUCED, True))
+            rows.append((table, model, scheme, benchmark, label, theirs, math.nan, math.nan, NOT_REPRODUCED, True))
             continue
         difference = mine - theirs
         status = OK if abs(difference) <= tolerance + EPSILON else BEYOND
-        rows.append((table, model, scheme, benchmark, theirs, mine, difference, status, status != OK))
+        rows.append((table, model, scheme, benchmark, label, theirs, mine, difference, status, status != OK))
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def compare_filters(comparison: pd.DataFrame, filters: pd.DataFrame) -> pd.DataFrame:
+    """Per compared cell whose result records several filters (``filters``: rows of
+    :data:`quantbench.cells.FILTER_SCORE_COLUMNS`): each filter's score, which one the table reports, and
+    the filter closer to the published number (``tie`` when equally close).
+
+    Columns: model, scheme, benchmark, published, reported (the table's filter), one per filter, closer.
+    """
+    cells = comparison[["model", "scheme", "benchmark", "published"]].itertuples(index=False, name=None)
+    published = {(model, scheme, benchmark): value for model, scheme, benchmark, value in cells}
+    names = list(dict.fromkeys(filters["filter"]))
+    rows = []
+    for key, cell in filters.groupby(["model", "scheme", "benchmark"], sort=False):
+        if key not in published:
+            continue
+        values = dict(zip(cell["filter"], cell["value"]))
+        distances = {name: abs(value - published[key]) for name, value in values.items()}
+        best = min(distances.values())
+        closest = [name for name, distance in distances.items() if distance <= best + EPSILON]
+        reported = cell.loc[cell["reported"], "filter"]
+        rows.append((*key, published[key], reported.iloc[0] if len(reported) else MISSING,
+                     *(values.get(name, math.nan) for name in names), closest[0] if len(closest) == 1 else TIE))
+    return pd.DataFrame(rows, columns=["model", "scheme", "benchmark", "published", "reported", *names, "closer"])
 
 
 def summary(comparison: pd.DataFrame, tolerance: float) -> str:
@@ -76,8 +124,11 @@ def _number(value: float, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def render_markdown(comparison: pd.DataFrame, *, table: str, tolerance: float) -> str:
-    """A Markdown report: a heading, the summary line and one table row per published cell."""
+def render_markdown(
+    comparison: pd.DataFrame, *, table: str, tolerance: float, filters: pd.DataFrame | None = None
+) -> str:
+    """A Markdown report: a heading, the summary line and one table row per published cell (its benchmark, and
+    the page's label where that differs); then, for ``filters`` (:func:`compare_filters`), the closer filter."""
     lines = [
         f"# {table}: reproduced vs published",
         "",
@@ -88,11 +139,35 @@ def render_markdown(comparison: pd.DataFrame, *, table: str, tolerance: float) -
     ]
     for row in comparison.itertuples(index=False):
         status = f"**{row.status}**" if row.flagged else row.status
+        benchmark = row.benchmark if row.page_label == row.benchmark else f"{row.benchmark} (page: {row.page_label})"
         lines.append(
-            f"| {row.model} | {row.scheme} | {row.benchmark} | {_number(row.published)} | "
+            f"| {row.model} | {row.scheme} | {benchmark} | {_number(row.published)} | "
             f"{_number(row.reproduced)} | {_number(row.difference, signed=True)} | {status} |"
         )
+    if filters is not None and not filters.empty:
+        lines += ["", *_filter_section(filters)]
     return "\n".join(lines) + "\n"
+
+
+def _filter_section(filters: pd.DataFrame) -> list[str]:
+    names = list(filters.columns[5:-1])
+    reported = ", ".join(f"{b}: {f}" for b, f in dict.fromkeys(zip(filters["benchmark"], filters["reported"])))
+    counts = filters["closer"].value_counts()
+    lines = [
+        "## Which filter is closer to the published number",
+        "",
+        f"The table reports one filter per benchmark ({reported}); the results record every filter. Closer to "
+        f"the page: {', '.join(f'{name} in {counts.get(name, 0)}' for name in names)} row(s); equally close in "
+        f"{counts.get(TIE, 0)}.",
+        "",
+        "| Model | Quantization | Benchmark | Published | " + " | ".join(names) + " | Closer |",
+        "|---|---|---|---:|" + "---:|" * len(names) + "---|",
+    ]
+    for row in filters.itertuples(index=False, name=None):
+        model, scheme, benchmark, published, _, *values, closer = row
+        cells = " | ".join(_number(value) for value in values)
+        lines.append(f"| {model} | {scheme} | {benchmark} | {_number(published)} | {cells} | {closer} |")
+    return lines
 
 
 def render_csv(comparison: pd.DataFrame) -> str:
@@ -156,11 +231,18 @@ def write_comparison(
     csv_path: str | Path,
     md_path: str | Path,
     png_path: str | Path,
+    page_labels: Mapping[str, str] | None = None,
+    filter_scores: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Compare ``table`` and write its CSV, Markdown and PNG (atomically); return the comparison."""
-    comparison = compare_cells(published, reproduced, table=table, tolerance=tolerance)
+    """Compare ``table`` and write its CSV, Markdown and PNG (atomically); return the comparison.
+
+    ``page_labels``: see :func:`compare_cells`; ``filter_scores``: every filter's score of the reproduced
+    cells (:func:`quantbench.cells.collect_filter_scores`), for the Markdown's filter section.
+    """
+    comparison = compare_cells(published, reproduced, table=table, tolerance=tolerance, page_labels=page_labels)
+    filters = None if filter_scores is None else compare_filters(comparison, filter_scores)
     atomic_write_text(csv_path, render_csv(comparison))
-    atomic_write_text(md_path, render_markdown(comparison, table=table, tolerance=tolerance))
+    atomic_write_text(md_path, render_markdown(comparison, table=table, tolerance=tolerance, filters=filters))
     atomic_write_bytes(png_path, render_plot(comparison, table=table, tolerance=tolerance))
     log.info("%s: %s", table, summary(comparison, tolerance))
     return comparison

@@ -78,7 +78,11 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class TableConfig:
-    """One rendered table: which models, schemes and benchmark columns, in order."""
+    """One rendered table: which models, schemes and benchmark columns, in order.
+
+    ``labels``: a column's header where it is not the benchmark's name. ``published_labels``: the header a
+    published page prints for a benchmark where that differs (the table is then also rendered as published).
+    """
 
     name: str
     models: tuple[str, ...]
@@ -86,6 +90,13 @@ class TableConfig:
     caption: str = ""
     schemes: tuple[str, ...] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    published_labels: Mapping[str, str] = field(default_factory=dict)
+
+    def headers(self, *, as_published: bool = False) -> dict[str, str]:
+        """Each benchmark's column header, in the corrected rendering or as published."""
+        own = {b: self.labels.get(b, b) for b in self.benchmarks}
+        return {b: self.published_labels.get(b, own[b]) for b in self.benchmarks} if as_published else own
 
 
 @dataclass(frozen=True)
@@ -220,7 +231,10 @@ def load_run_config(
         _check_known("benchmark", f"{key}.benchmarks", raw["benchmarks"], benchmarks)
         if raw.get("schemes"):
             _check_known("scheme", f"{key}.schemes", raw["schemes"], schemes)
-        options = {k: v for k, v in raw.items() if k not in ("name", "models", "benchmarks", "caption", "schemes")}
+        for labels in ("labels", "published_labels"):
+            _check_known("benchmark", f"{key}.{labels}", raw.get(labels) or {}, tuple(raw["benchmarks"]))
+        fixed = ("name", "models", "benchmarks", "caption", "schemes", "labels", "published_labels")
+        options = {k: v for k, v in raw.items() if k not in fixed}
         tables.append(
             TableConfig(
                 name=raw["name"],
@@ -229,6 +243,8 @@ def load_run_config(
                 caption=raw.get("caption", ""),
                 schemes=tuple(raw["schemes"]) if raw.get("schemes") else None,
                 options=options,
+                labels=dict(raw.get("labels") or {}),
+                published_labels=dict(raw.get("published_labels") or {}),
             )
         )
     if not tables:

@@ -39,8 +39,8 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -67,12 +67,14 @@ class TableSpec:
 
     A row or column with no result renders as ``-`` cells, so a spec built from the config shows
     every planned cell whether it has run yet or not. A model's rows must be contiguous (its cell
-    spans them).
+    spans them). ``labels`` gives a column a header other than its benchmark's name (e.g. the label a
+    published page prints for it).
     """
 
     name: str
     rows: tuple[tuple[str, str], ...]
     benchmarks: tuple[str, ...]
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         rows = tuple(tuple(row) for row in self.rows)
@@ -80,6 +82,7 @@ class TableSpec:
             raise QuantbenchError(f"table {self.name!r}: each row must be a (model, scheme) pair, got {self.rows!r}")
         object.__setattr__(self, "rows", rows)
         object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
+        object.__setattr__(self, "labels", dict(self.labels))
         if not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\") or any(
             c.isspace() for c in self.name
         ):
@@ -93,9 +96,13 @@ class TableSpec:
             raise QuantbenchError(f"table {self.name!r} has no benchmark columns; list at least one")
         _require_unique(self.name, "row", self.rows)
         _require_unique(self.name, "benchmark", self.benchmarks)
-        reserved = {"model", "scheme"} & set(self.benchmarks)
+        unknown = sorted(set(self.labels) - set(self.benchmarks))
+        if unknown:
+            raise QuantbenchError(f"table {self.name!r}: labels given for {unknown}, which are not its benchmarks")
+        reserved = {"model", "scheme"} & (set(self.benchmarks) | set(self.headers))
         if reserved:
             raise QuantbenchError(f"table {self.name!r}: benchmark name(s) {sorted(reserved)} clash with row labels")
+        _require_unique(self.name, "column label", self.headers)
         closed: set[str] = set()
         for (model, _), (previous, _) in zip(self.rows[1:], self.rows[:-1]):
             if model != previous:
@@ -105,6 +112,12 @@ class TableSpec:
                         f"table {self.name!r}: the rows of model {model!r} are not contiguous; "
                         "list all schemes of a model together"
                     )
+
+
+    @property
+    def headers(self) -> tuple[str, ...]:
+        """The benchmark columns' header labels, in order."""
+        return tuple(self.labels.get(benchmark, benchmark) for benchmark in self.benchmarks)
 
 
 def _require_unique(table: str, what: str, items: Sequence[Hashable]) -> None:
@@ -239,7 +252,8 @@ def _specs(checked: pd.DataFrame) -> list[TableSpec]:
 
 
 def wide_table(frame: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
-    """The cells of ``spec``'s table as text: columns ``model, scheme, *benchmarks``, one row per spec row.
+    """The cells of ``spec``'s table as text: columns ``model, scheme`` and one per benchmark, headed by its
+    label (``spec.headers``), one row per spec row.
 
     Cells absent from ``frame`` are ``-``. Cells of ``frame`` outside the spec (another table, or a
     row or benchmark the spec does not list) are left out.
@@ -263,7 +277,7 @@ def _wide(checked: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         (model, scheme, *(lookup.get((model, scheme, benchmark), MISSING) for benchmark in spec.benchmarks))
         for model, scheme in spec.rows
     ]
-    return pd.DataFrame.from_records(records, columns=["model", "scheme", *spec.benchmarks])
+    return pd.DataFrame.from_records(records, columns=["model", "scheme", *spec.headers])
 
 
 def _text_grid(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:

@@ -1,6 +1,6 @@
 """Snakemake entry point of rule compare: one table's reproduced cells against the published ones."""
 
-from quantbench.cells import collect_cells
+from quantbench.cells import collect_cells, collect_filter_scores
 from quantbench.compare import write_comparison
 from quantbench.joblog import job_log
 from quantbench.tables import load_long_csv
@@ -17,4 +17,6 @@ with job_log(smk.log[0]):
         csv_path=smk.output.csv,
         md_path=smk.output.md,
         png_path=smk.output.png,
+        page_labels=smk.params.page_labels,
+        filter_scores=collect_filter_scores(table, smk.input.evals),
     )

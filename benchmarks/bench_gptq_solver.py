@@ -5,7 +5,8 @@ o, gate/up, down; random, bf16) and a Hessian ``x^T x`` of random activations wh
 magnitudes, then times:
 
 1. the inverse-Cholesky factor the solver starts from (``gptq._inverse_cholesky``) against the textbook
-   route it replaced (factorise ``H``, ``cholesky_inverse``, factorise the inverse), per input width;
+   route it replaced (factorise ``H``, ``cholesky_inverse``, factorise the inverse), per input width, and
+   its triangular inverse by halves (``gptq._inverse_lower``) against one triangular solve of the identity;
 2. ``gptq_solve`` per group with the scheme's parameters (``--scheme``, from ``config/schemes.yaml``), after
    a warm-up solve, and their sum: one layer's solver time, times the layer count;
 3. under ``torch.profiler``, the operators with the most GPU and CPU time over one layer's solves.
@@ -24,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig
 
-from quantbench.quant import gptq
+from quantbench.quant import gptq, gptq_kernel
 from quantbench.schemes import load_schemes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,9 +57,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / "qwen3-8b.json")
     parser.add_argument("--scheme", default="INT4-GPTQ")
     parser.add_argument("--tokens", type=int, default=16384, help="activation rows behind each Hessian")
+    parser.add_argument("--block-rows", type=int, default=gptq_kernel.BLOCK_ROWS, help="rows per column-kernel program")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    gptq_kernel.BLOCK_ROWS = args.block_rows
     config = AutoConfig.from_pretrained(args.config)
     scheme = load_schemes(REPO / "config" / "schemes.yaml")[args.scheme]
     hidden, inter, heads = config.hidden_size, config.intermediate_size, config.head_dim
@@ -75,7 +78,14 @@ def main() -> None:
         new_s, (upper, _) = _timed(lambda: gptq._inverse_cholesky(h, scheme.gptq.dampening, []))
         old_s, reference = _timed(lambda: _textbook_inverse_cholesky(h, scheme.gptq.dampening))
         diff = float((upper - reference).abs().max() / reference.abs().max())
-        cholesky.append({"width": width, "textbook_s": old_s, "one_factorisation_s": new_s, "max_rel_diff": diff})
+        lower = torch.linalg.cholesky(h)
+        identity = torch.eye(width, device="cuda")
+        _timed(lambda: torch.linalg.solve_triangular(lower, identity, upper=False))
+        solve_s, by_solve = _timed(lambda: torch.linalg.solve_triangular(lower, identity, upper=False))
+        halves_s, by_halves = _timed(lambda: gptq._inverse_lower(lower))
+        tri_diff = float((by_halves - by_solve).abs().max() / by_solve.abs().max())
+        cholesky.append({"width": width, "textbook_s": old_s, "one_factorisation_s": new_s, "max_rel_diff": diff,
+                         "triangular_solve_s": solve_s, "by_halves_s": halves_s, "halves_vs_solve_max_rel_diff": tri_diff})
 
     solve = lambda name: gptq.gptq_solve(weights[name], hessians[groups[name][1]], scheme.weights, scheme.gptq)  # noqa: E731
     for name in groups:
@@ -89,11 +99,14 @@ def main() -> None:
 
     lines = [
         f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; config {args.config.name}; "
-        f"scheme {args.scheme} ({scheme.gptq}); Hessians from {args.tokens} random tokens.",
+        f"scheme {args.scheme} ({scheme.gptq}); Hessians from {args.tokens} random tokens; column kernel "
+        f"{gptq_kernel.BLOCK_ROWS} rows per program.",
         "",
-        "| input width | factorise, invert, factorise s | one factorisation + triangular inverse s | max rel. difference |",
-        "|---|---|---|---|",
-        *(f"| {c['width']} | {c['textbook_s']:.4f} | {c['one_factorisation_s']:.4f} | {c['max_rel_diff']:.1e} |" for c in cholesky),
+        "| input width | factorise, invert, factorise s | one factorisation + triangular inverse s | max rel. difference "
+        "| triangular inverse: one solve s | by halves s | max rel. difference |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {c['width']} | {c['textbook_s']:.4f} | {c['one_factorisation_s']:.4f} | {c['max_rel_diff']:.1e} "
+          f"| {c['triangular_solve_s']:.4f} | {c['by_halves_s']:.4f} | {c['halves_vs_solve_max_rel_diff']:.1e} |" for c in cholesky),
         "",
         "| group | weight | solve s |",
         "|---|---|---|",

@@ -579,6 +579,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work = args.work or args.out / "work"
     args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.tool == "llmcompressor":
         args.result.write_text(json.dumps(run_llmcompressor(args), indent=1), encoding="utf-8")
         return

@@ -6,13 +6,14 @@ from snakemake.exceptions import WorkflowError
 
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.resources import Hardware, job_resources
+from quantbench.resources import Hardware, eval_rates, job_resources, load_workloads
 from quantbench.runconfig import load_run_config
 
 try:
     BENCHMARKS = load_benchmarks(config.get("benchmarks_file", "config/benchmarks.yaml"))
     RUN = load_run_config(config, base_dir=".", benchmarks=BENCHMARKS)
     HARDWARE = Hardware(**config.get("hardware", {}))
+    WORKLOADS = load_workloads(config.get("benchmarks_file", "config/benchmarks.yaml"))
 except QuantbenchError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
@@ -71,8 +72,11 @@ DEVICES = {
 
 
 def sized_resources(step, w):
-    """The quantbench.resources sizing of one job of ``step`` (wildcards ``w``), from its model's params_b."""
+    """The quantbench.resources sizing of one job of ``step`` (wildcards ``w``), from its model's params_b
+    (and for evaluate, the benchmark's workload at the configured backend's measured rates)."""
     scheme = w.get("scheme")
+    benchmark = w.get("benchmark")
+    backend = RUN.evaluation.get("backend", {})
     return job_resources(
         step,
         RUN.models[w.model].params_b,
@@ -80,6 +84,10 @@ def sized_resources(step, w):
         device=DEVICES[step],
         hardware=HARDWARE,
         model=w.model,
+        workload=WORKLOADS.get(benchmark),
+        rates=eval_rates(BENCHMARKS.get(benchmark)),
+        backend=backend.get("name", "hf"),
+        batch=backend.get("batch_size"),
     )
 
 

@@ -238,3 +238,21 @@ def test_a_group_that_saw_no_tokens_falls_back_and_says_so(env: dict, name: str,
     for module in modules.values():
         assert torch.isfinite(module.weight_scale.float()).all() and (module.weight_scale.float() > 0).all()
     assert len(group.report.fallbacks) == 1 and fallback in group.report.fallbacks[0] and group.report.tokens == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tiled Hessian runs on CUDA only")
+@pytest.mark.parametrize("width", [4096, 6144])
+def test_tiled_hessian_is_the_whole_product_bit_for_bit(width: int) -> None:
+    """Hessians of multiples of HESSIAN_TILE columns are built by upper tiles and mirrored: the same matrix."""
+    from quantbench.quant.observers import HESSIAN_TILE, accumulate_hessian
+
+    assert width % HESSIAN_TILE == 0
+    g = torch.Generator(device="cuda").manual_seed(width)
+    tiled = torch.zeros(width, width, device="cuda")
+    whole = torch.zeros(width, width, device="cuda")
+    for _ in range(3):  # several updates: the lower tiles follow the accumulated upper ones
+        rows = (torch.randn(4096, width, device="cuda", generator=g) * torch.exp(torch.randn(width, device="cuda", generator=g)))
+        rows = rows.to(torch.bfloat16)
+        accumulate_hessian(tiled, rows)
+        whole.add_(torch.mm(rows.t(), rows, out_dtype=torch.float32))
+    assert torch.equal(tiled, whole)

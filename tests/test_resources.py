@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from quantbench.errors import QuantbenchError
-from quantbench.resources import Hardware, JobResources, eval_gpus, job_resources
+from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.resources import (
+    HF_GENERATE_RATES,
+    HF_RATES,
+    EvalRates,
+    EvalWorkload,
+    Hardware,
+    JobResources,
+    eval_gpus,
+    eval_rates,
+    eval_seconds,
+    job_resources,
+    load_workloads,
+)
 from quantbench.schemes import load_schemes
 
 SCHEMES = load_schemes(Path(__file__).resolve().parents[1] / "config" / "schemes.yaml")
@@ -80,3 +94,56 @@ def test_errors_name_the_model_and_the_fix():
         job_resources("tabulate", 1.0)
     with pytest.raises(QuantbenchError, match=r"gpu_mem_gb must exceed"):
         Hardware(gpu_mem_gb=4)
+
+
+BENCHMARKS_FILE = Path(__file__).resolve().parents[1] / "config" / "benchmarks.yaml"
+
+
+def test_evaluation_time_follows_the_benchmark_workload_at_the_measured_rates():
+    workloads = load_workloads(BENCHMARKS_FILE)
+    gsm8k = workloads["GSM8K"]
+    # prompts at the forward rate, ceil(1319 / 8) batches of 256 decode steps at the step rate (8.19B measured)
+    seconds = gsm8k.requests * gsm8k.prompt_tokens / HF_RATES.prompt_tokens_per_s + 165 * 256 / HF_RATES.decode_steps_per_s
+    assert eval_seconds(8.19, gsm8k) == pytest.approx(seconds)
+    assert eval_seconds(16.38, gsm8k) == pytest.approx(2 * seconds)  # both rates scale with the weights
+    # 10 minutes of start-up, the 16.4 GB checkpoint read at 1 GB/s, 1.5 x the compute
+    job = job_resources("evaluate", 8.19, scheme=SCHEMES["BF16"], device="cuda", workload=gsm8k)
+    assert job.runtime == math.ceil(10 + (16.38 + 1.5 * seconds) / 60)
+    # an INT4 checkpoint reads a quarter of the bytes; the hf runtime computes in bf16 all the same
+    int4 = job_resources("evaluate", 8.19, scheme=SCHEMES["INT4-GPTQ"], device="cuda", workload=gsm8k)
+    assert int4.runtime == math.ceil(10 + (4.095 + 1.5 * seconds) / 60)
+
+
+def test_generation_batch_and_tensor_parallelism_shorten_the_estimate():
+    workload = EvalWorkload(requests=64, prompt_tokens=1000, new_tokens=100)
+    rates = EvalRates(params_b=1.0, prompt_tokens_per_s=1000.0, decode_steps_per_s=10.0, batch=8)
+    assert eval_seconds(1.0, workload, rates) == pytest.approx(64 + 8 * 10)
+    assert eval_seconds(1.0, workload, rates, batch=32) == pytest.approx(64 + 2 * 10)
+    one_at_a_time = EvalWorkload(requests=64, prompt_tokens=1000, new_tokens=100, batch=1)
+    assert eval_seconds(1.0, one_at_a_time, rates, batch=32) == pytest.approx(64 + 64 * 10)
+    # vLLM spreads a 235B model over 8 GPUs: each holds an eighth, so the estimate is that of 29.4B
+    mmlu = load_workloads(BENCHMARKS_FILE)["MMLU"]
+    vllm = job_resources("evaluate", 235, scheme=SCHEMES["BF16"], device="cuda", workload=mmlu, backend="vllm")
+    assert vllm.gpu == 8
+    assert vllm.runtime == math.ceil(10 + (470 + 1.5 * eval_seconds(235 / 8, mmlu)) / 60)
+
+
+def test_every_seed_benchmark_has_a_workload_and_bad_entries_are_errors(tmp_path: Path):
+    workloads = load_workloads(BENCHMARKS_FILE)
+    assert {"CEVAL", "MMLU", "GSM8K", "HUMANEVAL", "MMMU_VAL", "DocVQA_VAL", "ChartQA_TEST"} <= set(workloads)
+    bad = tmp_path / "benchmarks.yaml"
+    bad.write_text("workloads:\n  MMLU: {requests: 0, prompt_tokens: 10}\n", encoding="utf-8")
+    with pytest.raises(QuantbenchError, match=r"workloads\.MMLU: requests and prompt_tokens must be >= 1"):
+        load_workloads(bad)
+    assert load_workloads(tmp_path / "absent.yaml") == {}
+
+
+def test_vision_language_benchmarks_are_sized_at_the_rate_of_generate():
+    """Their scorers decode through transformers' generate, lm-eval's benchmarks through GreedyDecoder."""
+    specs = load_benchmarks(BENCHMARKS_FILE)
+    assert eval_rates(specs["DocVQA_VAL"]) is HF_GENERATE_RATES
+    assert eval_rates(specs["GSM8K"]) is HF_RATES and eval_rates(None) is HF_RATES
+    docvqa = load_workloads(BENCHMARKS_FILE)["DocVQA_VAL"]
+    slow = job_resources("evaluate", 7.0, scheme=SCHEMES["BF16"], device="cuda", workload=docvqa, rates=HF_GENERATE_RATES)
+    fast = job_resources("evaluate", 7.0, scheme=SCHEMES["BF16"], device="cuda", workload=docvqa)
+    assert slow.runtime > fast.runtime

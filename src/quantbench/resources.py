@@ -15,9 +15,16 @@ checkpoint the job reads:
   (``params_b x bits / 8`` GB) plus 10% for the KV cache must fit in the GPUs' usable memory (90% of each
   card, less 6 GB of CUDA context and activations per GPU). The GPU count is the smallest power of two
   that fits (tensor-parallel sizes must divide the attention heads), at most one node's GPUs: a 235B MoE
-  in BF16 gets 8 x 80 GB, in FP8 4. Host memory is 16 GiB plus half the checkpoint; wall time 30 minutes
-  plus 2 per billion parameters. On a CPU (the demo) the model runs in float32: no GPU, 1.5 x the float32
-  weights plus 1 GiB of host memory, 30 minutes plus an hour per billion parameters.
+  in BF16 gets 8 x 80 GB, in FP8 4. Host memory is 16 GiB plus half the checkpoint. Wall time comes from
+  the benchmark's workload (``workloads:`` of the benchmarks file: requests, prompt tokens, new tokens) at
+  the evaluation rates measured on one H200 (:data:`HF_RATES`, benchmarks/RESULTS.md): prompt tokens at the
+  full-logit forward rate and decode steps at the batched decode rate of the benchmark's decoding path
+  (:func:`eval_rates`: ``generate`` for the vision-language scorers), both scaled from the measured model
+  to ``params_b`` (per GPU for vLLM's tensor parallelism), times :data:`EVAL_MARGIN`, plus the checkpoint's
+  read at 1 GB/s and 10 minutes of start-up. vLLM is sized with the hf backend's rates, an upper bound (it
+  batches wider and runs low-bit kernels). A benchmark without a workload gets 30 minutes plus 2 per
+  billion parameters. On a CPU (the demo) the model runs in float32: no GPU, 1.5 x the float32 weights plus
+  1 GiB of host memory, 30 minutes plus an hour per billion parameters.
 
 A job on a CPU (``device: cpu`` in the config) asks for no GPU, so the embedded demo runs on any machine
 and cluster. Memory values are MiB and wall time is minutes: Snakemake's ``mem_mb`` and ``runtime``.
@@ -27,9 +34,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from quantbench.errors import QuantbenchError
+from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.schemes import Scheme
+from quantbench.specfile import build_spec, read_section
 
 STEPS = ("calibrate", "quantize", "evaluate")
 QUANTIZE_MIN_PER_B = {"rtn": 1.0, "gptq": 4.0, "awq": 6.0}
@@ -38,6 +48,74 @@ GPU_USABLE_FRACTION = 0.9
 GPU_OVERHEAD_GB = 6.0
 KV_CACHE_FRACTION = 0.1
 BASELINE_BITS = 16
+EVAL_MARGIN = 1.5  # measured compute time x this: other cards, other tokenizers, lm-eval's own work
+EVAL_STARTUP_MIN = 10.0
+CHECKPOINT_READ_GB_PER_S = 1.0
+
+
+@dataclass(frozen=True)
+class EvalWorkload:
+    """What scoring a benchmark once takes: model calls (``requests``; multiple-choice options sharing a
+    context are one), mean prompt tokens per call, new tokens per generation (the cap: a model that never
+    stops), and the batch generations run in (``None``: the backend's)."""
+
+    requests: int
+    prompt_tokens: int
+    new_tokens: int = 0
+    batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.prompt_tokens < 1 or self.new_tokens < 0 or (self.batch is not None and self.batch < 1):
+            raise ValueError("requests and prompt_tokens must be >= 1, new_tokens >= 0, batch >= 1")
+
+
+@dataclass(frozen=True)
+class EvalRates:
+    """Measured evaluation rates of a ``params_b`` model on one GPU: prompt tokens/s through full-logit
+    forwards, and decode steps/s with ``batch`` rows."""
+
+    params_b: float
+    prompt_tokens_per_s: float
+    decode_steps_per_s: float
+    batch: int
+
+
+# The hf backend (simulated-quantization runtime, GreedyDecoder) on one H200, Qwen3-8B architecture
+# (benchmarks/RESULTS.md, run 19, bench_eval.py): MMLU scored through lm-eval at 13-15k prompt tokens/s,
+# greedy decode at 1027 tokens/s with 8 rows (128 steps/s).
+HF_RATES = EvalRates(params_b=8.19, prompt_tokens_per_s=14000.0, decode_steps_per_s=128.0, batch=8)
+# transformers' generate on the same card (run 18: 213 tokens/s with 8 rows): the vision-language scorers'
+# path (quantbench's local scorer and lmms-eval call generate).
+HF_GENERATE_RATES = EvalRates(params_b=8.19, prompt_tokens_per_s=14000.0, decode_steps_per_s=26.6, batch=8)
+
+
+def eval_rates(spec: BenchmarkSpec | None) -> EvalRates:
+    """The measured rates of the path that evaluates ``spec`` on the hf backend: vision-language benchmarks
+    and sampled generations decode through ``generate``, lm-eval's greedy ones through
+    :class:`quantbench.evaluate.generation.GreedyDecoder`."""
+    if spec is None:
+        return HF_RATES
+    sampled = spec.lm_eval is not None and bool(spec.lm_eval.generation.get("do_sample"))
+    return HF_GENERATE_RATES if spec.lmms_eval is not None or sampled else HF_RATES
+
+
+def load_workloads(path: str | Path) -> dict[str, EvalWorkload]:
+    """The ``workloads:`` section of a benchmarks file, by benchmark name (empty when the file has none)."""
+    try:
+        raw = read_section(path, "workloads")
+    except QuantbenchError:
+        return {}
+    return {name: build_spec(EvalWorkload, value, f"{path}: workloads.{name}") for name, value in raw.items()}
+
+
+def eval_seconds(params_b: float, workload: EvalWorkload, rates: EvalRates = HF_RATES, batch: int | None = None) -> float:
+    """Compute seconds of one evaluation of a ``params_b`` model (on one GPU's share) at ``rates``: every
+    prompt token at the forward rate, every decode step of every batch at the step rate, both scaled by size."""
+    scale = params_b / rates.params_b
+    prompt_s = workload.requests * workload.prompt_tokens / rates.prompt_tokens_per_s * scale
+    rows = workload.batch or batch or rates.batch
+    decode_s = math.ceil(workload.requests / rows) * workload.new_tokens / rates.decode_steps_per_s * scale
+    return prompt_s + decode_s
 
 
 @dataclass(frozen=True)
@@ -110,11 +188,17 @@ def job_resources(
     device: str = "auto",
     hardware: Hardware = Hardware(),
     model: str = "the model",
+    workload: EvalWorkload | None = None,
+    rates: EvalRates = HF_RATES,
+    backend: str = "hf",
+    batch: int | None = None,
 ) -> JobResources:
     """The resources of one ``step`` job (see the module docstring for the rules).
 
     ``scheme``: the scheme quantized (``quantize``) or evaluated (``evaluate``; ``None`` or the baseline:
     BF16 weights). ``device``: where the step runs, as configured. ``model`` names the model in errors.
+    ``workload``, ``rates``, ``backend``, ``batch``: the evaluated benchmark's workload, the measured rates of
+    its path (:func:`eval_rates`), the evaluation backend and its batch size (``evaluate`` on GPUs).
     """
     if step not in STEPS:
         raise QuantbenchError(f"no resource rule for step {step!r}; steps: {', '.join(STEPS)}")
@@ -148,9 +232,15 @@ def job_resources(
         )
     gpus = eval_gpus(params_b, bits, hardware)
     weights = checkpoint_gb(params_b, bits) * (1 + KV_CACHE_FRACTION)
+    if workload is None:
+        minutes = 30 + 2 * params_b
+    else:
+        share = params_b / gpus if backend == "vllm" else params_b
+        read = checkpoint_gb(params_b, bits) / CHECKPOINT_READ_GB_PER_S
+        minutes = EVAL_STARTUP_MIN + (read + EVAL_MARGIN * eval_seconds(share, workload, rates, batch)) / 60
     return JobResources(
         gpu=gpus,
         gpu_mem_mb=_mib(weights / gpus + GPU_OVERHEAD_GB),
         mem_mb=_mib(16 + 0.5 * checkpoint_gb(params_b, bits)),
-        runtime=math.ceil(30 + 2 * params_b),
+        runtime=math.ceil(minutes),
     )

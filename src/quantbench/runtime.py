@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from quantbench.architectures import experts_paths
+from quantbench.architectures import block_list, experts_paths, stacks_of
 from quantbench.errors import QuantbenchError
 from quantbench.experts import unfuse_experts
 from quantbench.export import (
@@ -43,7 +43,7 @@ from quantbench.export import (
     checkpoint_format,
     decompress_quantized_linear,
 )
-from quantbench.quant.linear import QuantLinear
+from quantbench.quant.linear import QuantLinear, share_input_quantization
 from quantbench.quant.rtn import replace_module
 from quantbench.schemes import QuantArgs
 from quantbench.vlm import is_image_text_model
@@ -208,4 +208,22 @@ def _load_quantized(path: Path, config: PretrainedConfig, *, device: str, dtype:
     log.debug("loaded %d quantized modules from %s (tied/missing: %s)", len(assigned), path, missing)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
+    share_input_quantizations(model)
     return model.to(device)
+
+
+def share_input_quantizations(model: PreTrainedModel) -> int:
+    """Let the quantized linears of each shared-input group of a dense block (q/k/v; gate/up) quantize
+    their common input once (:func:`quantbench.quant.linear.share_input_quantization`); how many groups do."""
+    try:
+        stacks = stacks_of(model)
+    except QuantbenchError:  # an architecture quantbench has no mapping for: every linear quantizes its own input
+        return 0
+    shared = 0
+    for stack in stacks:
+        if stack.experts is not None:  # experts read different tokens
+            continue
+        for block in block_list(model, stack):
+            for names in stack.groups:
+                shared += share_input_quantization([block.get_submodule(n) for n in names])
+    return shared

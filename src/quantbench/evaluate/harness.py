@@ -2,10 +2,11 @@
 the configured metric (or the generated programs scored in the sandbox).
 
 Backends: ``hf`` wraps the model object of :func:`quantbench.runtime.load_model` (plain or simulated-
-quantization checkpoints) in lm-eval's HFLM; ``vllm`` is lm-eval's vLLM backend on the checkpoint path,
-where the vllm package is installed. Prompts go through the model's chat template only where the benchmark
-says so (``chat_template``; the published text tables use none); a BOS token is prepended where the
-tokenizer has one (``add_bos_token=True``).
+quantization checkpoints) in lm-eval's HFLM, whose greedy generations run through
+:class:`quantbench.evaluate.generation.GreedyDecoder` (the tokens ``generate`` gives, several times faster
+on a GPU); ``vllm`` is lm-eval's vLLM backend on the checkpoint path, where the vllm package is installed.
+Prompts go through the model's chat template only where the benchmark says so (``chat_template``; the
+published text tables use none); a BOS token is prepended where the tokenizer has one (``add_bos_token=True``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from lm_eval.api.group import Group
 from lm_eval.api.metrics import mean_stderr
 from lm_eval.api.model import LM
 from lm_eval.api.task import Task
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils_hf import stop_sequences_criteria
 from lm_eval.tasks import TaskManager
 
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate import sandbox
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import BenchmarkSpec, LmEvalSettings
+from quantbench.evaluate.generation import GreedyDecoder, merged_generation_config
 from quantbench.evaluate.results import Outcome
 from quantbench.evaluate.tasks import builtin_task_manager, leaf_tasks, task_name, task_version
 
@@ -54,10 +58,40 @@ def make_lm(model_dir: str | Path, backend: Backend, settings: LmEvalSettings | 
             batch_size="auto",
             **reasoning,
         )
-    from lm_eval.models.huggingface import HFLM
-
     model, tokenizer = backend.load(model_dir)
-    return HFLM(pretrained=model, tokenizer=tokenizer, add_bos_token=True, batch_size=backend.batch_size, **reasoning)
+    return QuantbenchHFLM(
+        pretrained=model, tokenizer=tokenizer, add_bos_token=True, batch_size=backend.batch_size, **reasoning
+    )
+
+
+class QuantbenchHFLM(HFLM):
+    """lm-eval's HFLM with greedy generations on a GPU through :class:`GreedyDecoder`; sampling, settings the
+    decoder does not reproduce, and models on other devices go to HFLM's own ``model.generate``.
+
+    On the CPU ``generate`` stays: the decoder attends over the whole static cache, which changes the last
+    bits of the attention sums, and the CPU's float32 results (the demo's) stay identical to earlier runs.
+    """
+
+    decoder_devices: tuple[str, ...] = ("cuda",)
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - HFLM's signature
+        super().__init__(*args, **kwargs)
+        self.decoder = GreedyDecoder(self.model)
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):  # noqa: ANN001, ANN201
+        kwargs = dict(generation_kwargs)
+        attention_mask = kwargs.pop("attention_mask", None)
+        temperature = kwargs.pop("temperature", 0.0)  # as HFLM: temperature 0 without do_sample means greedy
+        if kwargs.get("do_sample") is None and temperature == 0.0:
+            kwargs["do_sample"] = False
+        config = merged_generation_config(self.model, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        greedy = not config.do_sample and all(hasattr(config, k) for k in kwargs) and self.mixed_precision_dtype is None
+        if not greedy or context.device.type not in self.decoder_devices or not self.decoder.handles(config):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        criteria = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
+        return self.decoder.generate(
+            context, attention_mask, max_length=max_length, generation_config=config, stopping_criteria=criteria
+        )
 
 
 def run_lm_eval(

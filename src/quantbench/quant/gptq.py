@@ -35,6 +35,7 @@ from quantbench.schemes import GPTQParams, QuantArgs, Scheme
 log = logging.getLogger(__name__)
 
 MAX_DAMPENING = 1.0  # the largest damping (fraction of mean(diag(H))) tried before giving up
+TRIANGULAR_BLOCK = 1024  # widths up to this are inverted by one triangular solve, wider ones by halves
 
 
 @dataclass
@@ -65,9 +66,8 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float, notes: list[str])
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info == 0:
-            identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-            inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
-            del lower, identity
+            inverse = _inverse_lower(lower)
+            del lower
             if torch.isfinite(inverse.diagonal()).all():
                 return inverse.flip(0, 1), damp
         notes.append(f"Cholesky failed at dampening {damp:g}; raised to {damp * 10:g}")
@@ -76,6 +76,25 @@ def _inverse_cholesky(hessian: torch.Tensor, dampening: float, notes: list[str])
         f"the Hessian stays singular up to dampening {MAX_DAMPENING:g}; check the calibration data "
         "(too few tokens, or activations that overflow)"
     )
+
+
+def _inverse_lower(lower: torch.Tensor) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix, in place of ``lower``'s storage where possible.
+
+    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, by halves down to :data:`TRIANGULAR_BLOCK`
+    (one triangular solve against the identity there): n^3/3 multiply-adds, mostly in two large matrix
+    products per level, where one triangular solve against the whole identity takes n^3.
+    """
+    n = lower.shape[0]
+    if n <= TRIANGULAR_BLOCK:
+        identity = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, identity, upper=False)
+    half = n // 2
+    inverse = torch.zeros_like(lower)
+    inverse[:half, :half] = _inverse_lower(lower[:half, :half])
+    inverse[half:, half:] = _inverse_lower(lower[half:, half:])
+    inverse[half:, :half] = -inverse[half:, half:] @ (lower[half:, :half] @ inverse[:half, :half])
+    return inverse
 
 
 @contextmanager

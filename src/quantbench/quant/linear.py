@@ -4,7 +4,9 @@ The module stores what a compressed-tensors checkpoint stores (codes, ``weight_s
 ``weight_zero_point`` and static ``input_scale``) and computes ``linear(qdq(x), dequant(codes))``.
 The quantizers produce it, the exporter reads it, and the runtime rebuilds it from a checkpoint, so
 the weights a test evaluates are the weights that are written. On CUDA the input's quantize-dequantize
-runs as one fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code).
+runs as one fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code), and
+linears that read one input tensor with the same activation args (q/k/v; gate/up) can share it
+(:func:`share_input_quantization`): computed once, not once per linear.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from collections.abc import Callable, Sequence
 
 from quantbench.quant import qdq, qdq_kernel
 from quantbench.schemes import QuantArgs
@@ -22,6 +26,48 @@ def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Ten
     if qdq_kernel.available(x.device) and qdq_kernel.supports(args):
         return qdq_kernel.fake_quantize_activation(x, args, input_scale)
     return qdq.quantize_dequantize_activation(x, args, input_scale)
+
+
+class SharedInputQuantization:
+    """The quantize-dequantize of one input tensor, for the ``members`` linears that read it in turn.
+
+    The first member's call computes it; the others get the same result while they are called with the
+    same, unmodified tensor (identity and version); the last one's call drops it. Any other input is
+    computed afresh, so a call order other than the expected one costs time, never correctness.
+    """
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self._source: torch.Tensor | None = None
+        self._version = -1
+        self._result: torch.Tensor | None = None
+        self._left = 0
+
+    def __call__(self, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self._left == 0 or x is not self._source or x._version != self._version:
+            self._source, self._version, self._result, self._left = x, x._version, compute(x), self.members
+        result = self._result
+        self._left -= 1
+        if self._left == 0:
+            self._source = self._result = None
+        return result
+
+
+def share_input_quantization(linears: Sequence[QuantLinear]) -> bool:
+    """Let ``linears`` (called in this order on one input tensor) share its quantize-dequantize; only when they
+    quantize their input with the same args and static scale. Returns whether they now share it."""
+    if len(linears) < 2 or any(not isinstance(m, QuantLinear) or m.input_args is None for m in linears):
+        return False
+    first = linears[0]
+    for other in linears[1:]:
+        if other.input_args != first.input_args or (other.input_scale is None) != (first.input_scale is None):
+            return False
+        if first.input_scale is not None and not torch.equal(other.input_scale, first.input_scale):
+            return False
+    shared = SharedInputQuantization(len(linears))
+    for linear in linears:
+        linear.shared_input = shared
+    return True
 
 
 class QuantLinear(nn.Module):
@@ -55,6 +101,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._dequantized: torch.Tensor | None = None
+        self.shared_input: SharedInputQuantization | None = None
 
     @classmethod
     def from_weight(
@@ -121,8 +168,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_args is not None:
-            x = fake_quantize_input(x, self.input_args, self.input_scale)
+            if self.shared_input is None:
+                x = self._quantize_input(x)
+            else:
+                x = self.shared_input(x, self._quantize_input)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_input(x, self.input_args, self.input_scale)
 
     def extra_repr(self) -> str:
         w = self.weight_args

@@ -9,7 +9,8 @@ the input dtype before the weight multiply.
 
 Only the order of the float32 sum of squares differs from torch's reduction, so an output differs from the
 module's own by at most one unit in the last place, and rarely (5 in 10^6 bfloat16 outputs measured).
-The pipeline's passes use it through :func:`fused_rms_norms`; evaluation runs the model's own code.
+The pipeline's passes and the hf backend's decode steps (:mod:`quantbench.evaluate.generation`) use it
+through :func:`fused_rms_norms`; loglikelihood scoring runs the model's own code.
 A norm class is fused only after the kernel reproduced its own forward on its first input (so a variant
 such as ``(1 + weight)`` scaling keeps its own forward); inputs the kernel does not take (another dtype
 than the weight's, non-contiguous) go to the module's forward too.

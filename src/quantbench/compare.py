@@ -10,13 +10,15 @@ published cell with a number is one row of the comparison, in the published orde
 
 Only ``ok`` rows are unflagged. Published ``-`` cells have nothing to compare and are left out, as are
 reproduced cells the page did not publish. Differences are ``reproduced - published`` in the benchmark's
-unit (points for percentages).
+unit (points for percentages). The Markdown report also lists the settings of the run that depart from
+the recipe that made the published cells (:func:`quantbench.recipe.departures`), when given.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -76,13 +78,28 @@ def _number(value: float, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def render_markdown(comparison: pd.DataFrame, *, table: str, tolerance: float) -> str:
-    """A Markdown report: a heading, the summary line and one table row per published cell."""
+def render_departures(recipe: str, departures: Sequence[str]) -> list[str]:
+    """Markdown lines: the settings that depart from ``recipe``, the recipe that made the published cells."""
+    lines = [
+        "## Settings that depart from the published recipe",
+        "",
+        f"The published cells were made by {recipe}; docs/fidelity.md gives each setting's source and effect.",
+        "",
+    ]
+    return lines + ([f"- {line}" for line in departures] or ["- none"]) + [""]
+
+
+def render_markdown(
+    comparison: pd.DataFrame, *, table: str, tolerance: float, recipe: str = "", departures: Sequence[str] = ()
+) -> str:
+    """A Markdown report: a heading, the summary line, the departures from ``recipe`` (when given) and one table
+    row per published cell."""
     lines = [
         f"# {table}: reproduced vs published",
         "",
         summary(comparison, tolerance) + ".",
         "",
+        *(render_departures(recipe, departures) if recipe else []),
         "| Model | Quantization | Benchmark | Published | Reproduced | Difference | Status |",
         "|---|---|---|---:|---:|---:|---|",
     ]
@@ -156,11 +173,15 @@ def write_comparison(
     csv_path: str | Path,
     md_path: str | Path,
     png_path: str | Path,
+    recipe: str = "",
+    departures: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Compare ``table`` and write its CSV, Markdown and PNG (atomically); return the comparison."""
+    """Compare ``table`` and write its CSV, Markdown (with the departures from ``recipe``, when given) and PNG
+    (atomically); return the comparison."""
     comparison = compare_cells(published, reproduced, table=table, tolerance=tolerance)
     atomic_write_text(csv_path, render_csv(comparison))
-    atomic_write_text(md_path, render_markdown(comparison, table=table, tolerance=tolerance))
+    markdown = render_markdown(comparison, table=table, tolerance=tolerance, recipe=recipe, departures=departures)
+    atomic_write_text(md_path, markdown)
     atomic_write_bytes(png_path, render_plot(comparison, table=table, tolerance=tolerance))
     log.info("%s: %s", table, summary(comparison, tolerance))
     return comparison

@@ -17,4 +17,6 @@ with job_log(smk.log[0]):
         csv_path=smk.output.csv,
         md_path=smk.output.md,
         png_path=smk.output.png,
+        recipe=smk.params.recipe,
+        departures=smk.params.departures,
     )

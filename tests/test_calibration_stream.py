@@ -172,3 +172,37 @@ def test_stream_values_and_scheme_overrides_are_checked():
     ]:
         with pytest.raises(QuantbenchError, match=message):
             load_run_config(_config(scheme_overrides=overrides), base_dir=REPO, benchmarks=BENCHMARKS)
+
+
+def test_chartqa_test_as_published_first_records_answer_then_generation_prompt_padded(tmp_path, monkeypatch):
+    """The published Qwen2.5-VL calibration: ChartQA's test split (the split ChartQA_TEST scores), its first records in
+    order, the answer turn followed by the generation prompt, padded to max_seq_len with every position counted."""
+    import datasets
+    from vlm_fixtures import tiny_processor, write_benchmark_fixtures
+
+    from quantbench.calibration import process_image_calibration
+    from quantbench.hubsets import HubImageSet
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    jsonl = write_benchmark_fixtures(tmp_path / "files")["chartqa"]  # ChartQA test-style records
+    records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    rows = datasets.Dataset.from_dict(
+        {"image": [str(jsonl.parent / r["image"]) for r in records], "query": [r["question"] for r in records],
+         "label": [[r["answer"]] for r in records]},
+        features=datasets.Features({"image": datasets.Image(), "query": datasets.Value("string"),
+                                    "label": datasets.List(datasets.Value("string"))}),
+    )
+    (tmp_path / "ChartQA" / "data").mkdir(parents=True)
+    rows.to_parquet(str(tmp_path / "ChartQA" / "data" / "test-00000-of-00001.parquet"))
+    hub = HubImageSet.from_dict({"dataset": str(tmp_path / "ChartQA"), "split": "test", "image": "image", "question": "query", "answer": "label"})
+    processor = tiny_processor()
+    stream = StreamSpec(selection="first-n", format="angelslim", padding="max-length-masked")
+    published = process_image_calibration(processor, hub, 3, 256, stream=stream)
+    ours = process_image_calibration(processor, jsonl, 3, 256, stream=StreamSpec(selection="first-n"))
+    texts = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(published.input_ids, published.attention_mask)]
+    for text, ours_row, record in zip(texts, _rows(ours), records[:3]):  # the first three records, in order
+        assert text.endswith(f"{record['answer']}<|im_end|>\n<|im_start|>assistant\n") and record["question"] in text
+        assert text == processor.tokenizer.decode(ours_row) + "<|im_start|>assistant\n"
+    assert published.input_ids.shape == (3, 256) and published.num_tokens == 3 * 256
+    assert torch.equal(published.model_inputs(0, 3, "cpu")["attention_mask"], published.attention_mask)
+    assert torch.equal(published.pixel_values, ours.pixel_values) and published.metadata["source_hub"]["split"] == "test"

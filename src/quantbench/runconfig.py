@@ -192,7 +192,8 @@ def _model_calibration(
     needing = [s for s in schemes if all_schemes[s].needs_calibration]
     if raw is None:
         if needing:
-            raise QuantbenchError(f"{key}: schemes {needing} need calibration data; set {key}.calibration")
+            model = key.removesuffix(".calibration")
+            raise QuantbenchError(f"{model}: schemes {needing} need calibration data; set {key}")
         return {}
     if isinstance(raw, str):
         _check_known("calibration set", key, [raw], calib_sets)

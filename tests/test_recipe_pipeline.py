@@ -292,3 +292,34 @@ def test_schemes_carry_the_calibration_params_only_when_they_calibrate():
     assert "calibration" not in SCHEMES["FP8-Dynamic"].to_dict() and SCHEMES["INT4-GPTQ"].to_dict()["calibration"] == {
         "propagation": "quantized", "experts": "all-tokens"}
     assert Scheme(name="BF16").to_dict().get("calibration") is None
+
+
+def test_routed_calibration_runs_each_expert_on_its_real_tokens_only():
+    gen = torch.Generator().manual_seed(3)
+
+    def linear(n_in: int, n_out: int) -> nn.Linear:
+        module = nn.Linear(n_in, n_out, bias=False)
+        module.weight.data = torch.randn(n_out, n_in, generator=gen)
+        return module
+
+    from quantbench.experts import ExpertMLP
+
+    experts = ExpertList([ExpertMLP(linear(8, 6), linear(8, 6), linear(6, 8), nn.SiLU()) for _ in range(4)])
+    hidden = torch.randn(10, 8, generator=gen)
+    top_k = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 1], [0, 1], [2, 3], [3, 0], [1, 2], [3, 3], [3, 2]])
+    weights = torch.rand(10, 2, generator=gen)
+    real = torch.tensor([True] * 7 + [False] * 3)  # the last three tokens are padding
+    seen: dict[int, torch.Tensor] = {}
+    for e, expert in enumerate(experts):
+        expert.gate_proj.register_forward_pre_hook(lambda _m, args, e=e: seen.__setitem__(e, args[0]))
+    with torch.no_grad():
+        plain = experts(hidden, top_k, weights)  # the routed forward, every token
+        experts.routed, experts.routed_only, experts.token_mask = torch.zeros(4, dtype=torch.long), True, real[None, :]
+        seen.clear()
+        routed = experts(hidden, top_k, weights)
+    for e in range(4):
+        chosen = ((top_k == e).any(dim=1) & real).nonzero().flatten()
+        assert torch.equal(seen[e], hidden[chosen]), e
+    assert experts.routed.tolist() == [4, 4, 3, 3]  # real tokens only (with the pads: 4, 6, 5, 5)
+    # the real tokens' outputs are the routed forward's (up to the matmuls' row count), the pads get none
+    assert torch.allclose(routed[real], plain[real], rtol=1e-5, atol=1e-5) and (routed[~real] == 0).all()

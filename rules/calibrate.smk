@@ -1,4 +1,5 @@
-# calibrate: N samples x L tokens of a calibration set through the model's tokenizer (image-text sets: its processor).
+# calibrate: N samples x L tokens of a calibration set through the model's tokenizer (image-text sets: its processor),
+# records taken, rendered and padded as the set's stream says (selection, format, padding).
 # A JSONL set's inputs are the file and the images its records name; a Hub set's identity (dataset, split,
 # revision, columns) is a param, so changing either reruns calibration.
 
@@ -15,6 +16,7 @@ rule calibrate:
         num_samples=lambda w: RUN.calibration_sets[w.calibset].num_samples,
         max_seq_len=lambda w: RUN.calibration_sets[w.calibset].max_seq_len,
         seed=lambda w: RUN.calibration_sets[w.calibset].seed,
+        stream=lambda w: RUN.calibration_sets[w.calibset].stream.to_dict(),
     log:
         "logs/calibrate/{model}/{calibset}.log",
     resources:

@@ -1,5 +1,8 @@
-# report: the comparison with the published numbers (per table) and the docs page, when configured
-# (`compare:` and `docs:` in the config; see config/seed.yaml).
+# report: the comparison with the published numbers (per table), with the settings that depart from the
+# published recipe (compare.recipe), and the docs page, when configured (`compare:` and `docs:` in the
+# config; see config/seed.yaml).
+
+from quantbench.recipe import departures, load_recipe
 
 
 def compared(ext):
@@ -13,6 +16,10 @@ def compared(ext):
 
 
 if "compare" in config:
+    try:
+        RECIPE = load_recipe(config["compare"]["recipe"]) if "recipe" in config["compare"] else None
+    except QuantbenchError as exc:
+        raise WorkflowError(f"invalid configuration: {exc}") from None
 
     rule compare:
         input:
@@ -25,6 +32,8 @@ if "compare" in config:
         params:
             tolerance=config["compare"].get("tolerance", 1.0),
             page_labels=lambda w: dict(RUN.table(w.table).published_labels),
+            recipe=RECIPE.name if RECIPE else "",
+            departures=lambda w: departures(RUN, RUN.table(w.table), RECIPE) if RECIPE else [],
         log:
             "logs/compare/{table}.log",
         localrule: True

@@ -94,7 +94,8 @@ def test_page_notes_the_published_pages_inconsistencies(seed_run):
     assert "OlympiadBench" in notes[0] and "CEVAL, MMLU, GSM8K and HUMANEVAL" in notes[0]
     assert "5d19d68" in notes[0] and "as-published" in notes[0]
     assert "FP8-Dynamic-ViT" in notes[1] and "INT8-Dynamic-ViT" in notes[1]
-    assert "calibrated these models on ChartQA test" in notes[1]
+    assert "as the published runs did, on the first 128 records of ChartQA's test split" in notes[1]
+    assert "[Fidelity to the published recipe](fidelity.md)" in page.split("## Notes")[1]
     assert page.index("## Qwen2.5VL") < page.index(notes[1]) < page.index("## 其他模型")
 
 

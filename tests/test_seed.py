@@ -19,6 +19,7 @@ from seed_results import PUBLISHED, published_cells, true_benchmarks
 
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.recipe import departures, load_recipe
 from quantbench.runconfig import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +93,27 @@ def test_published_calibration_sets_are_shipped_byte_for_byte():
     }
     for name, digest in digests.items():
         assert hashlib.sha256((REPO / sets[name]["path"]).read_bytes()).hexdigest() == digest
-    calibration = {name: model["calibration"] for name, model in CONFIG["models"].items()}
-    assert {m for m, c in calibration.items() if c == "sharegpt-gpt4"} == {m for m in calibration if m.startswith("Hunyuan")}
+    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    files = {(model, calib.path.name if calib.path else calib.hub.describe()) for model, entry in run.models.items()
+             for calib in map(run.calibration_sets.get, entry.calibration.values())}
+    assert {m for m, f in files if f == "sharegpt_gpt4_256.jsonl"} == {m for m in run.models if m.startswith("Hunyuan")}
+    assert {m for m, f in files if "ChartQA" in f} == {m for m in run.models if m.startswith("Qwen2.5VL")}
+    assert all(f.endswith("@b605b6e08b57faf4359aeb2fe6a3ca595f99b6c5:test") for m, f in files if "ChartQA" in f)
+
+
+def test_seed_config_departs_from_the_published_recipe_only_where_no_option_selects_it():
+    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    recipe = load_recipe(REPO / CONFIG["compare"]["recipe"])
+    for table in run.tables:
+        assert departures(run, table, recipe) == [f.text for f in recipe.fixed if f.concerns(table.name, run.table_rows(table))]
+    # the recipe names a calibration for every published row that needs data, and the seed takes it
+    needing = {(m, s) for t in run.tables for m, s in run.table_rows(t) if run.schemes[s].needs_calibration}
+    assert needing == {(m, s) for m, row in recipe.calibration.items() for s in row}
+    qwen3_8b = {s: (c.num_samples, c.max_seq_len) for s in ("FP8-Static", "INT4-GPTQ", "INT4-AWQ")
+                for c in [run.calibration_of("Qwen3-8B", s)]}
+    assert qwen3_8b == {"FP8-Static": (256, 4096), "INT4-GPTQ": (128, 4096), "INT4-AWQ": (128, 4096)}
+    assert run.calibration_of("Hunyuan-7B-Instruct", "INT4-GPTQ").max_seq_len == 8192
+    assert run.calibration_of("Qwen2.5VL-3B", "INT4-AWQ").num_samples == 2
 
 
 def test_vision_language_benchmarks_are_declared_with_local_files():
@@ -136,7 +156,7 @@ def jobs(output: str) -> list[tuple[str, dict[str, str]]]:
 def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run):
     planned = jobs(seed_dry_run.stdout)
     assert Counter(rule for rule, _ in planned) == {
-        "download": 25, "calibrate": 25, "quantize": 101, "evaluate": 445, "tabulate": 4, "tabulate_as_published": 1,
+        "download": 25, "calibrate": 46, "quantize": 101, "evaluate": 445, "tabulate": 4, "tabulate_as_published": 1,
         "compare": 4, "docs_page": 1, "all": 1,
     }
     evals = {f["output"] for rule, f in planned if rule == "evaluate"}
@@ -147,13 +167,16 @@ def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run
     inputs = {f["output"]: f["input"] for rule, f in planned if rule == "quantize"}
     assert inputs["results/quantized/Qwen3-8B/FP8-Dynamic"] == "results/models/Qwen3-8B"
     assert inputs["results/quantized/Qwen3-8B/INT4-GPTQ"] == (
-        "results/models/Qwen3-8B, results/calib/Qwen3-8B/sharegpt-qwen3.safetensors"
+        "results/models/Qwen3-8B, results/calib/Qwen3-8B/sharegpt-qwen3-128.safetensors"
     )
+    assert inputs["results/quantized/Qwen3-8B/FP8-Static"].endswith("Qwen3-8B/sharegpt-qwen3.safetensors")
     assert inputs["results/quantized/Hunyuan-7B-Instruct/FP8-Static"].endswith("Hunyuan-7B-Instruct/sharegpt-gpt4.safetensors")
-    # the VLMs calibrate on ChartQA train from the Hub: the job's only file input is the model
-    assert inputs["results/quantized/Qwen2.5VL-7B/FP8-Static-ViT"].endswith("Qwen2.5VL-7B/chartqa-train.safetensors")
+    assert inputs["results/quantized/Hunyuan-7B-Instruct/INT4-GPTQ"].endswith("Hunyuan-7B-Instruct/sharegpt-gpt4-128-8k.safetensors")
+    # the VLMs calibrate on ChartQA test from the Hub: the job's only file input is the model
+    assert inputs["results/quantized/Qwen2.5VL-7B/FP8-Static-ViT"].endswith("Qwen2.5VL-7B/chartqa-test.safetensors")
     calibrate = {f["output"]: f["input"] for rule, f in planned if rule == "calibrate"}
-    assert calibrate["results/calib/Qwen2.5VL-7B/chartqa-train.safetensors"] == "results/models/Qwen2.5VL-7B"
+    assert calibrate["results/calib/Qwen2.5VL-7B/chartqa-test.safetensors"] == "results/models/Qwen2.5VL-7B"
+    assert "results/calib/Qwen2.5VL-3B/chartqa-test-2.safetensors" in calibrate
 
 
 def test_a_235b_moe_is_evaluated_on_several_gpus(seed_dry_run):

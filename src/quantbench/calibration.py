@@ -1,10 +1,13 @@
 """Calibration data: read a JSONL of texts or chats, tokenize N samples x L tokens, save and load them.
 
 Records are ``{"text": ...}``, ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT
-``{"conversations": [{"from", "value"}, ...]}``. Chats go through the tokenizer's chat template when it
-has one (otherwise their contents are joined by blank lines). Samples are chosen by a seeded shuffle of
-the records, each truncated to ``max_seq_len`` tokens and right-padded to the longest chosen sample; the
-attention mask marks real tokens, and every statistic downstream counts only those.
+``{"conversations": [{"from", "value"}, ...]}``. How they become samples is a
+:class:`~quantbench.calibspec.StreamSpec`. By default (quantbench's stream) samples are chosen by a seeded
+shuffle of the records; chats go through the tokenizer's chat template when it has one (otherwise their
+contents are joined by blank lines); each sample is truncated to ``max_seq_len`` tokens and right-padded to
+the longest chosen sample; the attention mask marks real tokens, and every statistic downstream counts only
+those. The published recipe's stream (first N records, first ShareGPT pair with a generation prompt,
+padded to ``max_seq_len``, pads in the statistics) is the spec's other values.
 
 Image-text sets (vision-language models, :func:`process_image_calibration`; :func:`calibrate_model`
 picks by the records) go through the model's processor: each record's image and question (and answer) as
@@ -14,10 +17,12 @@ samples either way. Their samples carry the images' patches too: ``pixel_values`
 image in sample order, ``image_grid_thw`` [images, 3] and ``images_per_sample`` [N], so any run of
 samples (:meth:`Calibration.model_inputs`) has its own images.
 
-The saved form is one safetensors file with ``input_ids`` and ``attention_mask`` ([N, L] int64), the image
-tensors when there are images, and metadata (the source file and its sha256, or the Hub dataset, split,
-revision and columns; N, L, seed, the tokenizer and its fingerprint) as one key-sorted JSON string under
-``METADATA_KEY``, so that the same samples always give the same bytes.
+The saved form is one safetensors file with ``input_ids`` and ``attention_mask`` ([N, L] int64, 1 = real
+token), the image tensors when there are images, and metadata (the source file and its sha256, or the Hub
+dataset, split, revision and columns; N, L, the stream spec, the tokenizer and its fingerprint) as one
+key-sorted JSON string under ``METADATA_KEY``, so that the same samples always give the same bytes. The
+stream's padding says what the model is given (:meth:`Calibration.model_inputs`) and which positions the
+statistics count (:meth:`Calibration.statistics_mask`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from quantbench.calibspec import StreamSpec
 from quantbench.errors import QuantbenchError
 from quantbench.hubsets import HubImageSet, hub_image_records
 from quantbench.io import atomic_write_bytes
@@ -83,12 +89,19 @@ class Calibration:
         """Whether the samples carry images (an image-text calibration set)."""
         return self.pixel_values is not None
 
+    @property
+    def stream(self) -> StreamSpec:
+        """How the samples were made (files written before streams were recorded: quantbench's default stream)."""
+        return StreamSpec.from_dict(self.metadata, "calibration metadata")
+
     def model_inputs(self, start: int, stop: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """The keyword inputs of a model forward for samples ``start:stop``, with their images, on ``device``."""
-        inputs = {
-            "input_ids": self.input_ids[start:stop].to(device),
-            "attention_mask": self.attention_mask[start:stop].to(device),
-        }
+        """The keyword inputs of a model forward for samples ``start:stop``, with their images, on ``device``.
+
+        The attention mask is left out when the stream forwards without one (``max-length-unmasked``).
+        """
+        inputs = {"input_ids": self.input_ids[start:stop].to(device)}
+        if self.stream.forward_mask:
+            inputs["attention_mask"] = self.attention_mask[start:stop].to(device)
         if self.has_images:
             image_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.images_per_sample.cumsum(0)])
             first, last = int(image_offsets[start]), int(image_offsets[min(stop, self.num_samples)])
@@ -103,10 +116,16 @@ class Calibration:
         """N, the number of samples."""
         return int(self.input_ids.shape[0])
 
+    def statistics_mask(self, start: int, stop: int) -> torch.Tensor:
+        """Which positions of samples ``start:stop`` the statistics count (bool [n, L]): the real tokens, or every
+        position when the stream's pads count."""
+        mask = self.attention_mask[start:stop].bool()
+        return torch.ones_like(mask) if self.stream.pads_in_statistics else mask
+
     @property
     def num_tokens(self) -> int:
-        """Real (non-padding) tokens over all samples."""
-        return int(self.attention_mask.sum())
+        """Positions the statistics count over all samples: the real tokens, or every position when pads count."""
+        return int(self.statistics_mask(0, self.num_samples).sum())
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Fail clearly when these samples were tokenized by a different tokenizer."""
@@ -155,6 +174,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where: str) -> list[int]:
+    """quantbench's format: the whole chat through the template, no generation prompt (see the module docstring)."""
     chat = _messages(record, where)
     if chat is None:
         return list(tokenizer(str(record["text"]))["input_ids"])
@@ -164,10 +184,52 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where
     return list(tokenizer("\n\n".join(turn["content"] for turn in chat))["input_ids"])
 
 
+def _angelslim_chat(record: dict[str, Any], where: str) -> list[dict[str, str]] | None:
+    """The chat AngelSlim's ``TextDataset`` builds: a ``messages`` record whole (its ``system_prompt`` first),
+    a ShareGPT record's first two turns as user and assistant whoever spoke them; None for a plain text."""
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t for t in turns[:2]):
+            raise QuantbenchError(f"{where}: the angelslim format needs two 'conversations' turns with a 'value' (a user/assistant pair)")
+        return [{"role": "user", "content": str(turns[0]["value"])}, {"role": "assistant", "content": str(turns[1]["value"])}]
+    chat = _messages(record, where)
+    if chat is not None and record.get("system_prompt") and chat[0]["role"] != "system":
+        chat = [{"role": "system", "content": str(record["system_prompt"])}, *chat]
+    return chat
+
+
+def _angelslim_token_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where: str, max_seq_len: int) -> list[int]:
+    """The published recipe's format: :func:`_angelslim_chat` through the template with a generation prompt,
+    tokenized with the tokenizer's default special tokens and truncation side (plain text: as it is)."""
+    chat = _angelslim_chat(record, where)
+    if chat is None:
+        text = str(record["text"])
+    elif not tokenizer.chat_template:
+        raise QuantbenchError(f"{where}: the angelslim format renders chats through the chat template, and this tokenizer has none")
+    else:
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, truncation=True, max_length=max_seq_len)["input_ids"])
+
+
+def _record_order(count: int, stream: StreamSpec, seed: int) -> list[int]:
+    """Record indices in the order samples are taken: file order (``first-n``) or shuffled with ``seed``."""
+    order = list(range(count))
+    if stream.selection == "shuffle":
+        random.Random(seed).shuffle(order)
+    return order
+
+
 def tokenize_calibration(
-    tokenizer: PreTrainedTokenizerBase, path: str | Path, num_samples: int, max_seq_len: int, *, seed: int = 0
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    num_samples: int,
+    max_seq_len: int,
+    *,
+    seed: int = 0,
+    stream: StreamSpec = StreamSpec(),
 ) -> Calibration:
-    """Choose ``num_samples`` records of ``path`` by a seeded shuffle and tokenize them to at most ``max_seq_len``.
+    """Take ``num_samples`` records of ``path`` as ``stream`` says (``seed`` shuffles them) and tokenize them to
+    at most ``max_seq_len`` tokens.
 
     Records that tokenize to nothing are skipped; too few usable records is an error.
     """
@@ -175,11 +237,13 @@ def tokenize_calibration(
         raise QuantbenchError(f"num_samples and max_seq_len must be positive, got {num_samples} and {max_seq_len}")
     path = Path(path)
     records = read_records(path)
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
     samples: list[list[int]] = []
-    for index in order:
-        ids = _token_ids(tokenizer, records[index], f"{path} record {index + 1}")[:max_seq_len]
+    for index in _record_order(len(records), stream, seed):
+        where = f"{path} record {index + 1}"
+        if stream.format == "angelslim":
+            ids = _angelslim_token_ids(tokenizer, records[index], where, max_seq_len)
+        else:
+            ids = _token_ids(tokenizer, records[index], where)[:max_seq_len]
         if ids:
             samples.append(ids)
             if len(samples) == num_samples:
@@ -189,14 +253,19 @@ def tokenize_calibration(
             f"{path} has only {len(samples)} non-empty records, fewer than the {num_samples} samples asked for; "
             "lower num_samples or use a larger calibration file"
         )
-    input_ids, attention_mask = _pad_samples(samples, tokenizer.pad_token_id)
-    return Calibration(input_ids, attention_mask, _metadata(path, tokenizer, num_samples, max_seq_len, seed))
+    input_ids, attention_mask = _pad_samples(samples, tokenizer, stream, max_seq_len)
+    return Calibration(input_ids, attention_mask, _metadata(path, tokenizer, num_samples, max_seq_len, seed, stream))
 
 
 def _metadata(
-    source: Path | HubImageSet, tokenizer: PreTrainedTokenizerBase, num_samples: int, max_seq_len: int, seed: int
+    source: Path | HubImageSet,
+    tokenizer: PreTrainedTokenizerBase,
+    num_samples: int,
+    max_seq_len: int,
+    seed: int,
+    stream: StreamSpec,
 ) -> dict[str, Any]:
-    """What made a calibration set: its source (file and hash, or Hub set), N, L, seed, the tokenizer and its fingerprint."""
+    """What made a calibration set: its source (file and hash, or Hub set), N, L, seed, the stream, the tokenizer and its fingerprint."""
     if isinstance(source, HubImageSet):
         origin: dict[str, Any] = {"source": source.describe(), "source_hub": source.to_dict()}
     else:
@@ -206,32 +275,57 @@ def _metadata(
         "num_samples": num_samples,
         "max_seq_len": max_seq_len,
         "seed": seed,
+        **stream.to_dict(),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
     }
 
 
-def _pad_samples(samples: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` right-padded to the longest sample with ``pad_id`` (0 if None), and the mask of real tokens."""
-    length = max(len(ids) for ids in samples)
-    input_ids = torch.full((len(samples), length), pad_id if pad_id is not None else 0, dtype=torch.int64)
+def _pad_samples(
+    samples: list[list[int]], tokenizer: PreTrainedTokenizerBase, stream: StreamSpec, max_seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` padded with the tokenizer's pad token, and the mask of real tokens.
+
+    ``longest``: right-padded to the longest sample (pad id 0 when the tokenizer has none). The max-length
+    paddings: every sample padded to ``max_seq_len`` on the tokenizer's padding side, as the tokenizer's own
+    ``padding="max_length"`` does (a tokenizer without a pad token is an error, as it is there).
+    """
+    pad_id = tokenizer.pad_token_id
+    if stream.padding == "longest":
+        length, left = max(len(ids) for ids in samples), False
+        pad_id = 0 if pad_id is None else pad_id
+    else:
+        if pad_id is None:
+            raise QuantbenchError(
+                f"padding {stream.padding!r} pads with the tokenizer's pad token, and {getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none"
+            )
+        length, left = max_seq_len, tokenizer.padding_side == "left"
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.int64)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.int64)
     for row, ids in enumerate(samples):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        attention_mask[row, : len(ids)] = 1
+        span = slice(length - len(ids), length) if left else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids, dtype=torch.int64)
+        attention_mask[row, span] = 1
     return input_ids, attention_mask
 
 
 def process_image_calibration(
-    processor: Any, source: str | Path | HubImageSet, num_samples: int, max_seq_len: int, *, seed: int = 0
+    processor: Any,
+    source: str | Path | HubImageSet,
+    num_samples: int,
+    max_seq_len: int,
+    *,
+    seed: int = 0,
+    stream: StreamSpec = StreamSpec(),
 ) -> Calibration:
-    """Choose ``num_samples`` image-text records of ``source`` by a seeded shuffle and run them through ``processor``.
+    """Take ``num_samples`` image-text records of ``source`` as ``stream`` says and run them through ``processor``.
 
     ``source`` is a JSONL of :func:`quantbench.vlm.read_image_records` objects (``image``, ``question``,
     optional ``answer`` or ``answers``, whose first one is used) or a Hub set, whose rows
-    :func:`quantbench.hubsets.hub_image_records` gives in the same form. A sample is cut to
-    ``max_seq_len`` tokens only after its last image token; a record whose image tokens alone exceed ``max_seq_len`` is skipped
-    (logged), and too few usable records is an error.
+    :func:`quantbench.hubsets.hub_image_records` gives in the same form. The ``angelslim`` format ends each
+    chat with a generation prompt after the answer. A sample is cut to ``max_seq_len`` tokens only after its
+    last image token; a record whose image tokens alone exceed ``max_seq_len`` is skipped (logged), and too
+    few usable records is an error.
     """
     if num_samples <= 0 or max_seq_len <= 0:
         raise QuantbenchError(f"num_samples and max_seq_len must be positive, got {num_samples} and {max_seq_len}")
@@ -240,16 +334,16 @@ def process_image_calibration(
     else:
         source = Path(source)
         where, records = str(source), read_image_records(source)
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
     image_token = processor.image_token_id
     samples: list[list[int]] = []
     pixels, grids = [], []
     skipped = 0
-    for index in order:
+    for index in _record_order(len(records), stream, seed):
         record = records[index]
         answer = record.get("answer", (record.get("answers") or [""])[0])  # DocVQA-style records: the first answer
-        inputs = image_text_inputs(processor, record["image"], str(record["question"]), answer)
+        inputs = image_text_inputs(
+            processor, record["image"], str(record["question"]), answer, add_generation_prompt=stream.format == "angelslim"
+        )
         ids = inputs["input_ids"][0].tolist()
         image_end = max(i for i, token in enumerate(ids) if token == image_token) + 1
         if image_end > max_seq_len:
@@ -268,8 +362,8 @@ def process_image_calibration(
             f"the {num_samples} samples asked for; lower num_samples, raise max_seq_len or use a larger set"
         )
     tokenizer = processor.tokenizer
-    input_ids, attention_mask = _pad_samples(samples, tokenizer.pad_token_id)
-    metadata = {**_metadata(source, tokenizer, num_samples, max_seq_len, seed), "images": len(grids)}
+    input_ids, attention_mask = _pad_samples(samples, tokenizer, stream, max_seq_len)
+    metadata = {**_metadata(source, tokenizer, num_samples, max_seq_len, seed, stream), "images": len(grids)}
     return Calibration(
         input_ids,
         attention_mask,
@@ -287,16 +381,22 @@ def _holds_images(path: Path) -> bool:
 
 
 def calibrate_model(
-    model_dir: str | Path, source: str | Path | HubImageSet, num_samples: int, max_seq_len: int, *, seed: int = 0
+    model_dir: str | Path,
+    source: str | Path | HubImageSet,
+    num_samples: int,
+    max_seq_len: int,
+    *,
+    seed: int = 0,
+    stream: StreamSpec = StreamSpec(),
 ) -> Calibration:
     """Calibration samples of ``source`` (a JSONL, or a Hub image-text set) for the model in ``model_dir``.
 
     Image-text records go through the model's processor (:func:`process_image_calibration`), texts and
-    chats through its tokenizer (:func:`tokenize_calibration`).
+    chats through its tokenizer (:func:`tokenize_calibration`); ``stream`` says how records become samples.
     """
     if isinstance(source, HubImageSet) or _holds_images(Path(source)):
-        return process_image_calibration(load_processor(model_dir), source, num_samples, max_seq_len, seed=seed)
-    return tokenize_calibration(AutoTokenizer.from_pretrained(model_dir), source, num_samples, max_seq_len, seed=seed)
+        return process_image_calibration(load_processor(model_dir), source, num_samples, max_seq_len, seed=seed, stream=stream)
+    return tokenize_calibration(AutoTokenizer.from_pretrained(model_dir), source, num_samples, max_seq_len, seed=seed, stream=stream)
 
 
 def save_calibration(calibration: Calibration, path: str | Path) -> Path:

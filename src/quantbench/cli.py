@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from quantbench import __version__
+from quantbench.calibspec import FORMATS, PADDINGS, SELECTIONS, StreamSpec
 from quantbench.errors import QuantbenchError
 
 
@@ -109,6 +110,16 @@ def _add_calibration_size(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=128, metavar="N", help="calibration samples (default 128)")
     parser.add_argument("--max-seq-len", type=int, default=2048, metavar="L", help="tokens per sample at most (default 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
+    parser.add_argument("--selection", choices=SELECTIONS, default="shuffle", help="records in a seeded shuffle, or the "
+                        "first N in file order (the published recipe's)")
+    parser.add_argument("--format", choices=FORMATS, default="quantbench", help="quantbench: whole chats, no generation "
+                        "prompt; angelslim: the first user/assistant pair with the generation prompt")
+    parser.add_argument("--padding", choices=PADDINGS, default="longest", help="longest: pads masked and never counted; "
+                        "max-length-unmasked / max-length-masked: padded to L, pads counted in the statistics")
+
+
+def _stream(args: argparse.Namespace) -> StreamSpec:
+    return StreamSpec(selection=args.selection, format=args.format, padding=args.padding)
 
 
 def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
@@ -116,7 +127,7 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
         "calibrate",
         help="tokenize N calibration samples of a JSONL with a model's tokenizer into one safetensors file",
         description="Choose N records of a JSONL of texts ('text') or chats ('messages' or ShareGPT "
-        "'conversations', through the chat template) by a seeded shuffle, truncate each to L tokens, and "
+        "'conversations', through the chat template) by a seeded shuffle (or the first N), truncate each to L tokens, and "
         "write input_ids, attention_mask and metadata (source sha256, N, L, tokenizer) atomically. Image-text "
         "records ('image' relative to the JSONL, 'question', 'answer') go through the model's processor and "
         "keep their images' pixel values.",
@@ -131,7 +142,7 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from quantbench.calibration import calibrate_model, save_calibration
 
-    calibration = calibrate_model(args.model, args.data, args.num_samples, args.max_seq_len, seed=args.seed)
+    calibration = calibrate_model(args.model, args.data, args.num_samples, args.max_seq_len, seed=args.seed, stream=_stream(args))
     save_calibration(calibration, args.out)
     print(f"{calibration.num_samples} samples, {calibration.num_tokens} tokens -> {args.out}")
     return 0
@@ -167,7 +178,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     scheme = get_scheme(load_schemes(args.schemes), args.scheme)
     calibration = args.calib
     if calibration is not None and calibration.suffix != ".safetensors":
-        calibration = calibrate_model(args.model, calibration, args.num_samples, args.max_seq_len, seed=args.seed)
+        calibration = calibrate_model(
+            args.model, calibration, args.num_samples, args.max_seq_len, seed=args.seed, stream=_stream(args)
+        )
     options = PipelineOptions(chunk_size=args.chunk_size, offload_activations=args.offload_activations)
     out = quantize_checkpoint(
         args.model, scheme, args.out, calibration=calibration, device=args.device, seed=args.seed, options=options

@@ -19,13 +19,16 @@ reproduced cell of the benchmark it came from, and the row keeps the page's labe
 Where a benchmark's results record several filters of its metric (GSM8K: strict-match, flexible-extract),
 :func:`compare_filters` says per row which filter's score is closer to the published number; the
 Markdown report lists it under the comparison.
+
+The Markdown report also lists the settings of the run that depart from the recipe that made the
+published cells (:func:`quantbench.recipe.departures`), when given.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -124,16 +127,35 @@ def _number(value: float, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def render_departures(recipe: str, departures: Sequence[str]) -> list[str]:
+    """Markdown lines: the settings that depart from ``recipe``, the recipe that made the published cells."""
+    lines = [
+        "## Settings that depart from the published recipe",
+        "",
+        f"The published cells were made by {recipe}; docs/fidelity.md gives each setting's source and effect.",
+        "",
+    ]
+    return lines + ([f"- {line}" for line in departures] or ["- none"]) + [""]
+
+
 def render_markdown(
-    comparison: pd.DataFrame, *, table: str, tolerance: float, filters: pd.DataFrame | None = None
+    comparison: pd.DataFrame,
+    *,
+    table: str,
+    tolerance: float,
+    filters: pd.DataFrame | None = None,
+    recipe: str = "",
+    departures: Sequence[str] = (),
 ) -> str:
-    """A Markdown report: a heading, the summary line and one table row per published cell (its benchmark, and
-    the page's label where that differs); then, for ``filters`` (:func:`compare_filters`), the closer filter."""
+    """A Markdown report: a heading, the summary line, the departures from ``recipe`` (when given) and one table
+    row per published cell (its benchmark, and the page's label where that differs); then, for ``filters``
+    (:func:`compare_filters`), the closer filter."""
     lines = [
         f"# {table}: reproduced vs published",
         "",
         summary(comparison, tolerance) + ".",
         "",
+        *(render_departures(recipe, departures) if recipe else []),
         "| Model | Quantization | Benchmark | Published | Reproduced | Difference | Status |",
         "|---|---|---|---:|---:|---:|---|",
     ]
@@ -233,16 +255,22 @@ def write_comparison(
     png_path: str | Path,
     page_labels: Mapping[str, str] | None = None,
     filter_scores: pd.DataFrame | None = None,
+    recipe: str = "",
+    departures: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Compare ``table`` and write its CSV, Markdown and PNG (atomically); return the comparison.
 
     ``page_labels``: see :func:`compare_cells`; ``filter_scores``: every filter's score of the reproduced
-    cells (:func:`quantbench.cells.collect_filter_scores`), for the Markdown's filter section.
+    cells (:func:`quantbench.cells.collect_filter_scores`), for the Markdown's filter section; ``recipe``,
+    ``departures``: the recipe that made the published cells and the run's settings that depart from it.
     """
     comparison = compare_cells(published, reproduced, table=table, tolerance=tolerance, page_labels=page_labels)
     filters = None if filter_scores is None else compare_filters(comparison, filter_scores)
     atomic_write_text(csv_path, render_csv(comparison))
-    atomic_write_text(md_path, render_markdown(comparison, table=table, tolerance=tolerance, filters=filters))
+    markdown = render_markdown(
+        comparison, table=table, tolerance=tolerance, filters=filters, recipe=recipe, departures=departures
+    )
+    atomic_write_text(md_path, markdown)
     atomic_write_bytes(png_path, render_plot(comparison, table=table, tolerance=tolerance))
     log.info("%s: %s", table, summary(comparison, tolerance))
     return comparison

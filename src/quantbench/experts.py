@@ -11,12 +11,14 @@ quantizers, the checkpoint writer and the runtime treat experts as ordinary line
 In calibration mode (:func:`calibrate_all_experts`) every expert runs on every token, so that each
 expert's statistics cover all calibration tokens however peaked the router is, while the layer's output
 still combines the router's choices only (the same sum as the routed forward); the real tokens the
-router sent to each expert are counted.
+router sent to each expert are counted. With the list's ``routed_only`` set (the published recipe's
+statistics), calibration mode runs each expert on the real tokens the router sent it and no others, as
+the routed forward does; :func:`per_expert_groups` then gives each expert's linears their own statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -46,6 +48,7 @@ class ExpertList(nn.ModuleList):
         super().__init__(experts)
         self.token_mask: torch.Tensor | None = None  # set in calibration mode: which of the T tokens are real
         self.routed: torch.Tensor | None = None  # calibration mode, when set: real tokens routed to each expert
+        self.routed_only = False  # calibration mode runs each expert on its routed real tokens only
 
     @classmethod
     def from_fused(cls, fused: nn.Module, where: str) -> ExpertList:
@@ -79,10 +82,20 @@ class ExpertList(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        real = None
         if self.token_mask is not None:
-            return self._forward_all(hidden_states, top_k_index, top_k_weights, out)
+            real = self.token_mask.reshape(-1)
+            if real.numel() != hidden_states.shape[0]:
+                raise QuantbenchError(f"expert input of {hidden_states.shape[0]} tokens does not match the token mask {tuple(self.token_mask.shape)}")
+            if self.routed is not None:
+                self.routed += torch.bincount(top_k_index[real].reshape(-1), minlength=len(self)).cpu()
+            if not self.routed_only:
+                return self._forward_all(hidden_states, top_k_index, top_k_weights, out)
         for e in torch.unique(top_k_index).tolist():
-            tokens, slot = torch.where(top_k_index == e)
+            chosen = top_k_index == e
+            tokens, slot = torch.where(chosen if real is None else chosen & real[:, None])
+            if tokens.numel() == 0:  # only padding chose it: the expert is not run (nor observed)
+                continue
             contribution = self[e](hidden_states[tokens]) * top_k_weights[tokens, slot, None]
             out.index_add_(0, tokens, contribution.to(out.dtype))
         return out
@@ -91,11 +104,6 @@ class ExpertList(nn.ModuleList):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
         """Calibration: every expert on every token (the hooks see them all); the output uses the router's choices."""
-        real = self.token_mask.reshape(-1)
-        if real.numel() != hidden_states.shape[0]:
-            raise QuantbenchError(f"expert input of {hidden_states.shape[0]} tokens does not match the token mask {tuple(self.token_mask.shape)}")
-        if self.routed is not None:
-            self.routed += torch.bincount(top_k_index[real].reshape(-1), minlength=len(self)).cpu()
         for e, expert in enumerate(self):
             weight = (top_k_weights * (top_k_index == e)).sum(dim=-1)
             out.add_((expert(hidden_states) * weight[:, None]).to(out.dtype))
@@ -118,9 +126,36 @@ def unfuse_experts(model: nn.Module, paths: list[str]) -> int:
     return replaced
 
 
+def per_expert_groups(
+    groups: Sequence[tuple[str, ...]], experts: str
+) -> list[tuple[tuple[str, ...], tuple[str, ...] | None]]:
+    """``groups`` (a block's shared-input groups) with the linears of the experts module ``experts`` split into one
+    group per expert, each paired with its parent key: its names with the expert number replaced by ``*``,
+    shared by the same linears of every expert (what the published recipe's parent observer collects over).
+    Linears outside the experts (a shared expert) keep their group, without a parent.
+    """
+    prefix = f"{experts}."
+    out: list[tuple[tuple[str, ...], tuple[str, ...] | None]] = []
+    for group in groups:
+        others: list[str] = []
+        by_expert: dict[str, list[str]] = {}
+        for name in group:
+            index, _, _ = name[len(prefix):].partition(".")
+            if name.startswith(prefix) and index.isdigit():
+                by_expert.setdefault(index, []).append(name)
+            else:
+                others.append(name)
+        if others:
+            out.append((tuple(others), None))
+        for index, names in by_expert.items():
+            out.append((tuple(names), tuple(n.replace(f"{prefix}{index}.", f"{prefix}*.", 1) for n in names)))
+    return out
+
+
 @contextmanager
 def calibrate_all_experts(experts: list[ExpertList], mask: torch.Tensor) -> Iterator[None]:
-    """Calibration mode for ``experts`` on a chunk whose real tokens are ``mask [batch, seq]``.
+    """Calibration mode for ``experts`` on a chunk whose real tokens are ``mask [batch, seq]``: every expert on
+    every token, or each on its routed real tokens where a list's ``routed_only`` is set (module docstring).
 
     Routed tokens are added to each list's ``routed`` counts when the caller has set them (zeros).
     """

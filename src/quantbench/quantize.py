@@ -30,7 +30,8 @@ from quantbench.vlm import is_image_text_model, load_processor
 log = logging.getLogger(__name__)
 
 # Target groups in the order their blocks are quantized: the vision tower first, so that the language
-# layers calibrate on the image tokens of the quantized tower, as they will be served.
+# layers calibrate on the image tokens of the quantized tower, as they will be served. With full-precision
+# propagation the order is reversed, so that each stack calibrates on an unquantized upstream.
 UPSTREAM_FIRST = ("vision", "language")
 
 
@@ -72,7 +73,8 @@ def quantize_model(
     start = time.perf_counter()
     if unfuse_experts(model, experts_paths(model)):
         log.info("experts unfused to one linear per expert")
-    for group in sorted(scheme.targets, key=UPSTREAM_FIRST.index):
+    order = UPSTREAM_FIRST if scheme.calibration.propagation == "quantized" else UPSTREAM_FIRST[::-1]
+    for group in sorted(scheme.targets, key=order.index):
         stack = architecture.stack(group, model.config.model_type)
         if use_data and stack.packed and not calibration.has_images:
             if scheme.needs_calibration:

@@ -3,8 +3,11 @@
 The JSON schema (``workflow/schemas/config.schema.yaml``) checks shapes and types; this module checks what a
 schema cannot: that every scheme, benchmark, calibration set and model a key refers to exists, that each model
 and each calibration set has exactly one source (a JSONL, whose images must exist, or a Hub dataset split with
-its column names), that schemes needing calibration have a calibration set, and that benchmark data is
-present. It takes a plain dict, so the workflow, the CLI and the tests share one reading of the config.
+its column names), that every scheme needing calibration has a calibration set (one per model, or one per
+scheme), and that benchmark data is present. ``scheme_overrides`` change fields of the schemes file's
+schemes for this run (how config/seed.yaml selects the published recipe's behaviour where it departs from
+quantbench's; docs/fidelity.md). It takes a plain dict, so the workflow, the CLI and the tests share one
+reading of the config.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantbench.calibspec import StreamSpec
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.hubsets import HubImageSet
@@ -48,7 +52,8 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """A calibration set: a JSONL file (and the images its records name) or a Hub split, and how many samples of how many tokens."""
+    """A calibration set: a JSONL file (and the images its records name) or a Hub split, how many samples of how
+    many tokens, and how records become samples (:class:`~quantbench.calibspec.StreamSpec`)."""
 
     name: str
     num_samples: int
@@ -57,6 +62,7 @@ class CalibrationSet:
     path: Path | None = None
     images: tuple[Path, ...] = ()
     hub: HubImageSet | None = None
+    stream: StreamSpec = StreamSpec()
 
     @property
     def source(self) -> Path | HubImageSet:
@@ -66,12 +72,12 @@ class CalibrationSet:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model row group: its source, the schemes it runs and its calibration set."""
+    """One model row group: its source, the schemes it runs and the calibration set of each scheme that needs one."""
 
     name: str
     source: ModelSource
     schemes: tuple[str, ...]
-    calibration: str | None = None
+    calibration: Mapping[str, str] = field(default_factory=dict)
     params_b: float | None = None
     skip: frozenset[tuple[str, str]] = frozenset()
 
@@ -142,7 +148,7 @@ class RunConfig:
         """The calibration set (model, scheme) needs, or None for data-free schemes."""
         if not self.schemes[scheme].needs_calibration:
             return None
-        return self.calibration_sets[self.models[model].calibration]  # presence checked at load
+        return self.calibration_sets[self.models[model].calibration[scheme]]  # presence checked at load
 
 
 def _source(name: str, raw: Mapping[str, Any], base: Path) -> ModelSource:
@@ -165,7 +171,7 @@ def _calibration_set(name: str, raw: Mapping[str, Any], base: Path) -> Calibrati
             "answer}' (a Hugging Face dataset split and its column names)"
         )
     size = {"num_samples": int(raw.get("num_samples", 128)), "max_seq_len": int(raw.get("max_seq_len", 2048)),
-            "seed": int(raw.get("seed", 0))}
+            "seed": int(raw.get("seed", 0)), "stream": StreamSpec.from_dict(raw, key)}
     if "hub" in raw:
         return CalibrationSet(name=name, hub=HubImageSet.from_dict(raw["hub"], f"{key}.hub"), **size)
     path = base / raw["path"]
@@ -186,6 +192,31 @@ def _record_images(path: Path, key: str) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(images))
 
 
+def _model_calibration(
+    key: str, raw: Any, schemes: tuple[str, ...], all_schemes: Mapping[str, Scheme], calib_sets: Mapping[str, CalibrationSet]
+) -> dict[str, str]:
+    """``models.<m>.calibration`` as {scheme: set} for the model's schemes that need data.
+
+    One set name serves every such scheme; a mapping names a set per scheme (the published recipe took
+    different sample counts and lengths for different schemes of one model).
+    """
+    needing = [s for s in schemes if all_schemes[s].needs_calibration]
+    if raw is None:
+        if needing:
+            model = key.removesuffix(".calibration")
+            raise QuantbenchError(f"{model}: schemes {needing} need calibration data; set {key}")
+        return {}
+    if isinstance(raw, str):
+        _check_known("calibration set", key, [raw], calib_sets)
+        return dict.fromkeys(needing, raw)
+    _check_known("scheme", f"{key} (a mapping of scheme to calibration set)", raw, schemes)
+    _check_known("calibration set", key, raw.values(), calib_sets)
+    missing = [s for s in needing if s not in raw]
+    if missing:
+        raise QuantbenchError(f"{key}: schemes {missing} need calibration data; name their calibration set there")
+    return {s: raw[s] for s in needing}
+
+
 def _check_known(kind: str, key: str, names: Any, known: Mapping[str, Any] | tuple[str, ...]) -> None:
     for name in names:
         if name not in known:
@@ -201,7 +232,7 @@ def load_run_config(
     benchmark a table uses must have its data files under ``evaluation.data_dir``.
     """
     base = Path(base_dir)
-    schemes = load_schemes(base / config.get("schemes_file", "config/schemes.yaml"))
+    schemes = load_schemes(base / config.get("schemes_file", "config/schemes.yaml"), config.get("scheme_overrides"))
     calib_sets: dict[str, CalibrationSet] = {}
     for name, raw in (config.get("calibration_sets") or {}).items():
         calib_sets[name] = _calibration_set(name, raw, base)
@@ -209,12 +240,7 @@ def load_run_config(
     for name, raw in (config.get("models") or {}).items():
         key = f"models.{name}"
         _check_known("scheme", f"{key}.schemes", raw["schemes"], schemes)
-        calibration = raw.get("calibration")
-        if calibration is not None and calibration not in calib_sets:
-            _check_known("calibration set", f"{key}.calibration", [calibration], calib_sets)
-        needing = [s for s in raw["schemes"] if schemes[s].needs_calibration]
-        if needing and calibration is None:
-            raise QuantbenchError(f"{key}: schemes {needing} need calibration data; set {key}.calibration")
+        calibration = _model_calibration(f"{key}.calibration", raw.get("calibration"), tuple(raw["schemes"]), schemes, calib_sets)
         skip = frozenset((cell["scheme"], cell["benchmark"]) for cell in raw.get("skip", []))
         models[name] = ModelEntry(
             name=name,

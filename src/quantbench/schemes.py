@@ -2,8 +2,9 @@
 
 A scheme says how weights and input activations are quantized (mirroring compressed-tensors'
 ``QuantizationArgs`` field for field), which algorithm chooses the weights (rtn, gptq, awq) and
-with which parameters, and which module groups it targets. Code asks a scheme questions
-(``scheme.weights.strategy``, ``scheme.needs_calibration``); it never tests scheme names.
+with which parameters, how its calibration pass gathers statistics, and which module groups it targets.
+Code asks a scheme questions (``scheme.weights.strategy``, ``scheme.needs_calibration``); it never tests
+scheme names. A run config may override fields of the file's schemes (:func:`load_schemes`).
 """
 
 from __future__ import annotations
@@ -62,14 +63,56 @@ class QuantArgs:
         return asdict(self)
 
 
+DEAD_COLUMNS = ("round", "zero")
+DAMPING_RETRIES = ("multiply", "add")
+PROPAGATIONS = ("quantized", "full-precision")
+EXPERT_STATISTICS = ("all-tokens", "routed")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class GPTQParams:
     """GPTQ solver settings: damping is a fraction of mean(diag(H)); act_order processes columns by descending
-    diag(H) (the group parameters stay those of the original contiguous groups, as llm-compressor's ``static``)."""
+    diag(H) (the group parameters stay those of the original contiguous groups, as llm-compressor's ``static``).
+
+    Edge cases, quantbench's way first (the published recipe's second; docs/fidelity.md):
+    ``dead_columns`` (inputs never active, ``diag(H) == 0``): ``round`` them to nearest, or ``zero`` those
+    weight columns before the group parameters are taken. ``damping_retry`` after a failed Cholesky:
+    ``multiply`` the damping by 10, or ``add`` 0.01 to the fraction and damp the already damped matrix again.
+    """
 
     dampening: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    dead_columns: str = "round"
+    damping_retry: str = "multiply"
+
+    def __post_init__(self) -> None:
+        _check_choice("dead_columns", self.dead_columns, DEAD_COLUMNS)
+        _check_choice("damping_retry", self.damping_retry, DAMPING_RETRIES)
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    """What a scheme's calibration pass feeds the statistics, quantbench's way first (docs/fidelity.md).
+
+    ``propagation``: block i+1 calibrates on the outputs of the ``quantized`` blocks before it, or on the
+    unquantized model's (``full-precision``: the published FP8-Static ran one BF16 forward with observers).
+    ``experts`` (mixture-of-experts layers): every expert on every token (``all-tokens``), or each expert on
+    the tokens the router sent it (``routed``), where an expert linear that saw no token takes the largest
+    input absmax of the same linear of the layer's other experts (the published recipe's parent observer).
+    """
+
+    propagation: str = "quantized"
+    experts: str = "all-tokens"
+
+    def __post_init__(self) -> None:
+        _check_choice("propagation", self.propagation, PROPAGATIONS)
+        _check_choice("experts", self.experts, EXPERT_STATISTICS)
 
 
 @dataclass(frozen=True)
@@ -96,6 +139,7 @@ class Scheme:
     algorithm: str = "rtn"
     gptq: GPTQParams = field(default_factory=GPTQParams)
     awq: AWQParams = field(default_factory=AWQParams)
+    calibration: CalibrationParams = field(default_factory=CalibrationParams)
     targets: tuple[str, ...] = ("language",)
 
     @property
@@ -118,6 +162,8 @@ class Scheme:
             out["gptq"] = asdict(self.gptq)
         if self.algorithm == "awq":
             out["awq"] = asdict(self.awq)
+        if self.needs_calibration:
+            out["calibration"] = asdict(self.calibration)
         return out
 
 
@@ -134,7 +180,7 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     """Build a :class:`Scheme` from its YAML mapping, with errors that name the scheme and key."""
     raw = dict(raw or {})
     where = f"scheme {name!r}"
-    allowed = {"weights", "input_activations", "algorithm", "gptq", "awq", "targets"}
+    allowed = {"weights", "input_activations", "algorithm", "gptq", "awq", "calibration", "targets"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise QuantbenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -158,20 +204,43 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     bad = sorted(set(targets) - set(TARGET_GROUPS))
     if bad or not targets:
         raise QuantbenchError(f"{where}.targets: {bad or 'empty'}; allowed: {list(TARGET_GROUPS)}")
-    return Scheme(
+    scheme = Scheme(
         name=name,
         weights=weights,
         input_activations=input_args,
         algorithm=algorithm,
         gptq=build_spec(GPTQParams, raw.get("gptq", {}), f"{where}.gptq"),
         awq=build_spec(AWQParams, raw.get("awq", {}), f"{where}.awq"),
+        calibration=build_spec(CalibrationParams, raw.get("calibration", {}), f"{where}.calibration"),
         targets=targets,
     )
+    if "calibration" in raw and not scheme.needs_calibration:
+        raise QuantbenchError(f"{where}.calibration: the scheme uses no calibration data; drop the key")
+    return scheme
 
 
-def load_schemes(path: str | Path) -> dict[str, Scheme]:
-    """Read every scheme of a schemes YAML file (top-level key ``schemes``), in file order."""
-    return {name: parse_scheme(name, raw) for name, raw in read_section(path, "schemes").items()}
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys replacing its own, mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def load_schemes(path: str | Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Scheme]:
+    """Read every scheme of a schemes YAML file (top-level key ``schemes``), in file order.
+
+    ``overrides`` (a run config's ``scheme_overrides``) replace fields of named schemes, nested mappings
+    merged key by key, e.g. ``{"INT4-GPTQ": {"gptq": {"dead_columns": "zero"}}}``.
+    """
+    raw = dict(read_section(path, "schemes"))
+    for name, override in (overrides or {}).items():
+        if name not in raw:
+            raise QuantbenchError(f"scheme_overrides: unknown scheme {name!r}; known schemes: {', '.join(raw)}")
+        if not isinstance(override, Mapping):
+            raise QuantbenchError(f"scheme_overrides.{name}: expected a mapping of scheme fields")
+        raw[name] = _merged(raw[name] or {}, override)
+    return {name: parse_scheme(name, spec) for name, spec in raw.items()}
 
 
 def get_scheme(schemes: Mapping[str, Scheme], name: str) -> Scheme:

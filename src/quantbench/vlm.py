@@ -84,19 +84,28 @@ def read_image_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def image_text_inputs(
-    processor: ProcessorMixin, image: str | Path | Image.Image, question: str, answer: str | None = None
+    processor: ProcessorMixin,
+    image: str | Path | Image.Image,
+    question: str,
+    answer: str | None = None,
+    *,
+    add_generation_prompt: bool | None = None,
 ) -> dict[str, Any]:
     """Model inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, batch of 1) of one prompt.
 
     ``image`` is an image file or an already decoded image (a Hugging Face dataset's rows).
 
     Without ``answer`` the prompt ends where the assistant starts (for generation); with it, the
-    assistant's answer closes the conversation (for calibration).
+    assistant's answer closes the conversation (for calibration). ``add_generation_prompt`` (default: only
+    without an answer) appends the assistant's start after the chat; the published recipe's calibration
+    appends it after the answer too.
     """
     messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+    if add_generation_prompt is None:
+        add_generation_prompt = answer is None
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if isinstance(image, Image.Image):
         rgb = image.convert("RGB")
     else:

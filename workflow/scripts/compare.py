@@ -19,4 +19,6 @@ with job_log(smk.log[0]):
         png_path=smk.output.png,
         page_labels=smk.params.page_labels,
         filter_scores=collect_filter_scores(table, smk.input.evals),
+        recipe=smk.params.recipe,
+        departures=smk.params.departures,
     )

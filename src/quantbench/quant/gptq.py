@@ -10,8 +10,11 @@ blocks of ``block_size`` with lazy batch updates of the rest.
   processes columns by descending ``diag(H)`` with those parameters, so the checkpoint keeps plain
   contiguous groups and needs no runtime ``g_idx``; every block of columns is one kernel launch.
 - Dead inputs (``diag(H) == 0``: the channel was always zero) get ``H_jj = 1``: they take no error and pass
-  none on, so they round to nearest.
-- A failed Cholesky raises the damping tenfold, up to ``MAX_DAMPENING`` (recorded as a fallback).
+  none on, so they round to nearest; with ``dead_columns: zero`` (the published recipe's) their weight
+  columns are zeroed first, before the group parameters are taken.
+- A failed Cholesky raises the damping tenfold (``damping_retry: multiply``), or (``add``, the published
+  recipe's) adds 0.01 to the fraction and damps the already damped matrix by it again; either up to
+  ``MAX_DAMPENING`` of the original mean diagonal (recorded as a fallback).
 
 Rounding uses :func:`qdq.round_to_codes` and :func:`qdq.codes_to_values` with the stored-dtype scales, so
 dequantizing the returned codes reproduces exactly the weights the solver settled on.
@@ -50,28 +53,35 @@ class GPTQResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _inverse_cholesky(hessian: torch.Tensor, dampening: float, notes: list[str]) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U`` is the inverse), raising
-    ``damp`` tenfold on failure.
+def _inverse_cholesky(hessian: torch.Tensor, dampening: float, retry: str, notes: list[str]) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + d * I)^-1`` (``U^T U`` is the inverse), where ``d`` starts at
+    ``dampening * mean(diag H)`` and grows on failure as ``retry`` says; returns ``U`` and ``d / mean(diag H)``.
+
+    ``multiply``: the fraction times 10. ``add``: the fraction plus 0.01, taken of the mean diagonal of the
+    already damped matrix and added to it (so the damping accumulates).
 
     With ``J`` the reversal of the column order and ``J H J = L L^T``, ``U = J L^-1 J``: one factorisation
     and one triangular inverse, half the float32 work of factorising ``H``, inverting it and factorising
     the inverse. Each intermediate ``[in, in]`` matrix is dropped as soon as the next exists.
     """
     mean_diag = hessian.diagonal().mean()
-    damp = dampening
-    while damp <= MAX_DAMPENING * (1 + 1e-9):
+    fraction, added = dampening, mean_diag * 0
+    while True:
+        added = added + fraction * (mean_diag + added) if retry == "add" else fraction * mean_diag
+        effective = float(added / mean_diag) if retry == "add" else fraction
+        if effective > MAX_DAMPENING * (1 + 1e-9):
+            break
         damped = hessian.flip(0, 1)
-        damped.diagonal().add_(damp * mean_diag)
+        damped.diagonal().add_(added)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info == 0:
             inverse = _inverse_lower(lower)
             del lower
             if torch.isfinite(inverse.diagonal()).all():
-                return inverse.flip(0, 1), damp
-        notes.append(f"Cholesky failed at dampening {damp:g}; raised to {damp * 10:g}")
-        damp *= 10
+                return inverse.flip(0, 1), effective
+        fraction = fraction + 0.01 if retry == "add" else fraction * 10
+        notes.append(f"Cholesky failed at dampening {effective:g}; retried with fraction {fraction:g} ({retry})")
     raise QuantbenchError(
         f"the Hessian stays singular up to dampening {MAX_DAMPENING:g}; check the calibration data "
         "(too few tokens, or activations that overflow)"
@@ -154,6 +164,8 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
     diag = h.diagonal().clone()
     dead = diag <= 0
     h.diagonal()[dead] = 1.0
+    if params.dead_columns == "zero":
+        w[:, dead] = 0.0
 
     scale, zero_point = qdq.weight_qparams(w, args, sdtype)  # the original weight's, before any column moves
     group = args.group_size if args.strategy == "group" else in_features
@@ -163,7 +175,7 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
     else:
         perm = torch.arange(in_features, device=w.device)
     column_param = perm // group  # processing position -> its column of the stored parameters
-    upper, damp = _inverse_cholesky(h, params.dampening, notes)
+    upper, damp = _inverse_cholesky(h, params.dampening, params.damping_retry, notes)
     del h
     # float32 [out or 1, parameter columns]: per-tensor [1], per-channel [out, 1] or per-group [out, G] parameters
     scale_columns = scale.float().reshape(-1, scale.shape[-1])
@@ -183,7 +195,8 @@ def _solve(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params:
 
     codes = codes[:, torch.argsort(perm)]
     if dead.any():
-        notes.append(f"{int(dead.sum())} input channel(s) never active: rounded to nearest")
+        treated = "weight columns zeroed" if params.dead_columns == "zero" else "rounded to nearest"
+        notes.append(f"{int(dead.sum())} input channel(s) never active: {treated}")
     return GPTQResult(codes.to(torch.int8), scale, zero_point, damp, int(dead.sum()), notes)
 
 

@@ -12,14 +12,22 @@
       :class:`InputStats` per shared-input group (Hessian, |x| sums, ranges; padding never counted);
    b. AWQ only: search and fold smoothing scales, mapping by mapping (:mod:`quant.awq`);
    c. quantize every target (RTN, GPTQ per group, AWQ's rounding) and swap it for a QuantLinear;
-   d. run the quantized block on the same inputs: its outputs become block i+1's inputs, and the
-      differences to the reference give the block's relative output error (each module's, against its
-      unquantized weight, on the first chunk: a sample that costs one extra matmul per module).
+   d. run the quantized block on the same inputs: its outputs become block i+1's inputs (or, with the
+      scheme's ``calibration.propagation: full-precision``, the unquantized outputs of step a do, as one
+      unquantized forward of the whole model would give), and the differences to the reference give the
+      block's relative output error (each module's, against its unquantized weight, on the first chunk:
+      a sample that costs one extra matmul per module).
+
+"Real tokens" are the calibration's statistics mask (:meth:`Calibration.statistics_mask`): the non-padding
+tokens, or every position when the calibration stream counts pads.
 
 Mixture-of-experts blocks run their experts in calibration mode during steps a and d
 (:func:`quantbench.experts.calibrate_all_experts`): every expert sees every calibration token, so each one
 gets statistics (and an error) on all of them, while the block's output keeps the router's choices; the
-real tokens the router sent to each expert are reported per layer.
+real tokens the router sent to each expert are reported per layer. With ``calibration.experts: routed``
+each expert sees only the tokens routed to it, its linears get statistics of their own
+(:func:`quantbench.experts.per_expert_groups`), and an expert linear that saw none takes the largest input
+absmax of the same linear of the layer's other experts (static input scales; GPTQ falls back to RTN).
 
 On CUDA the blocks' RMSNorms run as one fused kernel during these passes (:mod:`quant.norm_kernel`).
 Activations of the current block live on the compute device, or in CPU memory with
@@ -43,7 +51,7 @@ from tqdm.auto import tqdm
 from quantbench.architectures import BlockStack, block_list, check_block, stacks_of
 from quantbench.calibration import Calibration
 from quantbench.errors import QuantbenchError
-from quantbench.experts import ExpertList, calibrate_all_experts
+from quantbench.experts import ExpertList, calibrate_all_experts, per_expert_groups
 from quantbench.quant import awq, qdq
 from quantbench.quant.capture import ModuleCall, capture_call, capture_calls, replay, to_device
 from quantbench.quant.gptq import gptq_quantize_linears
@@ -76,8 +84,9 @@ class _Group:
     names: tuple[str, ...]
     stats: InputStats
     report: GroupStats
+    parent: tuple[str, ...] | None = None  # routed expert statistics: the key its siblings in other experts share
     seen: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # the chunk's real tokens; None when every token is real
+    mask: torch.Tensor | None = None  # the chunk's real tokens; None when every token is real (or rows come pre-selected)
 
     def observe(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         """Forward pre-hook of every member: the first call of a chunk feeds the statistics.
@@ -107,8 +116,9 @@ class _ErrorMeter:
         reference = F.linear(args[0], self.weight, self.bias)
         _accumulate_error(output, reference, self.mask, self.err, self.ref)
 
-    def relative(self) -> float:
-        return _ratio(self.err, self.ref)
+    def relative(self) -> float | None:
+        """The relative error, or None when the module never ran (a routed expert no token chose)."""
+        return _ratio(self.err, self.ref) if self.err else None
 
 
 def _token_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -123,8 +133,8 @@ def _token_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
 def _accumulate_error(
     output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, err: list[torch.Tensor], ref: list[torch.Tensor]
 ) -> None:
-    """Append the squared error and squared reference norm over the real tokens of ``mask [batch, seq]``."""
-    mask = _token_mask(output, mask, "output")
+    """Append the squared error and squared reference norm over the real tokens of ``mask [batch, seq]`` (every row: None)."""
+    mask = torch.ones(output.shape[:-1], dtype=torch.bool, device=output.device) if mask is None else _token_mask(output, mask, "output")
     err.append(torch.where(mask, torch.linalg.vector_norm(output - reference, dim=-1, dtype=torch.float32), 0).square().sum())
     ref.append(torch.where(mask, torch.linalg.vector_norm(reference, dim=-1, dtype=torch.float32), 0).square().sum())
 
@@ -202,7 +212,8 @@ def capture_block_inputs(
             args, kwargs = capture_call(blocks[0], lambda: model(**inputs, use_cache=False))
             kwargs = dict(kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            calls.append(ModuleCall((_store(hidden, storage),), to_device(kwargs, storage), inputs["attention_mask"].bool()))
+            mask = calibration.statistics_mask(start, start + options.chunk_size).to(device)
+            calls.append(ModuleCall((_store(hidden, storage),), to_device(kwargs, storage), mask))
     return calls
 
 
@@ -273,18 +284,21 @@ def _static_input_scale(group: _Group, scheme: Scheme) -> torch.Tensor | None:
     inputs = scheme.input_activations
     if inputs is None or inputs.dynamic:
         return None
-    if group.stats.tokens == 0:
+    if group.stats.tokens == 0 and group.stats.absmax.max() == 0:
         group.report.fallbacks.append("no calibration tokens reached this input: static input scale set to 1")
     return qdq.static_input_scale(group.stats.absmax.max(), inputs)
 
 
-def _plan_groups(block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, mappings: list, device: torch.device) -> list[_Group]:
-    """One :class:`_Group` per shared-input group, collecting what the scheme's algorithm needs."""
+def _plan_groups(
+    block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, mappings: list, device: torch.device, routed: bool
+) -> list[_Group]:
+    """One :class:`_Group` per shared-input group (with ``routed``, per expert), collecting what the scheme's algorithm needs."""
     static = scheme.input_activations is not None and not scheme.input_activations.dynamic
     balanced = {m.linears for m in mappings}
     clip = scheme.algorithm == "awq" and scheme.awq.clip_search
+    planned = per_expert_groups(stack.groups, stack.experts) if routed else [(names, None) for names in stack.groups]
     groups = []
-    for names in stack.groups:
+    for names, parent in planned:
         stats = InputStats.create(
             block.get_submodule(names[0]).in_features,
             device,
@@ -292,8 +306,26 @@ def _plan_groups(block: nn.Module, name: str, stack: BlockStack, scheme: Scheme,
             absmax=static,
             abs_sum=names in balanced,
         )
-        groups.append(_Group(names, stats, GroupStats(tuple(f"{name}.{n}" for n in names))))
+        groups.append(_Group(names, stats, GroupStats(tuple(f"{name}.{n}" for n in names)), parent))
     return groups
+
+
+def _adopt_parent_maxima(groups: list[_Group]) -> None:
+    """Routed expert statistics: an expert group that saw no token takes the largest input absmax of its
+    siblings (the same linears of the layer's other experts), as the published recipe's parent observer gives."""
+    families: dict[tuple[str, ...], list[_Group]] = {}
+    for group in groups:
+        if group.parent is not None and group.stats.absmax is not None:
+            families.setdefault(group.parent, []).append(group)
+    for family in families.values():
+        seen = [g.stats.absmax for g in family if g.stats.tokens]
+        if not seen:
+            continue
+        parent = torch.stack(seen).amax(dim=0)
+        for group in family:
+            if not group.stats.tokens:
+                group.stats.absmax.copy_(parent)
+                group.report.fallbacks.append("the router sent it no calibration token: static input scale from the other experts' maximum")
 
 
 def _awq_mappings(block: nn.Module, name: str, stack: BlockStack) -> list:
@@ -380,10 +412,17 @@ def _quantize_block(
     stack = stack.for_block(block, name)
     _check_weights(block, name, stack, scheme)
     experts: list[ExpertList] = [] if stack.experts is None else [block.get_submodule(stack.experts)]
+    routed = bool(experts) and scheme.calibration.experts == "routed"
+    if routed and scheme.algorithm == "awq":
+        raise QuantbenchError(
+            f"scheme {scheme.name}: calibration.experts 'routed' applies to static input scales and GPTQ; AWQ's smoothing "
+            "of the experts reads their shared input on every token (drop the key for AWQ schemes)"
+        )
     for module in experts:
         module.routed = torch.zeros(len(module), dtype=torch.long)
+        module.routed_only = routed
     mappings = _awq_mappings(block, name, stack) if scheme.algorithm == "awq" else []
-    groups = _plan_groups(block, name, stack, scheme, mappings, device)
+    groups = _plan_groups(block, name, stack, scheme, mappings, device, routed)
 
     handles = [block.get_submodule(n).register_forward_pre_hook(g.observe) for g in groups for n in g.names]
     reference = []
@@ -391,8 +430,8 @@ def _quantize_block(
         for call in calls:
             mask = call.mask.to(device)
             every_token_real = bool(call.mask.all())  # then the hooks take the rows without indexing (no sync)
-            for group in groups:
-                group.seen, group.mask = None, None if every_token_real else mask
+            for group in groups:  # a routed expert is called on its chosen real rows only
+                group.seen, group.mask = None, None if every_token_real or group.parent else mask
             with calibrate_all_experts(experts, mask):
                 reference.append(_store(replay(block, call, device), storage))
     expert_tokens = {}
@@ -400,10 +439,13 @@ def _quantize_block(
         expert_tokens[f"{name}.{stack.experts}"] = counts = module.routed.tolist()
         module.routed = None
         if idle := [e for e, n in enumerate(counts) if n == 0]:
-            log.info("%s.%s: the router chose expert(s) %s for no calibration token (calibrated on all tokens)", name, stack.experts, idle)
+            how = "scales from the other experts" if routed else "calibrated on all tokens"
+            log.info("%s.%s: the router chose expert(s) %s for no calibration token (%s)", name, stack.experts, idle, how)
     for group in groups:
         group.seen = group.mask = None
         _check_finite(group)
+    if routed:
+        _adopt_parent_maxima(groups)
 
     if mappings:
         _smooth(block, mappings, groups, scheme)
@@ -416,23 +458,28 @@ def _quantize_block(
         group.stats = None  # free the Hessians before the propagation pass
 
     err, ref = [], []
+    preselected = {n for g in groups if g.parent for n in g.names}  # routed experts' rows are all real
+    full_precision = scheme.calibration.propagation == "full-precision"
     for index, (call, expected) in enumerate(zip(calls, reference)):
         mask = call.mask.to(device)
         handles = []
         if index == 0:  # each module's error (an extra unquantized matmul) on the first chunk only; the block's on all
             for module_name, meter in meters.items():
-                meter.mask = mask
+                meter.mask = None if module_name in preselected else mask
                 handles.append(block.get_submodule(module_name).register_forward_hook(meter.measure))
         with _hooks(handles), calibrate_all_experts(experts, mask):
             out = replay(block, call, device)
         _accumulate_error(out, expected.to(device), mask, err, ref)
-        calls[index] = ModuleCall((_store(out, storage),), call.kwargs, call.mask)
+        calls[index] = ModuleCall((expected if full_precision else _store(out, storage),), call.kwargs, call.mask)
     rel_error = _ratio(err, ref)  # waits for the block's queued GPU work, so the time below includes it
+    for module in experts:
+        module.routed_only = False
+    module_errors = {f"{name}.{n}": m.relative() for n, m in meters.items()}
     return LayerStats(
         name=name,
         seconds=time.perf_counter() - start,
         rel_error=rel_error,
-        module_errors={f"{name}.{n}": m.relative() for n, m in meters.items()},
+        module_errors={key: value for key, value in module_errors.items() if value is not None},
         groups=[g.report for g in groups],
         expert_tokens=expert_tokens,
     )

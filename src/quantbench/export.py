@@ -245,7 +245,7 @@ def checkpoint_tensors(model: PreTrainedModel, workers: Executor) -> Iterator[tu
     tied = _tied_output_key(model)
     pending: deque[tuple[str, Future[dict[str, torch.Tensor]]]] = deque()
     for name, module in model.named_modules():
-        pending.append((name, workers.submit(_module_tensors, name, module, tied)))
+        pending.append((name, workers.submit(module_tensors, name, module, tied)))
         if len(pending) > COMPRESS_AHEAD:
             yield from _nonempty(*pending.popleft())
     for name, tensors in pending:
@@ -257,7 +257,7 @@ def _nonempty(name: str, tensors: Future[dict[str, torch.Tensor]]) -> Iterator[t
         yield name, result
 
 
-def _module_tensors(name: str, module: nn.Module, tied: str | None) -> dict[str, torch.Tensor]:
+def module_tensors(name: str, module: nn.Module, tied: str | None) -> dict[str, torch.Tensor]:
     """``{full tensor name: tensor}`` of the checkpoint tensors ``module`` itself holds (not its children's);
     ``tied``: the output embedding's key when it is tied to the input embedding (not written)."""
     prefix = f"{name}." if name else ""

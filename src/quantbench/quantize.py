@@ -8,6 +8,7 @@ calibration data; the others run the sequential pipeline of :mod:`quantbench.qua
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.experts import unfuse_experts
 from quantbench.export import save_quantized
 from quantbench.provenance import sha256_file
+from quantbench.quant.resume import LayerProgress, partial_dir, run_identity
 from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
 from quantbench.quant.stats import QuantStats
 from quantbench.runtime import load_model
@@ -51,12 +53,14 @@ def quantize_model(
     *,
     device: str | torch.device = "auto",
     options: PipelineOptions | None = None,
+    progress: LayerProgress | None = None,
 ) -> QuantStats:
     """Quantize ``model`` in place under ``scheme``; return per-layer statistics.
 
     Layers visit ``device`` one at a time; the model stays where it was. ``calibration`` is required when
-    the scheme needs data and ignored otherwise (unless ``options.measure_data_free``). On an error the
-    model is left partly quantized: load it again before retrying.
+    the scheme needs data and ignored otherwise (unless ``options.measure_data_free``). ``progress``
+    saves each quantized block and restores those an interrupted run saved (:mod:`quantbench.quant.resume`).
+    On an error the model is left partly quantized: load it again before retrying.
     """
     options = options or PipelineOptions()
     compute = resolve_device(device)
@@ -80,12 +84,12 @@ def quantize_model(
                     f"scheme {scheme.name} needs image activations for the vision blocks, but the calibration set "
                     "has no images; calibrate from image-text records (a JSONL with 'image', `quantbench calibrate`)"
                 )
-            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute)
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress)
         elif use_data:
-            stats.layers += quantize_blocks_sequential(model, stack, scheme, calibration, compute, options)
+            stats.layers += quantize_blocks_sequential(model, stack, scheme, calibration, compute, options, progress)
             stats.calibration_tokens = calibration.num_tokens
         else:
-            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute)
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress)
     stats.seconds = time.perf_counter() - start
     if stats.fallbacks:
         log.warning("%s: %d fallback(s) taken (see the statistics)", scheme.name, len(stats.fallbacks))
@@ -101,12 +105,17 @@ def quantize_checkpoint(
     device: str | torch.device = "auto",
     seed: int = 0,
     options: PipelineOptions | None = None,
+    resume: bool = True,
 ) -> Path:
     """Load ``model_dir``, quantize it under ``scheme`` and write the compressed-tensors checkpoint to ``out_dir``.
 
     ``calibration`` is a :class:`Calibration` or the path of a file written by ``quantbench calibrate``.
+    With ``resume``, every quantized layer is saved in ``<out_dir>.partial`` as it is finished, a rerun
+    after an interruption continues from the last saved layer (to the same bytes), and the directory is
+    removed once the checkpoint is written (:mod:`quantbench.quant.resume`).
     """
     torch.manual_seed(seed)
+    options = options or PipelineOptions()
     model, tokenizer = load_model(model_dir)
     calibration_file = None
     if isinstance(calibration, (str, Path)):
@@ -114,7 +123,12 @@ def quantize_checkpoint(
         calibration = load_calibration(calibration_file)
     if calibration is not None:
         calibration.check_tokenizer(tokenizer)
-    stats = quantize_model(model, scheme, calibration, device=device, options=options)
+    progress = None
+    if resume and not scheme.is_baseline:
+        identity = run_identity(model_dir, scheme, calibration, seed=seed, options=options, device=resolve_device(device))
+        progress = LayerProgress(partial_dir(out_dir), identity)
+    with progress or contextlib.nullcontext():
+        stats = quantize_model(model, scheme, calibration, device=device, options=options, progress=progress)
     provenance = {
         "model": str(model_dir),
         "seed": seed,
@@ -127,4 +141,7 @@ def quantize_checkpoint(
             provenance["calibration"]["file_sha256"] = sha256_file(calibration_file)
     # an image-text model's checkpoint carries its whole processor (image processor, chat template)
     processor = load_processor(model_dir) if is_image_text_model(model.config) else tokenizer
-    return save_quantized(model, processor, scheme, out_dir, provenance=provenance)
+    out = save_quantized(model, processor, scheme, out_dir, provenance=provenance)
+    if progress is not None:
+        progress.remove()
+    return out

@@ -21,6 +21,7 @@ from quantbench.calibration import Calibration, load_calibration
 from quantbench.errors import QuantbenchError
 from quantbench.experts import unfuse_experts
 from quantbench.export import save_quantized
+from quantbench.preflight import Headroom, check_requirements, quantize_requirements
 from quantbench.provenance import sha256_file
 from quantbench.quant.resume import LayerProgress, partial_dir, run_identity
 from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
@@ -106,26 +107,41 @@ def quantize_checkpoint(
     seed: int = 0,
     options: PipelineOptions | None = None,
     resume: bool = True,
+    headroom: Headroom = Headroom(),
 ) -> Path:
     """Load ``model_dir``, quantize it under ``scheme`` and write the compressed-tensors checkpoint to ``out_dir``.
 
     ``calibration`` is a :class:`Calibration` or the path of a file written by ``quantbench calibrate``.
-    With ``resume``, every quantized layer is saved in ``<out_dir>.partial`` as it is finished, a rerun
-    after an interruption continues from the last saved layer (to the same bytes), and the directory is
-    removed once the checkpoint is written (:mod:`quantbench.quant.resume`).
+    Before the model is loaded, free disk and host memory are checked (:mod:`quantbench.preflight`; ``headroom``:
+    what must stay free beyond the need). With ``resume``, every quantized layer is saved in
+    ``<out_dir>.partial`` as it is finished, a rerun after an interruption continues from the last saved layer
+    (to the same bytes), and the directory is removed once the checkpoint is written (:mod:`quantbench.quant.resume`).
     """
     torch.manual_seed(seed)
     options = options or PipelineOptions()
-    model, tokenizer = load_model(model_dir)
+    compute = resolve_device(device)
     calibration_file = None
     if isinstance(calibration, (str, Path)):
         calibration_file = Path(calibration)
         calibration = load_calibration(calibration_file)
+    on_host = calibration is not None and scheme.needs_calibration and (compute.type == "cpu" or options.offload_activations)
+    check_requirements(
+        quantize_requirements(
+            model_dir,
+            scheme,
+            out_dir,
+            progress_dir=partial_dir(out_dir) if resume else None,
+            host_activations=tuple(calibration.input_ids.shape) if on_host else None,
+            headroom=headroom,
+        ),
+        f"quantize {model_dir} under {scheme.name}",
+    )
+    model, tokenizer = load_model(model_dir)
     if calibration is not None:
         calibration.check_tokenizer(tokenizer)
     progress = None
     if resume and not scheme.is_baseline:
-        identity = run_identity(model_dir, scheme, calibration, seed=seed, options=options, device=resolve_device(device))
+        identity = run_identity(model_dir, scheme, calibration, seed=seed, options=options, device=compute)
         progress = LayerProgress(partial_dir(out_dir), identity)
     with progress or contextlib.nullcontext():
         stats = quantize_model(model, scheme, calibration, device=device, options=options, progress=progress)

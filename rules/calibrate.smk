@@ -17,6 +17,7 @@ rule calibrate:
         seed=lambda w: RUN.calibration_sets[w.calibset].seed,
     log:
         "logs/calibrate/{model}/{calibset}.log",
+    threads: threads_of("calibrate")
     resources:
         **resources_of("calibrate"),
     script:

@@ -177,3 +177,10 @@ def test_progress_of_other_inputs_is_discarded(shared_dir, calib_files, tmp_path
         assert f"discarding the saved progress in {directory}: it was written for other inputs (changed: {changed})" in caplog.text
         assert sorted(os.listdir(directory)) == [IDENTITY_FILE]
         assert json.loads((directory / IDENTITY_FILE).read_text()) == other
+
+    threads = torch.get_num_threads()  # CPU results may depend on it
+    torch.set_num_threads(threads + 1)
+    try:
+        assert identity()["device"] == f"cpu ({threads + 1} threads)" != first["device"]
+    finally:
+        torch.set_num_threads(threads)

@@ -111,7 +111,8 @@ def run_identity(
     device: torch.device,
 ) -> dict[str, Any]:
     """Everything that decides the bits of a run's quantized layers (``options``: a dataclass of pipeline options)."""
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # CPU kernels may split their sums by thread: the thread count is part of what decides the bits there
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     identity = {
         "format": STATE_FORMAT,
         "model": model_fingerprint(model_dir),
@@ -165,7 +166,7 @@ def _restore_block(block: nn.Module, path: Path, scheme: Scheme) -> tuple[LayerS
     state = {}
     for name in quantized:
         prefix = f"{name}."
-        local = {key[len(prefix) :]: stored.pop(key) for key in [k for k in stored if k.startswith(prefix) and "." not in k[len(prefix) :]]}
+        local = {key.rpartition(".")[2]: stored.pop(key) for key in [k for k in stored if k.rpartition(".")[0] == name]}
         linear = block.get_submodule(name)
         module = QuantLinear(
             linear.in_features,
@@ -182,7 +183,9 @@ def _restore_block(block: nn.Module, path: Path, scheme: Scheme) -> tuple[LayerS
     try:
         block.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise QuantbenchError(f"the saved layer {path} does not fit the model ({exc}); delete {path.parent} to start over") from None
+        raise QuantbenchError(
+            f"the saved layer {path} does not fit the model ({exc}); delete {path.parent} to start over"
+        ) from None
     return stats, metadata.get("checksum") or None
 
 

@@ -512,7 +512,8 @@ def quantize_blocks_data_free(
     blocks = block_list(model, stack)
     layers = progress.restore(blocks, stack, scheme) if progress is not None else []
     with BlockPrefetcher(blocks, device) as prefetcher:
-        for index in tqdm(range(len(layers), len(blocks)), desc=f"{scheme.name}: {stack.path}", unit="block", initial=len(layers), total=len(blocks)):
+        todo = range(len(layers), len(blocks))
+        for index in tqdm(todo, desc=f"{scheme.name}: {stack.path}", unit="block", initial=todo.start, total=len(blocks)):
             block = blocks[index]
             start = time.perf_counter()
             name = f"{stack.path}.{index}"

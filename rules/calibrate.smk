@@ -19,6 +19,7 @@ rule calibrate:
         stream=lambda w: RUN.calibration_sets[w.calibset].stream.to_dict(),
     log:
         "logs/calibrate/{model}/{calibset}.log",
+    threads: threads_of("calibrate")
     resources:
         **resources_of("calibrate"),
     script:

@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.resources import Hardware, eval_rates, job_resources, load_workloads
+from quantbench.resources import Hardware, eval_rates, job_resources, load_workloads, runtime_for_attempt
 from quantbench.runconfig import load_run_config
 
 try:
@@ -92,11 +92,21 @@ def sized_resources(step, w):
 
 
 def resources_of(step):
-    """A step's Snakemake resources (gpu, gpu_mem_mb, mem_mb, runtime), each a function of the job's wildcards."""
+    """A step's Snakemake resources (gpu, mem_mb, runtime), functions of the job's wildcards; a retried job
+    (the profile's retries) gets attempt times the wall time."""
     return {
-        name: (lambda w, name=name: getattr(sized_resources(step, w), name))
-        for name in ("gpu", "gpu_mem_mb", "mem_mb", "runtime")
+        "gpu": lambda w: sized_resources(step, w).gpu,
+        "mem_mb": lambda w: sized_resources(step, w).mem_mb,
+        "runtime": lambda w, attempt: runtime_for_attempt(sized_resources(step, w).runtime, attempt),
     }
+
+
+def threads_of(step):
+    """A step's CPU threads (a function of the job's wildcards): the sizing rule's, or the hf evaluation
+    backend's configured threads, which is all such an evaluation then uses."""
+    backend = RUN.evaluation.get("backend", {})
+    configured = backend.get("threads") if step == "evaluate" and backend.get("name", "hf") == "hf" else None
+    return lambda w: configured or sized_resources(step, w).threads
 
 
 def report_outputs():

@@ -30,7 +30,10 @@ rule evaluate:
         benchmarks_file=config.get("benchmarks_file", "config/benchmarks.yaml"),
     log:
         "logs/evaluate/{model}/{scheme}/{benchmark}.log",
+    threads: threads_of("evaluate")
     resources:
         **resources_of("evaluate"),
+    benchmark:
+        f"{R}/benchmarks/evaluate/{{model}}/{{scheme}}/{{benchmark}}.tsv"
     script:
         "../workflow/scripts/evaluate.py"

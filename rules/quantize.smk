@@ -14,6 +14,7 @@ rule quantize:
         seed=config.get("quantization", {}).get("seed", 0),
     log:
         "logs/quantize/{model}/{scheme}.log",
+    threads: threads_of("quantize")
     resources:
         **resources_of("quantize"),
     benchmark:

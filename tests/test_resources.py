@@ -1,4 +1,4 @@
-"""Job resources from a model's size: GPUs, GPU memory, host memory and wall time per workflow step."""
+"""Job resources from a model's size: GPUs, CPU threads, host memory and wall time per workflow step."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from quantbench.resources import (
     eval_seconds,
     job_resources,
     load_workloads,
+    runtime_for_attempt,
 )
 from quantbench.schemes import load_schemes
 
@@ -31,15 +32,15 @@ SCHEMES = load_schemes(Path(__file__).resolve().parents[1] / "config" / "schemes
     ("params_b", "scheme", "expected"),
     [
         # 470 GB of BF16 weights + 10% KV cache = 517 GB over 66 usable GB per 80 GB card: 7.8 -> 8 GPUs,
-        # 517 / 8 + 6 = 70.625 GB each; host 16 + 235 GB; 30 + 2 x 235 minutes.
-        (235, "BF16", JobResources(gpu=8, gpu_mem_mb=72320, mem_mb=257024, runtime=500)),
-        # FP8: 258.5 GB -> 3.9 -> 4 GPUs of 70.625 GB; host 16 + 117.5 GB.
-        (235, "FP8-Static", JobResources(gpu=4, gpu_mem_mb=72320, mem_mb=136704, runtime=500)),
-        # 65.6 GB x 1.1 = 72.2 GB > 66: two GPUs of 42.08 GB.
-        (32.8, "BF16", JobResources(gpu=2, gpu_mem_mb=43090, mem_mb=49972, runtime=96)),
-        # INT4: 16.4 GB x 1.1 = 18.04 GB + 6 on one GPU.
-        (32.8, "INT4-GPTQ", JobResources(gpu=1, gpu_mem_mb=24617, mem_mb=24781, runtime=96)),
-        (0.6, "INT8-Dynamic", JobResources(gpu=1, gpu_mem_mb=6820, mem_mb=16692, runtime=32)),
+        # 4 threads each; host 16 + 235 GB; 30 + 2 x 235 minutes.
+        (235, "BF16", JobResources(gpu=8, threads=32, mem_mb=257024, runtime=500)),
+        # FP8: 258.5 GB -> 3.9 -> 4 GPUs; host 16 + 117.5 GB.
+        (235, "FP8-Static", JobResources(gpu=4, threads=16, mem_mb=136704, runtime=500)),
+        # 65.6 GB x 1.1 = 72.2 GB > 66: two GPUs.
+        (32.8, "BF16", JobResources(gpu=2, threads=8, mem_mb=49972, runtime=96)),
+        # INT4: 16.4 GB x 1.1 = 18.04 GB on one GPU.
+        (32.8, "INT4-GPTQ", JobResources(gpu=1, threads=4, mem_mb=24781, runtime=96)),
+        (0.6, "INT8-Dynamic", JobResources(gpu=1, threads=4, mem_mb=16692, runtime=32)),
     ],
 )
 def test_evaluation_on_gpus(params_b, scheme, expected):
@@ -63,11 +64,11 @@ def test_smaller_cards_need_more_gpus_and_too_few_per_node_is_an_error():
 def test_quantization_holds_the_bf16_model_in_host_memory_and_uses_one_gpu():
     # 1.25 x 470 GB + 32 GB of activations; 10 + 1 x 235 minutes for RTN
     assert job_resources("quantize", 235, scheme=SCHEMES["FP8-Static"], device="cuda") == JobResources(
-        gpu=1, gpu_mem_mb=81920, mem_mb=634368, runtime=245
+        gpu=1, threads=8, mem_mb=634368, runtime=245
     )
     # AWQ's grid search: 10 + 6 x 8.2 minutes; 1.25 x 16.4 GB + (2 + 8.2) GB
     assert job_resources("quantize", 8.2, scheme=SCHEMES["INT4-AWQ"], device="auto") == JobResources(
-        gpu=1, gpu_mem_mb=81920, mem_mb=31437, runtime=60
+        gpu=1, threads=8, mem_mb=31437, runtime=60
     )
     gptq = job_resources("quantize", 8.2, scheme=SCHEMES["INT4-GPTQ"], device="cuda:0")
     assert gptq.runtime == 43 and gptq.gpu == 1
@@ -76,15 +77,20 @@ def test_quantization_holds_the_bf16_model_in_host_memory_and_uses_one_gpu():
 def test_cpu_jobs_ask_for_no_gpu():
     # the embedded demo: 12.6M parameters, float32 on the CPU
     assert job_resources("evaluate", 0.0126, scheme=SCHEMES["BF16"], device="cpu") == JobResources(
-        gpu=0, gpu_mem_mb=0, mem_mb=1102, runtime=31
+        gpu=0, threads=8, mem_mb=1102, runtime=31
     )
     assert job_resources("quantize", 0.0126, scheme=SCHEMES["INT4-AWQ"], device="cpu") == JobResources(
-        gpu=0, gpu_mem_mb=0, mem_mb=2094, runtime=41
+        gpu=0, threads=8, mem_mb=2094, runtime=41
     )
     for size in (0.6, 235):
         assert job_resources("calibrate", size, device="cuda") == JobResources(
-            gpu=0, gpu_mem_mb=0, mem_mb=4096, runtime=30
+            gpu=0, threads=1, mem_mb=4096, runtime=30
         )
+
+
+def test_a_retried_job_gets_more_time():
+    first = job_resources("quantize", 8.2, scheme=SCHEMES["INT4-GPTQ"], device="cuda").runtime
+    assert [runtime_for_attempt(first, attempt) for attempt in (1, 2, 3)] == [43, 86, 129]
 
 
 def test_errors_name_the_model_and_the_fix():

@@ -166,6 +166,8 @@ def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="compute device for one layer at a time (default auto)")
     parser.add_argument("--chunk-size", type=int, default=8, metavar="N", help="calibration samples per forward call")
     parser.add_argument("--offload-activations", action="store_true", help="keep cached activations in CPU memory")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="keep no per-layer progress in OUT.partial (a rerun after an interruption starts over)")
     parser.set_defaults(handler=_run_quantize)
 
 
@@ -183,7 +185,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         )
     options = PipelineOptions(chunk_size=args.chunk_size, offload_activations=args.offload_activations)
     out = quantize_checkpoint(
-        args.model, scheme, args.out, calibration=calibration, device=args.device, seed=args.seed, options=options
+        args.model, scheme, args.out, calibration=calibration, device=args.device, seed=args.seed, options=options,
+        resume=args.resume,
     )
     print(out)
     return 0

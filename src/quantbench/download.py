@@ -4,6 +4,11 @@ The Hub path is ``huggingface_hub.snapshot_download`` into the Hugging Face cach
 ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` (served from the cache), and reads the token from the
 environment or the cached login, never from arguments, so no token lands in Snakemake params or logs.
 ``results/models/{model}/`` then holds links to the cached files, so a 470 GB model is stored once.
+
+Weights are checked before the output appears (:mod:`quantbench.weightfiles`): every safetensors header
+and index of a local copy or a snapshot, and every cached weight file against the SHA-256 the Hub
+recorded for it (a full read, about as long as copying the files once). A revision the Hub does not
+have fails naming the repo and the revision.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from quantbench.errors import QuantbenchError
 from quantbench.io import atomic_dir
 from quantbench.runconfig import ModelSource
+from quantbench.weightfiles import model_tensors, verify_hub_blobs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ def fetch_model(source: ModelSource, out_dir: str | Path) -> Path:
 def _copy_local(src: Path, dst: Path) -> None:
     if not (src / "config.json").is_file():
         raise QuantbenchError(f"model path {src} is not a Hugging Face model directory (no config.json)")
+    model_tensors(src)
     log.info("copying %s", src)
     for item in sorted(src.iterdir()):
         if item.is_dir():
@@ -48,7 +55,12 @@ def _copy_local(src: Path, dst: Path) -> None:
 def _snapshot(repo: str | None, revision: str | None, dst: Path) -> None:
     """Download into the Hugging Face cache (shared, resumable) and link the snapshot's files into ``dst``."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if not revision:
         log.warning("hub model %s has no pinned revision; the result is not reproducible", repo)
@@ -61,10 +73,17 @@ def _snapshot(repo: str | None, revision: str | None, dst: Path) -> None:
             f"revision is not in the local cache ({exc.__class__.__name__}); connect, or pre-download it with "
             f"`hf download {repo} --revision {revision or 'main'}`"
         ) from None
+    except RevisionNotFoundError:
+        raise QuantbenchError(
+            f"hub repo {repo} has no revision {revision!r}; pin a commit hash, branch or tag the repo has "
+            "(its revision in the config's models section)"
+        ) from None
     except (RepositoryNotFoundError, HFValidationError) as exc:
         raise QuantbenchError(f"hub repo {repo!r} not found or not accessible: {exc}") from None
     if not (snapshot / "config.json").is_file():
         raise QuantbenchError(f"hub repo {repo}@{revision} has no config.json: not a model checkpoint")
+    model_tensors(snapshot)
+    log.info("%d cached weight file(s) match the Hub's hashes", verify_hub_blobs(snapshot))
     for item in sorted(snapshot.rglob("*")):
         if item.is_file():
             target = dst / item.relative_to(snapshot)

@@ -52,8 +52,10 @@ from quantbench.architectures import kept_modules
 from quantbench.errors import QuantbenchError
 from quantbench.io import atomic_dir, atomic_write_json
 from quantbench.provenance import package_versions, sha256_file, sha256_stream
+from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
 from quantbench.schemes import QuantArgs, Scheme
+from quantbench.weightfiles import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,6 @@ QUANT_METHOD = "compressed-tensors"
 CONFIG_GROUP = "group_0"
 LINEAR_TARGET = "Linear"
 PROVENANCE_FILE = "quantbench_provenance.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 DEFAULT_MAX_SHARD_BYTES = 2**30  # small shards: each is hashed while the next is written, so only the last one's hash waits
 PACK_FACTOR = 8  # int4 codes per int32 word
@@ -158,6 +158,34 @@ def compress_quantized_linear(
     return {name: t.detach().contiguous() for name, t in tensors.items()}
 
 
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})  # safetensors names
+
+
+def stored_linear_layout(
+    out_features: int, in_features: int, weight_args: QuantArgs, input_args: QuantArgs | None, *, bias: bool
+) -> dict[str, tuple[frozenset[str], tuple[int, ...]]]:
+    """What :func:`compress_quantized_linear` stores for one linear: local name -> (allowed safetensors dtypes,
+    shape). Scales and biases may be in any float dtype (that of the exported model)."""
+    scale = qdq.scale_shape(out_features, in_features, weight_args)
+    scale_dtypes = frozenset({"F32"}) if weight_args.type == "float" else FLOAT_DTYPES
+    layout = {"weight_scale": (scale_dtypes, scale)}
+    asymmetric = weight_args.type == "int" and not weight_args.symmetric
+    if checkpoint_format(weight_args) == "pack-quantized":
+        layout["weight_packed"] = (frozenset({"I32"}), (out_features, in_features // PACK_FACTOR))
+        layout["weight_shape"] = (frozenset({"I64"}), (2,))
+        if asymmetric:
+            layout["weight_zero_point"] = (frozenset({"I32"}), (scale[0] // PACK_FACTOR, *scale[1:]))
+    else:
+        layout["weight"] = (frozenset({"F8_E4M3"} if weight_args.type == "float" else {"I8"}), (out_features, in_features))
+        if asymmetric:
+            layout["weight_zero_point"] = (frozenset({"I8"}), scale)
+    if input_args is not None and not input_args.dynamic:
+        layout["input_scale"] = (frozenset({"F32"}), (1,))
+    if bias:
+        layout["bias"] = (FLOAT_DTYPES, (out_features,))
+    return layout
+
+
 def decompress_quantized_linear(
     tensors: Mapping[str, torch.Tensor], weight_args: QuantArgs
 ) -> dict[str, torch.Tensor]:
@@ -245,7 +273,7 @@ def checkpoint_tensors(model: PreTrainedModel, workers: Executor) -> Iterator[tu
     tied = _tied_output_key(model)
     pending: deque[tuple[str, Future[dict[str, torch.Tensor]]]] = deque()
     for name, module in model.named_modules():
-        pending.append((name, workers.submit(_module_tensors, name, module, tied)))
+        pending.append((name, workers.submit(module_tensors, name, module, tied)))
         if len(pending) > COMPRESS_AHEAD:
             yield from _nonempty(*pending.popleft())
     for name, tensors in pending:
@@ -257,7 +285,7 @@ def _nonempty(name: str, tensors: Future[dict[str, torch.Tensor]]) -> Iterator[t
         yield name, result
 
 
-def _module_tensors(name: str, module: nn.Module, tied: str | None) -> dict[str, torch.Tensor]:
+def module_tensors(name: str, module: nn.Module, tied: str | None) -> dict[str, torch.Tensor]:
     """``{full tensor name: tensor}`` of the checkpoint tensors ``module`` itself holds (not its children's);
     ``tied``: the output embedding's key when it is tied to the input embedding (not written)."""
     prefix = f"{name}." if name else ""

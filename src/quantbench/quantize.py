@@ -8,6 +8,7 @@ calibration data; the others run the sequential pipeline of :mod:`quantbench.qua
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ from quantbench.calibration import Calibration, load_calibration
 from quantbench.errors import QuantbenchError
 from quantbench.experts import unfuse_experts
 from quantbench.export import save_quantized
+from quantbench.preflight import Headroom, check_requirements, quantize_requirements
 from quantbench.provenance import sha256_file
+from quantbench.quant.resume import LayerProgress, partial_dir, run_identity
 from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
 from quantbench.quant.stats import QuantStats
 from quantbench.runtime import load_model
@@ -52,12 +55,14 @@ def quantize_model(
     *,
     device: str | torch.device = "auto",
     options: PipelineOptions | None = None,
+    progress: LayerProgress | None = None,
 ) -> QuantStats:
     """Quantize ``model`` in place under ``scheme``; return per-layer statistics.
 
     Layers visit ``device`` one at a time; the model stays where it was. ``calibration`` is required when
-    the scheme needs data and ignored otherwise (unless ``options.measure_data_free``). On an error the
-    model is left partly quantized: load it again before retrying.
+    the scheme needs data and ignored otherwise (unless ``options.measure_data_free``). ``progress``
+    saves each quantized block and restores those an interrupted run saved (:mod:`quantbench.quant.resume`).
+    On an error the model is left partly quantized: load it again before retrying.
     """
     options = options or PipelineOptions()
     compute = resolve_device(device)
@@ -82,12 +87,12 @@ def quantize_model(
                     f"scheme {scheme.name} needs image activations for the vision blocks, but the calibration set "
                     "has no images; calibrate from image-text records (a JSONL with 'image', `quantbench calibrate`)"
                 )
-            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute)
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress)
         elif use_data:
-            stats.layers += quantize_blocks_sequential(model, stack, scheme, calibration, compute, options)
+            stats.layers += quantize_blocks_sequential(model, stack, scheme, calibration, compute, options, progress)
             stats.calibration_tokens = calibration.num_tokens
         else:
-            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute)
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress)
     stats.seconds = time.perf_counter() - start
     if stats.fallbacks:
         log.warning("%s: %d fallback(s) taken (see the statistics)", scheme.name, len(stats.fallbacks))
@@ -103,20 +108,45 @@ def quantize_checkpoint(
     device: str | torch.device = "auto",
     seed: int = 0,
     options: PipelineOptions | None = None,
+    resume: bool = True,
+    headroom: Headroom = Headroom(),
 ) -> Path:
     """Load ``model_dir``, quantize it under ``scheme`` and write the compressed-tensors checkpoint to ``out_dir``.
 
     ``calibration`` is a :class:`Calibration` or the path of a file written by ``quantbench calibrate``.
+    Before the model is loaded, free disk and host memory are checked (:mod:`quantbench.preflight`; ``headroom``:
+    what must stay free beyond the need). With ``resume``, every quantized layer is saved in
+    ``<out_dir>.partial`` as it is finished, a rerun after an interruption continues from the last saved layer
+    (to the same bytes), and the directory is removed once the checkpoint is written (:mod:`quantbench.quant.resume`).
     """
     torch.manual_seed(seed)
-    model, tokenizer = load_model(model_dir)
+    options = options or PipelineOptions()
+    compute = resolve_device(device)
     calibration_file = None
     if isinstance(calibration, (str, Path)):
         calibration_file = Path(calibration)
         calibration = load_calibration(calibration_file)
+    on_host = calibration is not None and scheme.needs_calibration and (compute.type == "cpu" or options.offload_activations)
+    check_requirements(
+        quantize_requirements(
+            model_dir,
+            scheme,
+            out_dir,
+            progress_dir=partial_dir(out_dir) if resume else None,
+            host_activations=tuple(calibration.input_ids.shape) if on_host else None,
+            headroom=headroom,
+        ),
+        f"quantize {model_dir} under {scheme.name}",
+    )
+    model, tokenizer = load_model(model_dir)
     if calibration is not None:
         calibration.check_tokenizer(tokenizer)
-    stats = quantize_model(model, scheme, calibration, device=device, options=options)
+    progress = None
+    if resume and not scheme.is_baseline:
+        identity = run_identity(model_dir, scheme, calibration, seed=seed, options=options, device=compute)
+        progress = LayerProgress(partial_dir(out_dir), identity)
+    with progress or contextlib.nullcontext():
+        stats = quantize_model(model, scheme, calibration, device=device, options=options, progress=progress)
     provenance = {
         "model": str(model_dir),
         "seed": seed,
@@ -129,4 +159,7 @@ def quantize_checkpoint(
             provenance["calibration"]["file_sha256"] = sha256_file(calibration_file)
     # an image-text model's checkpoint carries its whole processor (image processor, chat template)
     processor = load_processor(model_dir) if is_image_text_model(model.config) else tokenizer
-    return save_quantized(model, processor, scheme, out_dir, provenance=provenance)
+    out = save_quantized(model, processor, scheme, out_dir, provenance=provenance)
+    if progress is not None:
+        progress.remove()
+    return out

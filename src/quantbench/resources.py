@@ -1,16 +1,17 @@
-"""What one workflow job asks the scheduler for, computed from the model's size: GPUs, GPU memory per GPU,
-host memory and wall time.
+"""What one workflow job asks the scheduler for, computed from the model's size: GPUs, CPU threads, host
+memory and wall time.
 
 These are sizing rules, not measurements; each is a short formula of the parameter count (``params_b``,
 billions, all experts of a MoE counted: every expert must be resident) and the bits per weight of the
 checkpoint the job reads:
 
-* ``calibrate`` tokenizes text on the CPU: no GPU, 4 GiB, 30 minutes, whatever the model's size.
+* ``calibrate`` tokenizes text on the CPU: no GPU, one thread, 4 GiB, 30 minutes, whatever the model's size.
 * ``quantize`` runs the sequential pipeline: the BF16 model stays in host memory and one decoder layer at
   a time goes to one GPU, so it takes one whole GPU and host memory of 1.25 x the BF16 weights plus room
   for the cached calibration activations (2 GiB + 1 GiB per billion parameters, at most 32 GiB). Wall
   time is 10 minutes plus, per billion parameters, 1 (RTN), 4 (GPTQ) or 6 (AWQ, its scale grid) minutes;
-  four times that on a CPU.
+  four times that on a CPU. Eight threads: the export packs and hashes on as many threads as it gets,
+  and on a CPU they run the layers.
 * ``evaluate`` loads the whole checkpoint on its GPUs (vLLM tensor parallelism): the weights
   (``params_b x bits / 8`` GB) plus 10% for the KV cache must fit in the GPUs' usable memory (90% of each
   card, less 6 GB of CUDA context and activations per GPU). The GPU count is the smallest power of two
@@ -19,12 +20,20 @@ checkpoint the job reads:
   the benchmark's workload (``workloads:`` of the benchmarks file: requests, prompt tokens, new tokens) at
   the evaluation rates measured on one H200 (:data:`HF_RATES`, benchmarks/RESULTS.md): prompt tokens at the
   full-logit forward rate and decode steps at the batched decode rate of the benchmark's decoding path
-  (:func:`eval_rates`: ``generate`` for the vision-language scorers), both scaled from the measured model
+  (:func:`eval_rates`: ``generate`` for the vision-language scorers and sampled generations), both scaled from the measured model
   to ``params_b`` (per GPU for vLLM's tensor parallelism), times :data:`EVAL_MARGIN`, plus the checkpoint's
   read at 1 GB/s and 10 minutes of start-up. vLLM is sized with the hf backend's rates, an upper bound (it
   batches wider and runs low-bit kernels). A benchmark without a workload gets 30 minutes plus 2 per
   billion parameters. On a CPU (the demo) the model runs in float32: no GPU, 1.5 x the float32 weights plus
-  1 GiB of host memory, 30 minutes plus an hour per billion parameters.
+  1 GiB of host memory, 30 minutes plus an hour per billion parameters, eight threads. Four threads per GPU
+  (vLLM's worker per GPU, tokenization, lm-eval).
+
+The memory of one GPU (``Hardware.gpu_mem_gb``) decides how many GPUs an evaluation gets; the cards
+themselves are chosen by the profile (``gpu_model``: see profiles/README.md), since the scheduler takes a
+GPU count and type, not a memory size.
+
+A job that hits its time limit is retried (the profile's ``retries``) with :func:`runtime_for_attempt`:
+attempt n gets n times the wall time (a quantization resumes from its last saved layer).
 
 A job on a CPU (``device: cpu`` in the config) asks for no GPU, so the embedded demo runs on any machine
 and cluster. Memory values are MiB and wall time is minutes: Snakemake's ``mem_mb`` and ``runtime``.
@@ -116,6 +125,9 @@ def eval_seconds(params_b: float, workload: EvalWorkload, rates: EvalRates = HF_
     rows = workload.batch or batch or rates.batch
     decode_s = math.ceil(workload.requests / rows) * workload.new_tokens / rates.decode_steps_per_s * scale
     return prompt_s + decode_s
+QUANTIZE_THREADS = 8
+THREADS_PER_EVAL_GPU = 4
+CPU_EVAL_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -135,10 +147,10 @@ class Hardware:
 
 @dataclass(frozen=True)
 class JobResources:
-    """One job's request: GPUs, memory needed on each of them (MiB), host memory (MiB), wall time (minutes)."""
+    """One job's request: GPUs, CPU threads, host memory (MiB), wall time (minutes, of the first attempt)."""
 
     gpu: int
-    gpu_mem_mb: int
+    threads: int
     mem_mb: int
     runtime: int
 
@@ -149,6 +161,11 @@ class JobResources:
 
 def _mib(gigabytes: float) -> int:
     return math.ceil(gigabytes * 1024)
+
+
+def runtime_for_attempt(minutes: int, attempt: int) -> int:
+    """Wall time of attempt ``attempt`` (1, 2, ...) of a job whose first attempt gets ``minutes``."""
+    return minutes * attempt
 
 
 def checkpoint_gb(params_b: float, bits: int) -> float:
@@ -209,7 +226,7 @@ def job_resources(
         )
     gpu = on_gpu(device)
     if step == "calibrate":
-        return JobResources(gpu=0, gpu_mem_mb=0, mem_mb=_mib(4), runtime=30)
+        return JobResources(gpu=0, threads=1, mem_mb=_mib(4), runtime=30)
     if step == "quantize":
         algorithm = "rtn" if scheme is None else scheme.algorithm
         if algorithm not in QUANTIZE_MIN_PER_B:
@@ -218,7 +235,7 @@ def job_resources(
         activations = min(32.0, 2 + params_b)
         return JobResources(
             gpu=int(gpu),
-            gpu_mem_mb=_mib(hardware.gpu_mem_gb) if gpu else 0,
+            threads=QUANTIZE_THREADS,
             mem_mb=_mib(1.25 * checkpoint_gb(params_b, BASELINE_BITS) + activations),
             runtime=math.ceil(minutes),
         )
@@ -226,12 +243,11 @@ def job_resources(
     if not gpu:
         return JobResources(
             gpu=0,
-            gpu_mem_mb=0,
+            threads=CPU_EVAL_THREADS,
             mem_mb=_mib(1.5 * checkpoint_gb(params_b, 32) + 1),
             runtime=math.ceil(30 + 60 * params_b),
         )
     gpus = eval_gpus(params_b, bits, hardware)
-    weights = checkpoint_gb(params_b, bits) * (1 + KV_CACHE_FRACTION)
     if workload is None:
         minutes = 30 + 2 * params_b
     else:
@@ -240,7 +256,7 @@ def job_resources(
         minutes = EVAL_STARTUP_MIN + (read + EVAL_MARGIN * eval_seconds(share, workload, rates, batch)) / 60
     return JobResources(
         gpu=gpus,
-        gpu_mem_mb=_mib(weights / gpus + GPU_OVERHEAD_GB),
+        threads=THREADS_PER_EVAL_GPU * gpus,
         mem_mb=_mib(16 + 0.5 * checkpoint_gb(params_b, bits)),
         runtime=math.ceil(minutes),
     )

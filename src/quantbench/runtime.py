@@ -6,12 +6,16 @@ device, every module the config groups target (their ``targets`` minus ``ignore`
 compressed-tensors' own rules) becomes a :class:`QuantLinear` holding the stored codes, scales, zero
 points and static input scales (int4 unpacked), and the remaining tensors are loaded as stored. Each
 tensor is read once, straight onto ``device``.
+
+Before any tensor is read, every weight file's header is checked (:mod:`quantbench.weightfiles`: a
+truncated or corrupt shard fails naming the file), and the tensors stored for each quantized module are
+checked against what its config group's args store (names, dtypes, shapes), so a ``quantization_config``
+that disagrees with its tensors fails naming the file and the tensor.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import fields
 from pathlib import Path
@@ -38,15 +42,15 @@ from quantbench.errors import QuantbenchError
 from quantbench.experts import unfuse_experts
 from quantbench.export import (
     QUANT_METHOD,
-    WEIGHTS_FILE,
-    WEIGHTS_INDEX_FILE,
     checkpoint_format,
     decompress_quantized_linear,
+    stored_linear_layout,
 )
 from quantbench.quant.linear import QuantLinear, share_input_quantization
 from quantbench.quant.rtn import replace_module
 from quantbench.schemes import QuantArgs
 from quantbench.vlm import is_image_text_model
+from quantbench.weightfiles import TensorEntry, model_tensors
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,11 @@ def load_model(
     if not (path / "config.json").is_file():
         raise QuantbenchError(f"{path} is not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
+    tensors = model_tensors(path)  # every file checked before a tensor is read: a truncated shard fails here, named
     if getattr(config, "quantization_config", None) is None:
         model = _auto_class(config).from_pretrained(path, dtype=dtype).to(device)
     else:
-        model = _load_quantized(path, config, device=device, dtype=dtype)
+        model = _load_quantized(path, config, tensors, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 
@@ -118,21 +123,49 @@ def _parse_groups(qconfig: dict[str, Any], path: Path) -> list[tuple[list[str], 
     return groups
 
 
-def _read_checkpoint(path: Path, device: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors checkpoint in ``path`` (single file or index + shards), on ``device``."""
-    index = path / WEIGHTS_INDEX_FILE
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (path / WEIGHTS_FILE).is_file():
-        files = [WEIGHTS_FILE]
-    else:
-        raise QuantbenchError(f"{path} holds no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
+def _read_checkpoint(entries: dict[str, TensorEntry], device: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checked checkpoint (:func:`quantbench.weightfiles.model_tensors`), on ``device``."""
     tensors: dict[str, torch.Tensor] = {}
-    for filename in files:
-        with safe_open(path / filename, framework="pt", device=str(device)) as handle:
+    for file in sorted({entry.file for entry in entries.values()}):
+        with safe_open(file, framework="pt", device=str(device)) as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 tensors[key] = handle.get_tensor(key)
     return tensors
+
+
+def _check_stored_linear(
+    name: str, stored: dict[str, TensorEntry], linear: nn.Linear, weights: QuantArgs, inputs: QuantArgs | None
+) -> None:
+    """Refuse a quantized linear whose stored tensors are not what its config group's args store (names, dtypes, shapes)."""
+    layout = stored_linear_layout(linear.out_features, linear.in_features, weights, inputs, bias=linear.bias is not None)
+    args = f"weights {weights.to_dict()}, input_activations {None if inputs is None else inputs.to_dict()}"
+    any_file = next(iter(stored.values())).file
+    for key in sorted(layout.keys() - stored.keys()):
+        raise QuantbenchError(
+            f"{any_file}: tensor {name}.{key} is missing, but the quantization_config ({args}) stores it for "
+            f"{name}; the config disagrees with the tensors (it holds {sorted(stored)})"
+        )
+    for key in sorted(stored.keys() - layout.keys()):
+        raise QuantbenchError(
+            f"{stored[key].file}: tensor {name}.{key} is stored, but the quantization_config ({args}) has no place "
+            f"for it; the config disagrees with the tensors"
+        )
+    for key, (dtypes, shape) in layout.items():
+        entry = stored[key]
+        if entry.dtype not in dtypes or entry.shape != shape:
+            raise QuantbenchError(
+                f"{entry.file}: tensor {name}.{key} is {entry.dtype} {list(entry.shape)}, but the quantization_config "
+                f"({args}) stores {'/'.join(sorted(dtypes))} {list(shape)}; the config disagrees with the tensors"
+            )
+
+
+def _by_module(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{module name: {local name: value}}`` of ``{full tensor name: value}``."""
+    by_module: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        module_name, _, local = key.rpartition(".")
+        by_module.setdefault(module_name, {})[local] = value
+    return by_module
 
 
 def _build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
@@ -148,7 +181,9 @@ def _build_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedM
     return model
 
 
-def _load_quantized(path: Path, config: PretrainedConfig, *, device: str, dtype: torch.dtype) -> PreTrainedModel:
+def _load_quantized(
+    path: Path, config: PretrainedConfig, entries: dict[str, TensorEntry], *, device: str, dtype: torch.dtype
+) -> PreTrainedModel:
     qconfig = config.quantization_config
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     groups = _parse_groups(qconfig, path)
@@ -165,16 +200,16 @@ def _load_quantized(path: Path, config: PretrainedConfig, *, device: str, dtype:
                 )
             assigned[name] = (weights, inputs)
 
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in _read_checkpoint(path, device).items():
-        module_name, _, local = key.rpartition(".")
-        by_module.setdefault(module_name, {})[local] = tensor
-    stored = {name for name, local in by_module.items() if "weight_scale" in local}
+    stored_entries = _by_module(entries)
+    stored = {name for name, local in stored_entries.items() if "weight_scale" in local}
     if stored != set(assigned):
         raise QuantbenchError(
             f"{path}: the modules with stored scales differ from those the quantization_config targets "
             f"(only stored: {sorted(stored - set(assigned))[:5]}, only targeted: {sorted(set(assigned) - stored)[:5]})"
         )
+    for name, (weights, inputs) in assigned.items():
+        _check_stored_linear(name, stored_entries[name], model.get_submodule(name), weights, inputs)
+    by_module = _by_module(_read_checkpoint(entries, device))
 
     state: dict[str, torch.Tensor] = {}
     for name, (weights, inputs) in assigned.items():

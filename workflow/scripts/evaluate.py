@@ -4,6 +4,7 @@ from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import benchmark_from_dict
 from quantbench.evaluate.runner import evaluate_benchmark
 from quantbench.joblog import job_log
+from quantbench.preflight import headroom_from
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 
@@ -19,4 +20,5 @@ with job_log(smk.log[0]):
         backend=Backend(**smk.params.backend),
         limit=smk.params.limit,
         benchmarks_file=smk.params.benchmarks_file,
+        headroom=headroom_from(**smk.config.get("preflight", {})),  # not a param: editing it reruns nothing
     )

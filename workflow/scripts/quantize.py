@@ -1,6 +1,7 @@
 """Snakemake entry point of rule quantize: one compressed-tensors checkpoint for (model, scheme)."""
 
 from quantbench.joblog import job_log
+from quantbench.preflight import headroom_from
 from quantbench.quantize import quantize_checkpoint
 from quantbench.schemes import scheme_from_dict
 
@@ -14,4 +15,5 @@ with job_log(smk.log[0]):
         calibration=smk.input.calib[0] if smk.input.calib else None,
         device=smk.params.device,
         seed=smk.params.seed,
+        headroom=headroom_from(**smk.config.get("preflight", {})),  # not a param: editing it reruns nothing
     )

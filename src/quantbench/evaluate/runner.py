@@ -19,6 +19,7 @@ from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.perplexity import read_rows, wikitext_perplexity
 from quantbench.evaluate.results import Outcome, checkpoint_hash, file_sha256, reproduce_command, versions
 from quantbench.io import atomic_write_json
+from quantbench.preflight import Headroom, check_requirements, evaluate_requirements
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,15 @@ def evaluate_benchmark(
     backend: Backend | None = None,
     limit: int | None = None,
     benchmarks_file: str | Path = "config/benchmarks.yaml",
+    headroom: Headroom = Headroom(),
 ) -> dict[str, Any]:
     """Score ``model_dir`` on ``spec`` and write the result JSON to ``out_path``; return the result.
 
     ``source``: ``local`` (the project's tasks over the JSONL files in ``data_dir``) or ``hub``
     (lm-eval's built-in task and dataset). ``limit``: score only the first N items of each lm-eval task
     (per subject for grouped benchmarks; perplexity: the first N windows). ``benchmarks_file`` is only
-    recorded, in the command that reproduces the result.
+    recorded, in the command that reproduces the result. Before the model is loaded, free disk and host memory
+    are checked (:mod:`quantbench.preflight`; ``headroom``: what must stay free beyond the need).
     """
     started = time.perf_counter()
     backend = backend or Backend()
@@ -54,6 +57,11 @@ def evaluate_benchmark(
         raise QuantbenchError(f"limit must be a positive number of items, got {limit}")
     if not (model_dir / "config.json").is_file():
         raise QuantbenchError(f"{model_dir} is not a model directory (no config.json)")
+    on_host = backend.name == "hf" and backend.device == "cpu"
+    requirements = evaluate_requirements(
+        model_dir, out_path, host_dtype_bytes=backend.torch_dtype.itemsize if on_host else None, headroom=headroom
+    )
+    check_requirements(requirements, f"evaluate {model_dir} on {spec.name}")
     data = _data_provenance(spec, source, data_dir)
     if spec.lm_eval is not None:
         # lm-eval (and datasets, pandas) load only for the benchmarks that need them: ~2 s per job.

@@ -33,6 +33,9 @@ On CUDA the blocks' RMSNorms run as one fused kernel during these passes (:mod:`
 Activations of the current block live on the compute device, or in CPU memory with
 ``offload_activations``. Schemes without data (RTN, dynamic activations) skip all of this and round
 block by block (:func:`quantize_blocks_data_free`) unless asked to measure their errors.
+
+Given a :class:`quant.resume.LayerProgress`, both save every quantized block, and a rerun restores the
+saved blocks and, instead of quantizing them again, replays them (step d alone) to rebuild the activations.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from quantbench.quant.linear import QuantLinear
 from quantbench.quant.norm_kernel import fused_rms_norms
 from quantbench.quant.observers import InputStats
 from quantbench.quant.prefetch import BlockPrefetcher
+from quantbench.quant.resume import LayerProgress
 from quantbench.quant.rtn import replace_module, rtn_quantize_linear
 from quantbench.quant.stats import GroupStats, LayerStats
 from quantbench.schemes import Scheme
@@ -485,39 +489,79 @@ def _quantize_block(
     )
 
 
+def _replay_block(
+    block: nn.Module, name: str, stack: BlockStack, calls: list[ModuleCall], device: torch.device, storage: torch.device
+) -> None:
+    """Step d alone, for a block restored by a resumed run: its outputs become the next block's inputs."""
+    stack = stack.for_block(block, name)
+    experts: list[ExpertList] = [] if stack.experts is None else [block.get_submodule(stack.experts)]
+    for index, call in enumerate(calls):
+        with calibrate_all_experts(experts, call.mask.to(device)):
+            out = replay(block, call, device)
+        calls[index] = ModuleCall((_store(out, storage),), call.kwargs, call.mask)
+
+
 def quantize_blocks_sequential(
-    model: nn.Module, stack: BlockStack, scheme: Scheme, calibration: Calibration, device: torch.device, options: PipelineOptions
+    model: nn.Module,
+    stack: BlockStack,
+    scheme: Scheme,
+    calibration: Calibration,
+    device: torch.device,
+    options: PipelineOptions,
+    progress: LayerProgress | None = None,
 ) -> list[LayerStats]:
-    """Quantize every block of ``stack`` in order on propagated calibration activations (module docstring)."""
+    """Quantize every block of ``stack`` in order on propagated calibration activations (module docstring).
+
+    With ``progress``, blocks saved by an interrupted run are restored and replayed instead of quantized,
+    and each newly quantized block is saved (:mod:`quant.resume`).
+    """
     blocks = block_list(model, stack)
     storage = torch.device("cpu") if options.offload_activations else device
+    layers = progress.restore(blocks, stack, scheme) if progress is not None else []
+    restored = len(layers)
+    if restored == len(blocks):
+        return layers
     with torch.no_grad():
         if stack.packed:
             others = [block_list(model, other) for other in stacks_of(model) if other.path != stack.path]
             calls, block_kwargs = capture_packed_inputs(model, blocks, calibration, device, options, others)
         else:
             calls, block_kwargs = capture_block_inputs(model, blocks, calibration, device, options), None
-    layers = []
     with BlockPrefetcher(blocks, device) as prefetcher:
         for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
+            name = f"{stack.path}.{index}"
             home = prefetcher.take(index)
             if block_kwargs is not None:
                 for call, kwargs in zip(calls, block_kwargs[index]):
                     call.kwargs = kwargs
             try:
                 with torch.no_grad(), fused_rms_norms(block):
-                    layers.append(_quantize_block(block, f"{stack.path}.{index}", stack, calls, scheme, device, storage))
+                    if index < restored:
+                        _replay_block(block, name, stack, calls, device, storage)
+                    else:
+                        layers.append(_quantize_block(block, name, stack, calls, scheme, device, storage))
+                if progress is not None and index < restored:
+                    progress.check(stack.path, index, calls)
+                elif progress is not None:
+                    progress.save(stack.path, index, block, layers[index], calls)
             finally:
                 prefetcher.put_back(index, home)
     return layers
 
 
-def quantize_blocks_data_free(model: nn.Module, stack: BlockStack, scheme: Scheme, device: torch.device) -> list[LayerStats]:
-    """Round every target of ``stack`` to nearest, block by block on ``device``, without any forward pass."""
-    layers = []
+def quantize_blocks_data_free(
+    model: nn.Module, stack: BlockStack, scheme: Scheme, device: torch.device, progress: LayerProgress | None = None
+) -> list[LayerStats]:
+    """Round every target of ``stack`` to nearest, block by block on ``device``, without any forward pass.
+
+    With ``progress``, blocks saved by an interrupted run are restored, and each new one is saved.
+    """
     blocks = block_list(model, stack)
+    layers = progress.restore(blocks, stack, scheme) if progress is not None else []
     with BlockPrefetcher(blocks, device) as prefetcher:
-        for index, block in enumerate(tqdm(blocks, desc=f"{scheme.name}: {stack.path}", unit="block")):
+        todo = range(len(layers), len(blocks))
+        for index in tqdm(todo, desc=f"{scheme.name}: {stack.path}", unit="block", initial=todo.start, total=len(blocks)):
+            block = blocks[index]
             start = time.perf_counter()
             name = f"{stack.path}.{index}"
             home = prefetcher.take(index)
@@ -527,8 +571,10 @@ def quantize_blocks_data_free(model: nn.Module, stack: BlockStack, scheme: Schem
                 with torch.no_grad():
                     for target in expanded.targets:
                         replace_module(block, target, rtn_quantize_linear(block.get_submodule(target), scheme))
+                groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in expanded.groups]
+                layers.append(LayerStats(name=name, seconds=time.perf_counter() - start, groups=groups))
+                if progress is not None:
+                    progress.save(stack.path, index, block, layers[index], None)
             finally:
                 prefetcher.put_back(index, home)
-            groups = [GroupStats(tuple(f"{name}.{n}" for n in names)) for names in expanded.groups]
-            layers.append(LayerStats(name=name, seconds=time.perf_counter() - start, groups=groups))
     return layers

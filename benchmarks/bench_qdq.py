@@ -1,4 +1,5 @@
-"""Activation quantize-dequantize on the GPU: the torch path of ``qdq`` against the fused kernel of ``qdq_kernel``.
+"""Activation quantization on the GPU: the torch path of ``qdq`` against the fused kernel of ``qdq_kernel``
+(fp8: quantize-dequantize; int8: the codes and per-token scales the W8A8 product takes).
 
 For each (shape, scheme) it checks that both give the same bits on fresh random inputs (several seeds,
 heavy-tailed rows over many magnitudes) and times both with ``triton.testing.do_bench`` (median), reporting
@@ -46,12 +47,19 @@ def main() -> None:
             for seed in range(args.seeds):
                 x = activations(rows, width, seed)
                 scale = None if qargs.dynamic else qdq.static_input_scale(x.float().abs().amax() * 0.7, qargs)
-                ref = qdq.quantize_dequantize_activation(x, qargs, scale)
-                got = qdq_kernel.fake_quantize_activation(x, qargs, scale)
-                mismatched += int((ref.view(torch.int16) != got.view(torch.int16)).sum())
-            torch_ms = triton.testing.do_bench(lambda: qdq.quantize_dequantize_activation(x, qargs, scale), return_mode="median")
-            kernel_ms = triton.testing.do_bench(lambda: qdq_kernel.fake_quantize_activation(x, qargs, scale), return_mode="median")
-            gbps = 2 * x.numel() * x.element_size() / (kernel_ms * 1e-3) / 1e9
+                if qargs.type == "float":
+                    ref = qdq.quantize_dequantize_activation(x, qargs, scale)
+                    got = qdq_kernel.fake_quantize_activation(x, qargs, scale)
+                    mismatched += int((ref.view(torch.int16) != got.view(torch.int16)).sum())
+                else:
+                    (ref, ref_scales), (got, got_scales) = qdq.int_activation_codes(x, qargs), qdq_kernel.int_activation_codes(x, qargs)
+                    mismatched += int((ref != got.float()).sum()) + int((ref_scales.view(torch.int32) != got_scales.view(torch.int32)).sum())
+            torch_fn, kernel_fn = ((qdq.quantize_dequantize_activation, qdq_kernel.fake_quantize_activation) if qargs.type == "float"
+                                   else (qdq.int_activation_codes, qdq_kernel.int_activation_codes))
+            torch_ms = triton.testing.do_bench(lambda: torch_fn(x, qargs, scale), return_mode="median")
+            kernel_ms = triton.testing.do_bench(lambda: kernel_fn(x, qargs, scale), return_mode="median")
+            written = x.element_size() if qargs.type == "float" else 1
+            gbps = x.numel() * (x.element_size() + written) / (kernel_ms * 1e-3) / 1e9
             rows_out.append({"shape": shape, "scheme": name, "torch_ms": torch_ms, "kernel_ms": kernel_ms,
                              "speedup": torch_ms / kernel_ms, "kernel_GBps": gbps, "mismatched_values": mismatched,
                              "values_checked": args.seeds * x.numel()})  # fmt: skip

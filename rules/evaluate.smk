@@ -9,10 +9,11 @@ def eval_overrides(benchmark):
 
 def eval_backend(w):
     """The run's evaluation backend; vLLM spreads the model over the GPUs the job is sized for (tensor
-    parallelism; computed by the sizing rule itself, not read back from resources, which is far cheaper)."""
+    parallelism; computed by the sizing rule itself, not read back from resources, which is far cheaper).
+    A CPU job is sized for no GPU and runs vLLM's CPU build unsplit."""
     backend = dict(RUN.evaluation.get("backend", {}))
     if backend.get("name") == "vllm":
-        backend["tensor_parallel_size"] = sized_resources("evaluate", w).gpu
+        backend["tensor_parallel_size"] = max(1, sized_resources("evaluate", w).gpu)
     return backend
 
 

@@ -1,4 +1,5 @@
-"""The fused activation quantize-dequantize kernel against :func:`qdq.quantize_dequantize_activation`, bit for bit.
+"""The fused activation kernel against the torch functions, bit for bit: :func:`qdq.quantize_dequantize_activation`
+for fp8, :func:`qdq.int_activation_codes` (codes and scales) for integers.
 
 Runs on a CUDA machine with Triton, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 pytest starts); skipped otherwise (CPU-only torch ships without Triton).
@@ -47,13 +48,23 @@ def _assert_bitwise_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert mismatched == 0, f"{mismatched} of {got.numel()} values differ"
 
 
+def _assert_same_quantization(x: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None) -> None:
+    if args.type == "float":
+        _assert_bitwise_equal(qdq_kernel.fake_quantize_activation(x, args, scale), qdq.quantize_dequantize_activation(x, args, scale))
+        return
+    codes, scales = qdq_kernel.int_activation_codes(x, args, scale)
+    expected_codes, expected_scales = qdq.int_activation_codes(x, args, scale)
+    assert codes.dtype == torch.int8 and torch.equal(codes.float(), expected_codes)
+    _assert_bitwise_equal(scales.expand_as(expected_scales), expected_scales)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("args", ALL_ARGS, ids=IDS)
 def test_matches_torch_path(args: QuantArgs, dtype: torch.dtype) -> None:
     """Rows wider than one loop step (5000 > 4096) and a batch dimension: every value identical."""
     x = _activations(12, 5000, dtype, seed=1).reshape(3, 4, 5000).to(DEVICE)
     scale = qdq.static_input_scale(x.float().abs().amax() * 0.5, args) if not args.dynamic else None  # half clips
-    _assert_bitwise_equal(qdq_kernel.fake_quantize_activation(x, args, scale), qdq.quantize_dequantize_activation(x, args, scale))
+    _assert_same_quantization(x, args, scale)
 
 
 @pytest.mark.parametrize("args", [FP8_STATIC, INT8_STATIC], ids=["fp8", "int8"])
@@ -65,10 +76,20 @@ def test_ties_round_half_to_even(args: QuantArgs) -> None:
     expected = qdq.quantize_dequantize_activation(x, args, scale)
     if args.type == "float":  # e4m3 steps of 1/8 on [1, 2), 1/4 on [2, 4); +-448 saturates
         assert expected.tolist() == [[1.0, 1.25, -1.0, 2.5, 3.5, -2.5, 0.5, 1.5, 448.0, -448.0, 2**-8, 0.0]]
+        assert str(expected[0, -1].item()) == "-0.0"
     else:
         assert expected.tolist() == [[1.0, 1.0, -1.0, 2.0, 4.0, -2.0, 0.0, 2.0, 127.0, -128.0, 0.0, 0.0]]
-    assert str(expected[0, -1].item()) == "-0.0"
-    _assert_bitwise_equal(qdq_kernel.fake_quantize_activation(x, args, scale), expected)
+    _assert_same_quantization(x, args, scale)
+
+
+def test_dynamic_int8_ties_round_as_vllms_cuda_kernel() -> None:
+    """bf16 tokens whose halves sit on a code's half step: the kernel rounds ``x * (127 / amax)`` as vLLM's
+    CUDA kernel does, which differs from rounding ``x / (amax / 127)``."""
+    x = torch.tensor([[2.296875, 1.1484375, -1.1484375], [2.734375, 1.3671875, 0.0], [0.0, 0.0, 0.0]], dtype=torch.bfloat16, device=DEVICE)
+    codes, scales = qdq_kernel.int_activation_codes(x, INT8_TOKEN)
+    assert codes.tolist() == [[127, 64, -64], [127, 64, 0], [0, 0, 0]]
+    assert scales.flatten().tolist() == [torch.tensor(v / 127, dtype=torch.float32).item() for v in (2.296875, 2.734375, 0.0)]
+    _assert_same_quantization(x, INT8_TOKEN, None)
 
 
 def test_quant_linear_uses_kernel_with_same_output(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,8 +101,8 @@ def test_quant_linear_uses_kernel_with_same_output(monkeypatch: pytest.MonkeyPat
     layer = QuantLinear.from_weight(weight, qdq.quantize_weight(weight, scale, None, w_args), scale, None, weight_args=w_args, input_args=INT8_TOKEN)
     x = _activations(20, 300, torch.bfloat16, seed=2).reshape(4, 5, 300).to(DEVICE)
     calls = []
-    real = qdq_kernel.fake_quantize_activation
-    monkeypatch.setattr(qdq_kernel, "fake_quantize_activation", lambda *a: calls.append(1) or real(*a))
+    real = qdq_kernel.int_activation_codes
+    monkeypatch.setattr(qdq_kernel, "int_activation_codes", lambda *a: calls.append(1) or real(*a))
     fused = layer(x)
     assert calls == [1]
     monkeypatch.setattr(qdq_kernel, "available", lambda device: False)
@@ -93,4 +114,4 @@ def test_dynamic_tensor_scales_stay_on_torch() -> None:
     args = QuantArgs(type="int", num_bits=8, strategy="tensor", symmetric=True, dynamic=True)
     assert not qdq_kernel.supports(args)
     with pytest.raises(ValueError, match="does not cover"):
-        qdq_kernel.fake_quantize_activation(torch.ones(2, 16, device=DEVICE), args)
+        qdq_kernel.int_activation_codes(torch.ones(2, 16, device=DEVICE), args)

@@ -16,7 +16,8 @@ from quantbench.cli import main
 from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import benchmark_from_dict, load_benchmarks, parse_benchmark
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.evaluate.vlm_eval import question_prompt
+from quantbench.evaluate.backend import Backend
+from quantbench.evaluate.vlm_eval import lmms_eval_device, lmms_eval_model, question_prompt
 from quantbench.evaluate.vqa_metrics import MMMU_SEED, anls, mmmu_score, relaxed_correctness
 from quantbench.quantize import quantize_checkpoint
 from quantbench.schemes import load_schemes
@@ -114,6 +115,21 @@ def test_hub_source_needs_lmms_eval(setup: dict) -> None:
     with pytest.raises(QuantbenchError, match="lmms-eval's task 'chartqa', but lmms-eval is not installed"):
         evaluate_benchmark(setup["model"], BENCHMARKS["ChartQA_TEST"], out_path=out, model_name="tiny-vl", source="hub")
     assert not out.exists()
+
+
+def test_lmms_eval_gets_our_checkpoint_as_the_published_script_ran_it(setup: dict) -> None:
+    """lmms-eval 0.7's vllm model takes the checkpoint as ``model=`` (``pretrained=`` would pass on to vLLM and
+    leave its default model, Qwen2.5-VL-3B-Instruct, selected); tensor parallelism from the backend, batch 16 and
+    GPU memory utilization 0.9 as deploy/lmms_eval.sh. tests/test_vllm.py builds lmms-eval's model from these."""
+    vllm = Backend(name="vllm", device="cuda", tensor_parallel_size=4)
+    assert lmms_eval_model(setup["model"], vllm) == (
+        "vllm", f"model={setup['model']},tensor_parallel_size=4,gpu_memory_utilization=0.9,dtype=auto", 16)
+    assert lmms_eval_device(vllm) is None
+    cpu = Backend(name="vllm", device="cpu")
+    assert lmms_eval_model(setup["model"], cpu)[1].endswith(",tensor_parallel_size=1,gpu_memory_utilization=0.9,dtype=auto,enforce_eager=True")
+    hf = Backend(name="hf", device="cpu")
+    assert lmms_eval_model(setup["model"], hf) == ("qwen2_5_vl", f"pretrained={setup['model']}", 1)
+    assert lmms_eval_device(hf) == "cpu"
 
 
 def test_qwen2_5_vl_table_renders_from_result_files(tmp_path: Path) -> None:

@@ -144,3 +144,11 @@ def test_run_then_nothing_then_only_the_edited_scheme(tmp_path):
         ],
         key=str,
     )
+
+
+def test_evaluate_script_can_be_imported_again_by_a_spawned_process():
+    """vLLM starts its engine in a process made by spawn, which imports the main script again as ``__mp_main__``
+    (without Snakemake's ``snakemake`` object): the evaluate script must do nothing then."""
+    import runpy
+
+    runpy.run_path(str(REPO / "workflow" / "scripts" / "evaluate.py"), run_name="__mp_main__")

@@ -38,6 +38,11 @@ class Backend:
             torch.set_num_threads(self.threads)
         return load_model(model_dir, device=self.device, dtype=self.torch_dtype)
 
+    def vllm_engine_options(self) -> dict[str, bool]:
+        """vLLM engine options beyond the published settings: on a CPU (vLLM's CPU build) the model runs
+        eagerly, since capturing its graph takes about a minute per engine start on two cores."""
+        return {"enforce_eager": True} if self.device == "cpu" else {}
+
     @property
     def torch_dtype(self) -> torch.dtype:
         """``auto``: float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""

@@ -45,8 +45,8 @@ def make_lm(model_dir: str | Path, backend: Backend, settings: LmEvalSettings | 
     if backend.name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise QuantbenchError(
-                "backend 'vllm' needs the vllm package, which is not installed here; "
-                "install it (pip install vllm) or set the evaluation backend to 'hf'"
+                "backend 'vllm' needs the vllm package, which is not installed here; run the evaluation in "
+                "an environment with vLLM (`make vllm-env` creates .venv-vllm; README) or set the evaluation backend to 'hf'"
             )
         from lm_eval.models.vllm_causallms import VLLM
 
@@ -57,6 +57,7 @@ def make_lm(model_dir: str | Path, backend: Backend, settings: LmEvalSettings | 
             add_bos_token=True,
             batch_size="auto",
             **reasoning,
+            **backend.vllm_engine_options(),
         )
     model, tokenizer = backend.load(model_dir)
     return QuantbenchHFLM(
@@ -117,7 +118,7 @@ def run_lm_eval(
             apply_chat_template=settings.chat_template,
             predict_only=by_sandbox,
             confirm_run_unsafe_code=by_sandbox,
-            log_samples=by_sandbox,
+            log_samples=True,
         )
     except QuantbenchError:
         raise
@@ -142,6 +143,7 @@ def run_lm_eval(
         task=name,
         task_version=task_version(root),
         scores=reported_scores(row),
+        details={"per_item": per_item(spec, out["samples"], leaves)},
     )
 
 
@@ -155,12 +157,33 @@ def reported_scores(row: dict) -> dict[str, float]:
     }
 
 
+def per_item(spec: BenchmarkSpec, logged: dict[str, list[dict]], leaves: Sequence[Task]) -> list[dict]:
+    """Each scored item: its task and doc id, its metric value, and what the model answered: the
+    log-likelihood of every choice (multiple choice) or the filtered response (generation). Two backends'
+    results can then be compared item by item."""
+    settings = spec.lm_eval
+    items = []
+    for task in leaves:
+        for sample in logged[task.task_name]:
+            if sample["filter"] != settings.filter:
+                continue
+            item = {"task": task.task_name, "doc_id": sample["doc_id"], "score": float(sample[settings.metric])}
+            answers = sample["filtered_resps"]
+            if answers and isinstance(answers[0], (list, tuple)):  # loglikelihood requests: (logprob, is_greedy)
+                item["loglikelihoods"] = [float(answer[0]) for answer in answers]
+            else:
+                item["response"] = answers[0] if answers else ""
+            items.append(item)
+    return items
+
+
 def _sandbox_outcome(
     spec: BenchmarkSpec, logged: dict[str, list[dict]], leaves: Sequence[Task], name: str, version: str
 ) -> Outcome:
     settings = spec.lm_eval
     programs: list[str] = []
     tests: list[str] = []
+    items: list[dict] = []
     for task in leaves:
         for sample in logged[task.task_name]:
             if sample["filter"] != settings.filter:
@@ -168,6 +191,7 @@ def _sandbox_outcome(
             (candidates,) = sample["filtered_resps"]  # one request per doc
             programs.append(candidates[0])  # greedy, one sample: pass@1
             tests.append(sample["target"])
+            items.append({"task": task.task_name, "doc_id": sample["doc_id"], "response": candidates[0]})
     if not programs:
         raise QuantbenchError(f"benchmark {spec.name}: lm-eval logged no samples for filter {settings.filter!r}")
     verdicts = sandbox.score_programs(programs, tests, spec.sandbox)
@@ -176,5 +200,6 @@ def _sandbox_outcome(
     stderr = mean_stderr(passed) if len(passed) > 1 else None
     counts = {s: sum(v.status == s for v in verdicts) for s in (sandbox.PASSED, sandbox.FAILED, sandbox.TIMEOUT)}
     details = {"isolation": sandbox.isolation(), "limits": spec.to_dict()["sandbox"], "counts": counts}
+    items = [{**item, "score": score} for item, score in zip(items, passed)]
     return Outcome(score=mean, stderr=stderr, items=len(passed), task=name, task_version=version,
-                   details={"sandbox": details})
+                   details={"sandbox": details, "per_item": items})

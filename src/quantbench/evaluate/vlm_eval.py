@@ -92,6 +92,36 @@ def score_local(model_dir: str | Path, spec: BenchmarkSpec, data_dir: str | Path
     )
 
 
+# deploy/lmms_eval.sh of the published runs: lmms-eval's vllm model, requests batched by 16 (its `--batch_size`)
+LMMS_EVAL_VLLM_BATCH_SIZE = 16
+LMMS_EVAL_VLLM_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def lmms_eval_model(model_dir: str | Path, backend: Backend) -> tuple[str, str, int]:
+    """lmms-eval's model name, ``model_args`` string and batch size for ``model_dir`` on ``backend``.
+
+    ``vllm``: lmms-eval's vllm model as the published script ran it (GPU memory utilization 0.9, batch 16),
+    with tensor parallelism from the backend (the sizing rule). Its checkpoint argument is ``model=`` (the
+    script's ``model_version=`` is an older lmms-eval's name for it; lmms-eval 0.7 passes unknown
+    keys on to ``vllm.LLM`` and loads its default model, Qwen2.5-VL-3B-Instruct, instead). ``hf``: lmms-eval's transformers wrapper
+    of the model type, ``pretrained=``, one request at a time.
+    """
+    if backend.name == "vllm":
+        options = {"model": Path(model_dir), "tensor_parallel_size": backend.tensor_parallel_size,
+                   "gpu_memory_utilization": LMMS_EVAL_VLLM_GPU_MEMORY_UTILIZATION, "dtype": backend.dtype,
+                   **backend.vllm_engine_options()}
+        return "vllm", ",".join(f"{key}={value}" for key, value in options.items()), LMMS_EVAL_VLLM_BATCH_SIZE
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).model_type, f"pretrained={model_dir}", 1
+
+
+def lmms_eval_device(backend: Backend) -> str | None:
+    """The ``device`` lmms-eval gets: none for its vllm model (it would hand it on to ``vllm.LLM``; vLLM's
+    build decides the device), the backend's for the transformers wrappers."""
+    return None if backend.name == "vllm" else backend.device
+
+
 def score_lmms_eval(model_dir: str | Path, spec: BenchmarkSpec, backend: Backend, limit: int | None) -> Outcome:
     """lmms-eval's task on its Hub dataset, with lmms-eval's vllm model or its transformers wrapper of the model type."""
     settings = spec.lmms_eval
@@ -103,11 +133,9 @@ def score_lmms_eval(model_dir: str | Path, spec: BenchmarkSpec, backend: Backend
             "installed; `pip install lmms-eval` (it downloads the dataset from the Hub), or score the local files "
             "offline with --source local"
         ) from None
-    from transformers import AutoConfig
-
-    model = "vllm" if backend.name == "vllm" else AutoConfig.from_pretrained(model_dir).model_type
-    results = simple_evaluate(model=model, model_args=f"pretrained={model_dir}", tasks=[settings.task], batch_size=1,
-                              device=backend.device, limit=limit)
+    model, model_args, batch_size = lmms_eval_model(model_dir, backend)
+    results = simple_evaluate(model=model, model_args=model_args, tasks=[settings.task], batch_size=batch_size,
+                              device=lmms_eval_device(backend), limit=limit)
     task_results = results["results"][settings.task]
     key = f"{settings.metric},none"
     if key not in task_results:
@@ -119,5 +147,5 @@ def score_lmms_eval(model_dir: str | Path, spec: BenchmarkSpec, backend: Backend
         items=int(results.get("n-samples", {}).get(settings.task, {}).get("effective", 0)),
         task=settings.task,
         task_version=str(results.get("versions", {}).get(settings.task, "")),
-        details={"lmms_eval_model": model},
+        details={"lmms_eval_model": model, "model_args": model_args, "batch_size": batch_size},
     )

@@ -1,11 +1,14 @@
 """``QuantLinear``: a Linear layer held in its quantized form that simulates the scheme exactly.
 
 The module stores what a compressed-tensors checkpoint stores (codes, ``weight_scale``, optional
-``weight_zero_point`` and static ``input_scale``) and computes ``linear(qdq(x), dequant(codes))``.
-The quantizers produce it, the exporter reads it, and the runtime rebuilds it from a checkpoint, so
-the weights a test evaluates are the weights that are written. On CUDA the input's quantize-dequantize
-runs as one fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code), and
-linears that read one input tensor with the same activation args (q/k/v; gate/up) can share it
+``weight_zero_point`` and static ``input_scale``). The quantizers produce it, the exporter reads it, and the
+runtime rebuilds it from a checkpoint, so the weights a test evaluates are the weights that are written.
+
+It computes as vLLM's kernels do: int8 weights with int8 inputs (W8A8) multiply the integer codes exactly and
+apply the scales in float32 (:func:`qdq.scaled_int_matmul`); every other scheme computes
+``linear(qdq(x), dequant(codes))``. On CUDA the inputs' quantization runs as one fused kernel
+(:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code), and linears that read one input
+tensor with the same activation args (q/k/v; gate/up) can share its quantize-dequantize
 (:func:`share_input_quantization`): computed once, not once per linear.
 """
 
@@ -23,7 +26,7 @@ from quantbench.schemes import QuantArgs
 
 def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> torch.Tensor:
     """The input a QuantLinear computes with: the fused kernel where it runs, else the torch function."""
-    if qdq_kernel.available(x.device) and qdq_kernel.supports(args):
+    if args.type == "float" and qdq_kernel.available(x.device) and qdq_kernel.supports(args):
         return qdq_kernel.fake_quantize_activation(x, args, input_scale)
     return qdq.quantize_dequantize_activation(x, args, input_scale)
 
@@ -68,6 +71,27 @@ def share_input_quantization(linears: Sequence[QuantLinear]) -> bool:
     for linear in linears:
         linear.shared_input = shared
     return True
+
+
+def input_codes(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes and scales of a QuantLinear's input: the fused kernel where it runs, else the torch function."""
+    if qdq_kernel.available(x.device) and qdq_kernel.supports(args):
+        return qdq_kernel.int_activation_codes(x, args, input_scale)
+    return qdq.int_activation_codes(x, args, input_scale)
+
+
+def is_w8a8_int(weight_args: QuantArgs, input_args: QuantArgs | None) -> bool:
+    """Whether a layer runs vLLM's W8A8 integer GEMM: symmetric int8 per-channel or per-tensor weights, int8 inputs."""
+    return (
+        input_args is not None
+        and input_args.type == "int"
+        and input_args.num_bits == 8
+        and input_args.symmetric
+        and weight_args.type == "int"
+        and weight_args.num_bits == 8
+        and weight_args.symmetric
+        and weight_args.strategy in ("channel", "tensor")
+    )
 
 
 class QuantLinear(nn.Module):
@@ -167,6 +191,9 @@ class QuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_w8a8_int(self.weight_args, self.input_args):
+            codes, scale = input_codes(x, self.input_args, self.input_scale)
+            return qdq.scaled_int_matmul(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         if self.input_args is not None:
             if self.shared_input is None:
                 x = self._quantize_input(x)

@@ -10,6 +10,11 @@ Conventions follow compressed-tensors so that exported checkpoints mean what thi
   tensors reproduces the simulated weights exactly: int scales use the model dtype, fp8 scales float32.
 - Dynamic activation scales are what vLLM's kernels compute per token: ``amax / 127`` (int8) and
   ``amax / 448`` (fp8); a static input scale is ``absmax over all calibration tokens / 448``.
+- Integer activation codes follow vLLM's CUDA kernels (``csrc/quantization/w8a8/int8/scaled_quant.cu``):
+  dynamic ``round(x * (127 / amax))`` (a float32 multiplication by the float32 quotient ``127 / amax``,
+  0 for an all-zero token), static ``round(x / scale)``; rounding half to even, saturating to [-128, 127].
+  The rounding direction of the many bf16 inputs that sit exactly on a half step depends on that form.
+  Integer-activation linears then multiply the codes exactly (:func:`scaled_int_matmul`).
 
 Shapes: per-tensor scales are ``[1]``, per-channel ``[out, 1]``, per-group ``[out, in / group_size]``.
 """
@@ -17,6 +22,7 @@ Shapes: per-tensor scales are ``[1]``, per-channel ``[out, 1]``, per-group ``[ou
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from quantbench.schemes import QuantArgs
 
@@ -148,22 +154,82 @@ def static_input_scale(absmax: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
 
 
+def int_activation_codes(
+    x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (float32 values) of ``x [..., in]`` and their float32 scales, as vLLM's CUDA kernels
+    compute them (module docstring): dynamic per token (scales ``[..., 1]``) or per tensor, or static
+    (``input_scale``, ``[1]``). Divisions are tensor by tensor, IEEE on every device (torch turns a division
+    by a Python number into a multiplication by its reciprocal on CUDA)."""
+    xf = x.float()
+    if args.dynamic:
+        dims = -1 if args.strategy == "token" else tuple(range(xf.dim()))
+        absmax = xf.abs().amax(dim=dims, keepdim=True)
+        qmax = torch.full_like(absmax, float(args.qmax))
+        scale = absmax / qmax
+        quotient = xf * torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
+    else:
+        if input_scale is None:
+            raise ValueError("static activation quantization needs an input_scale")
+        scale = input_scale.float()
+        quotient = xf / scale
+    return torch.clamp(torch.round(quotient), args.qmin, args.qmax), scale
+
+
 def quantize_dequantize_activation(
     x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Simulate the runtime's activation quantization of ``x [..., in]``: static per-tensor or dynamic per token."""
-    qmax = FP8_MAX if args.type == "float" else float(args.qmax)
+    if args.type == "int":
+        codes, scale = int_activation_codes(x, args, input_scale)
+        return (codes * scale).to(x.dtype)
     xf = x.float()
     if args.dynamic:
         dims = -1 if args.strategy == "token" else tuple(range(xf.dim()))
-        scale = xf.abs().amax(dim=dims, keepdim=True) / qmax
+        scale = xf.abs().amax(dim=dims, keepdim=True) / FP8_MAX
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     else:
         if input_scale is None:
             raise ValueError("static activation quantization needs an input_scale")
         scale = input_scale.float()
-    if args.type == "float":
-        q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
-    else:
-        q = torch.clamp(torch.round(xf / scale), args.qmin, args.qmax)
+    q = torch.clamp(xf / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
     return (q * scale).to(x.dtype)
+
+
+def scaled_int_matmul(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    weight_codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``linear`` of integer activation ``codes [..., in]`` (scales ``scale``) with int8 ``weight_codes [out, in]``
+    (per-channel or per-tensor ``weight_scale``), as vLLM's W8A8 kernels compute it: the codes' products
+    summed exactly in int32, then ``scale * (weight_scale * sum)`` in float32 (+ bias), rounded once to
+    ``dtype`` (CUDA: cutlass ``ScaledEpilogue``; CPU: oneDNN with the per-channel scale, then the token
+    scale). ``torch._int_mm`` is exact; on CUDA it wants more than 16 rows (fewer, as in decoding, are padded
+    with zero rows) and widths that are multiples of 8. Where it cannot run, a float32 matmul of the codes is
+    exact as long as every partial sum stays below 2**24.
+    """
+    rows = codes.reshape(-1, codes.shape[-1])
+    if _int_mm_runs(rows, weight_codes):
+        count = rows.shape[0]
+        if rows.device.type == "cuda" and count <= _INT_MM_MIN_ROWS:
+            rows = F.pad(rows, (0, 0, 0, _INT_MM_MIN_ROWS + 1 - count))
+        sums = torch._int_mm(rows.to(torch.int8), weight_codes.t())[:count].float()
+    else:
+        sums = rows.float() @ weight_codes.t().float()
+    y = scale.float().reshape(-1, 1) * (weight_scale.float().reshape(1, -1) * sums)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype).reshape(*codes.shape[:-1], weight_codes.shape[0])
+
+
+_INT_MM_MIN_ROWS = 16  # CUDA's torch._int_mm takes more rows than this
+
+
+def _int_mm_runs(rows: torch.Tensor, weight_codes: torch.Tensor) -> bool:
+    if rows.device.type != "cuda":
+        return rows.device.type == "cpu"
+    return rows.shape[1] % 8 == 0 and weight_codes.shape[0] % 8 == 0

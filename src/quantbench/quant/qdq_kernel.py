@@ -1,22 +1,26 @@
-"""Activation quantize-dequantize in one pass on CUDA: the Triton twin of :func:`qdq.quantize_dequantize_activation`.
+"""Activation quantization in one pass on CUDA: the Triton twin of :func:`qdq.quantize_dequantize_activation`
+(fp8) and :func:`qdq.int_activation_codes` (integer codes for the exact W8A8 product).
 
-The torch function upcasts the input to float32 and makes about eight passes over it (abs, amax, divide,
+The torch functions upcast the input to float32 and make about eight passes over it (abs, amax, divide,
 clamp, cast or round, multiply, cast back), which made activation-quantized models run at about half the
 speed of BF16 in the simulated runtime. Here one program handles one row (token) of ``x [rows, width]``:
 it reads the row once for its absolute maximum (dynamic per-token scales) and once more, from cache, to
-write ``qdq(x)`` in the input's dtype; a static scale skips the first read. The row width is a compile-time
-constant (a model has a handful of input widths, each compiled once).
+write the result; a static scale skips the first read. The row width is a compile-time constant (a model
+has a handful of input widths, each compiled once).
 
-The arithmetic is the torch function's, bit for bit: the input is upcast to float32 exactly; the dynamic
-scale is ``amax / qmax`` computed as torch computes it on the same device (on CUDA torch multiplies by the
-float32 reciprocal of a Python-number divisor, on the CPU it divides; 1 where the row is all zeros);
-``x / scale`` is an IEEE round-to-nearest division (``div_rn``) like torch's tensor division; fp8 codes are
-that quotient clamped to +-448 and rounded to the e4m3 grid, integer codes are rounded half-to-even and
-clamped to ``[qmin, qmax]``; the result is ``codes * scale`` in float32, rounded once to the input's dtype.
-Every rounding is written out in float32 arithmetic (power-of-two steps, the 1.5 * 2**23 trick) rather than
-left to dtype casts: Triton's interpreter, which the tests run on CPU, casts to fp8 and bf16 with other
-rounding than the GPU and torch, and no fp8 hardware is needed. Inputs are assumed finite: a row
-holding NaN gets other values than the torch path gives it.
+The arithmetic is the torch functions', bit for bit: the input is upcast to float32 exactly; fp8: the dynamic
+scale is ``amax / 448`` computed as torch computes it on the same device (on CUDA torch multiplies by the
+float32 reciprocal of a Python-number divisor, on the CPU it divides; 1 where the row is all zeros), ``x / scale``
+an IEEE round-to-nearest division (``div_rn``) like torch's tensor division, clamped to +-448 and rounded to the
+e4m3 grid, and the result ``codes * scale`` in float32, rounded once to the input's dtype. Integer codes: the
+dynamic scale is ``div_rn(amax, qmax)`` and the codes ``round(x * div_rn(qmax, amax))`` (0 for an all-zero row),
+a static scale's ``round(div_rn(x, scale))``, rounded half-to-even and clamped to ``[qmin, qmax]``, written as
+int8 with the float32 row scales. The kernel is compiled without fused multiply-adds: the rounding below adds a
+constant to ``x * inverse``, and an FMA would round the exact product instead of its float32 value, as vLLM's
+kernel does. Every rounding is written out in float32 arithmetic (power-of-two steps, the 1.5 * 2**23 trick)
+rather than left to dtype casts: Triton's interpreter, which the tests run on CPU, casts to fp8 and bf16 with
+other rounding than the GPU and torch, and no fp8 hardware is needed. Inputs are assumed finite: a row holding
+NaN gets other values than the torch path gives it.
 
 Covers static scales and dynamic per-token scales; dynamic per-tensor scales stay on the torch path.
 """
@@ -29,7 +33,7 @@ from quantbench.quant.qdq import FP8_MAX
 from quantbench.quant.triton_support import available, tl, triton
 from quantbench.schemes import QuantArgs
 
-__all__ = ["available", "fake_quantize_activation", "supports"]
+__all__ = ["available", "fake_quantize_activation", "int_activation_codes", "supports"]
 
 MAX_BLOCK = 4096  # elements of a row handled per loop step
 
@@ -70,34 +74,45 @@ if triton is not None:
         x_ptr, out_ptr, scale_ptr, stride_x, stride_out, qmax, qmin, inverse_qmax,
         WIDTH: tl.constexpr, DYNAMIC: tl.constexpr, RECIPROCAL: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
+        """fp8: ``out`` gets qdq(x) in x's dtype. Integer: ``out`` gets the int8 codes and, if dynamic, ``scale``
+        (one float32 per row) the row's scale; a static scale is read from ``scale``."""
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         out_row = out_ptr + row * stride_out
         offsets = tl.arange(0, BLOCK)
+        inverse = 0.0
         if DYNAMIC:
             amax = tl.zeros((BLOCK,), dtype=tl.float32)
             for start in range(0, WIDTH, BLOCK):
                 cols = start + offsets
                 x = tl.load(x_row + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.abs(x))
-            if RECIPROCAL:  # torch on CUDA divides by a Python number as a multiplication by its reciprocal
-                scale = tl.max(amax, axis=0) * inverse_qmax
+            amax = tl.max(amax, axis=0)
+            if FP8:
+                if RECIPROCAL:  # torch on CUDA divides by a Python number as a multiplication by its reciprocal
+                    scale = amax * inverse_qmax
+                else:
+                    scale = tl.math.div_rn(amax, qmax)
+                scale = tl.where(scale > 0, scale, 1.0)
             else:
-                scale = tl.math.div_rn(tl.max(amax, axis=0), qmax)
-            scale = tl.where(scale > 0, scale, 1.0)
+                scale = tl.math.div_rn(amax, qmax)
+                inverse = tl.where(amax > 0, tl.math.div_rn(qmax, tl.where(amax > 0, amax, 1.0)), 0.0)
+                tl.store(scale_ptr + row, scale)
         else:
             scale = tl.load(scale_ptr).to(tl.float32)
         for start in range(0, WIDTH, BLOCK):
             cols = start + offsets
-            v = tl.math.div_rn(tl.load(x_row + cols, mask=cols < WIDTH, other=0.0).to(tl.float32), scale)
+            x = tl.load(x_row + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
             if FP8:
-                q = _round_to_e4m3(tl.minimum(tl.maximum(v, qmin), qmax))
+                v = tl.math.div_rn(x, scale)
+                y = _round_to_e4m3(tl.minimum(tl.maximum(v, qmin), qmax)) * scale
+                if out_ptr.dtype.element_ty == tl.bfloat16:
+                    y = round_to_bf16(y)  # then the cast below is exact, whatever rounding it uses
+                tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=cols < WIDTH)
             else:
+                v = x * inverse if DYNAMIC else tl.math.div_rn(x, scale)
                 q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(v, qmin - 1.0), qmax + 1.0)), qmin), qmax)
-            y = q * scale
-            if out_ptr.dtype.element_ty == tl.bfloat16:
-                y = round_to_bf16(y)  # then the cast below is exact, whatever rounding it uses
-            tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=cols < WIDTH)
+                tl.store(out_row + cols, q.to(tl.int8), mask=cols < WIDTH)
 
 
 def supports(args: QuantArgs) -> bool:
@@ -106,10 +121,27 @@ def supports(args: QuantArgs) -> bool:
 
 
 def fake_quantize_activation(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``qdq.quantize_dequantize_activation(x, args, input_scale)``, bit for bit, in one kernel launch.
+    """``qdq.quantize_dequantize_activation(x, args, input_scale)`` of fp8 args, bit for bit, in one kernel launch.
 
     Needs :func:`available` for ``x.device`` and :func:`supports` for ``args``.
     """
+    if args.type != "float":
+        raise ValueError("the fused kernel writes integer activations as codes: use int_activation_codes")
+    out, _ = _launch(x, args, input_scale)
+    return out
+
+
+def int_activation_codes(
+    x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qdq.int_activation_codes(x, args, input_scale)`` of integer args in one kernel launch: the same codes
+    (as int8) and bit-identical float32 scales. Needs :func:`available` and :func:`supports`."""
+    if args.type != "int":
+        raise ValueError("int_activation_codes takes integer activation args")
+    return _launch(x, args, input_scale)
+
+
+def _launch(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not supports(args):
         raise ValueError(f"the fused activation kernel does not cover dynamic {args.strategy} scales")
     if not args.dynamic and input_scale is None:
@@ -118,14 +150,22 @@ def fake_quantize_activation(x: torch.Tensor, args: QuantArgs, input_scale: torc
     rows = x.reshape(-1, width)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     fp8 = args.type == "float"
+    out = torch.empty(rows.shape, dtype=x.dtype if fp8 else torch.int8, device=x.device)
+    scales = None
+    if not fp8:
+        scales = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if args.dynamic else input_scale.float()
     qmax = FP8_MAX if fp8 else float(args.qmax)
     block = min(triton.next_power_of_2(max(width, 16)), MAX_BLOCK)
+    scale_arg = input_scale if not args.dynamic else (scales if not fp8 else rows)
     if rows.shape[0]:
         _qdq_rows_kernel[(rows.shape[0],)](
-            rows, out, rows if args.dynamic else input_scale, rows.stride(0), out.stride(0),
+            rows, out, scale_arg, rows.stride(0), out.stride(0),
             qmax, -FP8_MAX if fp8 else float(args.qmin), float(torch.tensor(1.0) / torch.tensor(qmax)),
-            WIDTH=width, DYNAMIC=args.dynamic, RECIPROCAL=x.is_cuda, FP8=fp8, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+            WIDTH=width, DYNAMIC=args.dynamic, RECIPROCAL=x.is_cuda, FP8=fp8, BLOCK=block,
+            num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False,
         )  # fmt: skip
-    return out.reshape(x.shape)
+    out = out.reshape(x.shape)
+    if scales is not None and args.dynamic:
+        scales = scales.reshape(*x.shape[:-1], 1)
+    return out, scales

@@ -1,7 +1,7 @@
 """The workflow's run configuration: models, calibration sets, evaluation settings and tables, cross-checked.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) checks shapes and types; this module checks what a
-schema cannot: that every scheme, benchmark, calibration set and model a key refers to exists, that each model
+The JSON schema (``workflow/schemas/config.schema.yaml``) checks shapes and types; this module merges the
+config's own ``schemes`` over the schemes file's (whole schemes, by name) and checks what a schema cannot: that every scheme, benchmark, calibration set and model a key refers to exists, that each model
 and each calibration set has exactly one source (a JSONL, whose images must exist, or a Hub dataset split with
 its column names), that schemes needing calibration have a calibration set, and that benchmark data is
 present. It takes a plain dict, so the workflow, the CLI and the tests share one reading of the config.
@@ -18,7 +18,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.hubsets import HubImageSet
 from quantbench.jsonl import iter_jsonl
-from quantbench.schemes import Scheme, load_schemes
+from quantbench.schemes import Scheme, load_schemes, parse_scheme
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,9 @@ def load_run_config(
     benchmark a table uses must have its data files under ``evaluation.data_dir``.
     """
     base = Path(base_dir)
-    schemes = load_schemes(base / config.get("schemes_file", "config/schemes.yaml"))
+    schemes = dict(load_schemes(base / config.get("schemes_file", "config/schemes.yaml")))
+    for name, raw in (config.get("schemes") or {}).items():  # the config's own schemes replace the file's by name
+        schemes[name] = parse_scheme(name, raw)
     calib_sets: dict[str, CalibrationSet] = {}
     for name, raw in (config.get("calibration_sets") or {}).items():
         calib_sets[name] = _calibration_set(name, raw, base)

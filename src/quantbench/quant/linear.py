@@ -1,7 +1,9 @@
 """``QuantLinear``: a Linear layer held in its quantized form that simulates the scheme exactly.
 
 The module stores what a compressed-tensors checkpoint stores (codes, ``weight_scale``, optional
-``weight_zero_point`` and static ``input_scale``) and computes ``linear(qdq(x), dequant(codes))``.
+``weight_zero_point`` and static ``input_scale``) and computes ``linear(qdq(x), dequant(codes))``, with
+``qdq`` as vLLM runs the stored config (:func:`quantbench.serving.served_input_args`: dynamic fp8 inputs
+per token) or with a per-tensor scale the caller gives (vLLM's fused MoE shares one across experts).
 The quantizers produce it, the exporter reads it, and the runtime rebuilds it from a checkpoint, so
 the weights a test evaluates are the weights that are written. On CUDA the input's quantize-dequantize
 runs as one fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code).
@@ -9,12 +11,15 @@ runs as one fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantbench.quant import qdq, qdq_kernel
 from quantbench.schemes import QuantArgs
+from quantbench.serving import served_input_args
 
 
 def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> torch.Tensor:
@@ -42,7 +47,9 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight_args = weight_args
-        self.input_args = input_args
+        self.input_args = input_args  # as written to the checkpoint
+        self._served_inputs = served_input_args(input_args)
+        self._given_scale_inputs = None if input_args is None else replace(input_args, strategy="tensor", dynamic=False)
         scale_shape = qdq.scale_shape(out_features, in_features, weight_args)
         sdtype = qdq.scale_dtype(weight_args, dtype)
         self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=qdq.code_dtype(weight_args), device=device))
@@ -119,9 +126,12 @@ class QuantLinear(nn.Module):
         self._dequantized = None  # device/dtype moves invalidate the cache
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_args is not None:
-            x = fake_quantize_input(x, self.input_args, self.input_scale)
+    def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``linear(qdq(x), W)``; ``input_scale``: a per-tensor scale to quantize ``x`` with instead of the layer's own."""
+        if input_scale is not None and self.input_args is not None:
+            x = fake_quantize_input(x, self._given_scale_inputs, input_scale)
+        elif self.input_args is not None:
+            x = fake_quantize_input(x, self._served_inputs, self.input_scale)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

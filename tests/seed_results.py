@@ -29,7 +29,7 @@ def seed_workdir(tmp_path: Path, scores: dict[tuple[str, str, str], float]) -> P
     shutil.copytree(REPO / "config", tmp_path / "config")
     (tmp_path / "resources").symlink_to(REPO / "resources")
     (tmp_path / "docs").mkdir()
-    for name in ("conf.py", "index.md"):
+    for name in ("conf.py", "index.md", "fidelity.md"):
         shutil.copy(REPO / "docs" / name, tmp_path / "docs" / name)
     path = tmp_path / "config" / "seed.yaml"
     config = yaml.safe_load(path.read_text(encoding="utf-8"))

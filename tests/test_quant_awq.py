@@ -114,3 +114,75 @@ def test_candidates_are_finite_for_zero_and_constant_channels() -> None:
     candidates = awq.candidate_scales(x_mean, w_mean, AWQParams(grid_size=20))
     assert len(candidates) == 21 and torch.equal(candidates[0], torch.ones(64))
     assert all(torch.isfinite(c).all() and (c > 0).all() for c in candidates)
+
+
+def _tiny_qwen3_layer(dtype: torch.dtype = torch.float64):
+    """A random Qwen3 decoder layer (128 wide, 4 heads of 32, 2 kv heads), salient inputs and their rotary embeddings."""
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+
+    config = Qwen3Config(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                         num_hidden_layers=1, attn_implementation="eager")  # fmt: skip
+    torch.manual_seed(7)
+    layer = Qwen3DecoderLayer(config, 0).to(dtype).eval()
+    for module in layer.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.1)
+    layer.input_layernorm.weight.data = torch.rand(128, dtype=dtype) + 0.5
+    x = _salient_inputs(seed=8, tokens=2 * 48).reshape(2, 48, 128).to(dtype)
+    positions = torch.arange(48)[None].expand(2, -1)
+    return layer, x, Qwen3RotaryEmbedding(config)(x, positions)
+
+
+def test_angelslim_search_picks_the_grid_point_with_least_attention_output_error() -> None:
+    """Brute force by folding: each grid candidate folded into a copy of the layer (norm / s, q/k/v * s), q/k/v
+    rounded, the attention run on the norm's output; the search's choice is the one with the least error."""
+    import copy
+
+    from quantbench.quant.capture import ModuleCall
+    from quantbench.schemes import parse_scheme
+
+    layer, x, position_embeddings = _tiny_qwen3_layer()
+    scheme = parse_scheme("A", {"weights": INT4_ASYM.to_dict(), "algorithm": "awq", "awq": {"style": "angelslim"}})
+    qkv = ("q_proj", "k_proj", "v_proj")
+    with torch.no_grad():
+        normed = layer.input_layernorm(x)
+        reference = layer.self_attn(normed, position_embeddings, None)[0]
+        x_mean = normed.abs().reshape(-1, 128).mean(0)
+        brute = []
+        for step in range(20):
+            scales = x_mean.pow(step / 20).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            candidate = copy.deepcopy(layer)
+            linears = [getattr(candidate.self_attn, n) for n in qkv]
+            awq.apply_scales(candidate.input_layernorm, linears, scales)
+            for linear in linears:
+                s, z = qdq.weight_qparams(linear.weight.data, INT4_ASYM)
+                linear.weight.data = qdq.fake_quantize_weight(linear.weight.data, s, z, INT4_ASYM)
+            out = candidate.self_attn(candidate.input_layernorm(x), position_embeddings, None)[0]
+            brute.append((float((out - reference).square().sum()), scales))
+        call = ModuleCall((), {"hidden_states": normed, "position_embeddings": position_embeddings, "attention_mask": None},
+                          torch.ones(2, 48, dtype=torch.bool))  # fmt: skip
+        weights = [getattr(layer.self_attn, n).weight.data.clone() for n in qkv]
+        found, rel = awq.search_block_scales(layer.self_attn, [call], [getattr(layer.self_attn, n) for n in qkv], x_mean,
+                                             scheme, torch.device("cpu"))  # fmt: skip
+    losses = [loss for loss, _ in brute]
+    best = min(range(20), key=losses.__getitem__)
+    assert 0 < best and max(losses) > 1.5 * losses[best]  # the grid matters here, and ratio 0 (RTN) is not best
+    torch.testing.assert_close(found, brute[best][1])
+    assert rel == pytest.approx(losses[best] / float(reference.square().sum()), rel=1e-3)
+    assert all(torch.equal(getattr(layer.self_attn, n).weight.data, w) for n, w in zip(qkv, weights))  # restored
+
+
+def test_angelslim_mappings_keep_norms_and_split_routed_experts_from_the_shared_mlp() -> None:
+    from quantbench.architectures import ARCHITECTURES
+
+    stack = ARCHITECTURES["hunyuan_v1_moe"].language  # templated names suffice: prev types and the experts path matter
+    prevs = [nn.Linear(4, 4) if m.prev.endswith("_proj") else Qwen3RMSNorm(4) for m in stack.smooth]
+    kept = awq.angelslim_mappings(stack.smooth, prevs, stack.experts)
+    assert [(m.prev, m.linears) for m in kept] == [
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.shared_mlp.gate_proj", "mlp.shared_mlp.up_proj")),
+        ("post_attention_layernorm", ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj")),
+    ]
+    assert kept[0].block == "self_attn" and kept[1].block == kept[2].block == "mlp"

@@ -74,6 +74,31 @@ def test_labels_must_name_the_tables_benchmarks():
         load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
 
 
+def test_seed_schemes_are_angelslims_where_the_page_ran_otherwise():
+    """seed.yaml's scheme_overrides select AngelSlim's AWQ and INT8 weight rounding; the others stay the file's."""
+    from quantbench.schemes import load_schemes, scheme_from_dict
+
+    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    shared = load_schemes(REPO / "config" / "schemes.yaml")
+    awq, int8 = run.schemes["INT4-AWQ"], run.schemes["INT8-Dynamic"]
+    assert (awq.awq.style, awq.awq.duo_scaling, awq.dtype) == ("angelslim", False, "float16")
+    assert awq.calibration.propagation == "full-precision"
+    assert (awq.rounding.asymmetric_range, awq.rounding.divide_in) == ("minmax", "weight_dtype")
+    assert (int8.rounding.symmetric_scale, int8.rounding.divide_in) == ("qmax", "weight_dtype")
+    assert run.schemes["INT8-Dynamic-ViT"].targets == ("language", "vision")
+    assert all(scheme_from_dict(s.to_dict()) == s for s in (awq, int8))  # as the quantize rule receives them
+    assert shared["INT4-AWQ"].awq.style == "quantbench" and shared["INT8-Dynamic"].rounding.is_default
+    assert {n for n in run.schemes if run.schemes[n] != shared.get(n)} == {
+        "INT4-AWQ", "INT8-Dynamic", "INT8-Dynamic-ViT", "FP8-Static", "FP8-Static-ViT", "INT4-GPTQ"
+    }
+    fp8 = run.schemes["FP8-Dynamic"].input_activations
+    assert (fp8.strategy, fp8.dynamic) == ("tensor", True)  # AngelSlim's layout, in the shared file itself
+    broken = copy.deepcopy(CONFIG)
+    broken["scheme_overrides"]["INT4-AWQ"]["awq"]["style"] = "autoawq"
+    with pytest.raises(QuantbenchError, match="scheme 'INT4-AWQ'.awq: style must be one of"):
+        load_run_config(broken, base_dir=REPO, benchmarks=BENCHMARKS)
+
+
 def test_models_are_pinned_hub_snapshots_where_a_revision_is_known():
     sources = {name: entry.source for name, entry in load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS).models.items()}
     assert sources["Qwen3-235B-A22B"].repo == "Qwen/Qwen3-235B-A22B"

@@ -6,7 +6,9 @@ tower's blocks) a :class:`BlockStack` names the ``nn.ModuleList`` of blocks and,
 - ``groups``: the target linears, grouped by the input they share (q/k/v; gate/up), in execution order.
   Statistics (Hessians, activation ranges) are gathered once per group.
 - ``smooth``: AWQ's smoothing mappings: scales folded into ``prev`` (a norm's weight or a linear's output
-  rows) and divided out of the input columns of ``linears``, which must be one of the ``groups``.
+  rows) and divided out of the input columns of ``linears``, which must be one of the ``groups``; ``block``
+  names the module (attention, MLP) whose output AngelSlim's AWQ style scores, ``unquantized`` the other
+  readers of ``prev``'s output (MoE routers), whose input columns take the scales too.
 - ``clip_skip``: linears AWQ's clipping search leaves alone (q/k: their error acts through the softmax).
 - ``keep``: modules a block holds that stay unquantized (MoE routers); the checkpoint's ``ignore`` names
   them, since vLLM builds them as linears.
@@ -34,10 +36,12 @@ from quantbench.errors import QuantbenchError
 
 @dataclass(frozen=True)
 class SmoothMapping:
-    """One AWQ smoothing pair: ``prev``'s output is the shared input of ``linears``."""
+    """One AWQ smoothing pair: ``prev``'s output is the shared input of ``linears`` (and of ``unquantized``)."""
 
     prev: str
     linears: tuple[str, ...]
+    block: str | None = None  # the module holding ``linears`` whose output a block-output loss measures
+    unquantized: tuple[str, ...] = ()  # modules also reading ``prev``'s output that stay unquantized (routers)
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ class BlockStack:
 
     def __post_init__(self) -> None:
         for mapping in self.smooth:
-            if mapping.linears not in self.groups:
-                raise ValueError(f"smoothing mapping {mapping} does not feed one of the groups {self.groups}")
+            if mapping.linears not in self.groups or not set(mapping.unquantized) <= set(self.keep):
+                raise ValueError(f"smoothing mapping {mapping} does not feed one of the groups {self.groups} (or reaches modules not kept)")
         templated = any("*" in n or "{e}" in n for names in self.groups for n in names)
         if templated and self.experts is None:
             raise ValueError(f"{self.path}: per-expert names need the experts module's path")
@@ -75,7 +79,7 @@ class BlockStack:
         return replace(
             self,
             groups=tuple(g for group in self.groups for g in _expand(group, experts)),
-            smooth=tuple(SmoothMapping(t[0], t[1:]) for m in self.smooth for t in _expand((m.prev, *m.linears), experts)),
+            smooth=tuple(replace(m, prev=t[0], linears=t[1:]) for m in self.smooth for t in _expand((m.prev, *m.linears), experts)),
         )
 
     @property
@@ -116,9 +120,9 @@ def _decoder(path: str) -> BlockStack:
         path=path,
         groups=(_QKV, ("self_attn.o_proj",), _GATE_UP, ("mlp.down_proj",)),
         smooth=(
-            SmoothMapping("input_layernorm", _QKV),
+            SmoothMapping("input_layernorm", _QKV, block="self_attn"),
             SmoothMapping("self_attn.v_proj", ("self_attn.o_proj",)),
-            SmoothMapping("post_attention_layernorm", _GATE_UP),
+            SmoothMapping("post_attention_layernorm", _GATE_UP, block="mlp"),
             SmoothMapping("mlp.up_proj", ("mlp.down_proj",)),
         ),
         clip_skip=("self_attn.q_proj", "self_attn.k_proj"),
@@ -128,8 +132,8 @@ def _decoder(path: str) -> BlockStack:
 def _moe_decoder(path: str, *, router: str, shared_expert: str | None = None) -> BlockStack:
     """A pre-norm decoder layer whose MLP is routed experts (``mlp.experts``), optionally plus a shared expert.
 
-    Every expert's gate/up (and the shared expert's) read the post-attention norm's output: one group, one
-    AWQ mapping, one Hessian. Each expert's down_proj reads its own input.
+    Every expert's gate/up (and the shared expert's) read the post-attention norm's output, as does the router:
+    one group, one AWQ mapping, one Hessian. Each expert's down_proj reads its own input.
     """
     dense = _decoder(path)
     shared_in = (f"{shared_expert}.gate_proj", f"{shared_expert}.up_proj") if shared_expert else ()
@@ -142,7 +146,7 @@ def _moe_decoder(path: str, *, router: str, shared_expert: str | None = None) ->
         groups=(_QKV, ("self_attn.o_proj",), mlp_in, expert_down, *shared_down),
         smooth=(
             *dense.smooth[:2],
-            SmoothMapping("post_attention_layernorm", mlp_in),
+            SmoothMapping("post_attention_layernorm", mlp_in, block="mlp", unquantized=(router,)),
             SmoothMapping("mlp.experts.{e}.up_proj", expert_down),
             *shared_smooth,
         ),

@@ -14,17 +14,25 @@ still combines the router's choices only (the same sum as the routed forward); t
 router sent to each expert are counted. With the list's ``routed_only`` set (the published recipe's
 statistics), calibration mode runs each expert on the real tokens the router sent it and no others, as
 the routed forward does; :func:`per_expert_groups` then gives each expert's linears their own statistics.
+
+Experts quantized with per-tensor fp8 inputs run as vLLM's fused MoE runs them
+(:func:`quantbench.serving.moe_input_args`): one input scale for the gate/up projections of every expert
+(dynamic: the largest ``|x|`` over all the layer's tokens; static: the largest stored scale), one for
+every down_proj (over all routed rows, or the largest stored scale). The calibration mode keeps each
+expert's own scales.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from quantbench.errors import QuantbenchError
+from quantbench.quant.qdq import FP8_MAX
+from quantbench.serving import moe_input_args
 
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")
 
@@ -91,12 +99,33 @@ class ExpertList(nn.ModuleList):
                 self.routed += torch.bincount(top_k_index[real].reshape(-1), minlength=len(self)).cpu()
             if not self.routed_only:
                 return self._forward_all(hidden_states, top_k_index, top_k_weights, out)
+        elif moe_input_args(self[0].gate_proj) is not None:
+            return self._forward_fused(hidden_states, top_k_index, top_k_weights, out)
         for e in torch.unique(top_k_index).tolist():
             chosen = top_k_index == e
             tokens, slot = torch.where(chosen if real is None else chosen & real[:, None])
             if tokens.numel() == 0:  # only padding chose it: the expert is not run (nor observed)
                 continue
             contribution = self[e](hidden_states[tokens]) * top_k_weights[tokens, slot, None]
+            out.index_add_(0, tokens, contribution.to(out.dtype))
+        return out
+
+    def _forward_fused(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed forward with vLLM's per-tensor fp8 input scales shared by the layer's experts (module docstring)."""
+        if hidden_states.shape[0] == 0:
+            return out
+        dynamic = moe_input_args(self[0].gate_proj).dynamic
+        gate_up_scale = _amax_scale(hidden_states) if dynamic else _largest(e.gate_proj.input_scale for e in self)
+        routed = []
+        for e in torch.unique(top_k_index).tolist():
+            tokens, slot = torch.where(top_k_index == e)
+            expert, x = self[e], hidden_states[tokens]
+            routed.append((e, tokens, slot, expert.act_fn(expert.gate_proj(x, gate_up_scale)) * expert.up_proj(x, gate_up_scale)))
+        down_scale = _amax_scale(*(h for *_, h in routed)) if dynamic else _largest(e.down_proj.input_scale for e in self)
+        for e, tokens, slot, h in routed:
+            contribution = self[e].down_proj(h, down_scale) * top_k_weights[tokens, slot, None]
             out.index_add_(0, tokens, contribution.to(out.dtype))
         return out
 
@@ -108,6 +137,17 @@ class ExpertList(nn.ModuleList):
             weight = (top_k_weights * (top_k_index == e)).sum(dim=-1)
             out.add_((expert(hidden_states) * weight[:, None]).to(out.dtype))
         return out
+
+
+def _amax_scale(*rows: torch.Tensor) -> torch.Tensor:
+    """A dynamic per-tensor fp8 scale over all of ``rows`` (non-empty): ``max |x| / 448`` in float32, 1 where all are 0."""
+    scale = torch.stack([r.abs().amax().float() for r in rows]).amax().reshape(1) / FP8_MAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _largest(scales: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The largest of the experts' stored static input scales (vLLM takes the max over a layer's experts)."""
+    return torch.stack([s.reshape(()) for s in scales]).amax().reshape(1)
 
 
 def unfuse_experts(model: nn.Module, paths: list[str]) -> int:

@@ -2,8 +2,11 @@
 
 After :func:`quantize_model` every target linear of the scheme's module groups is a
 :class:`~quantbench.quant.linear.QuantLinear` and every other module is untouched (lm_head, embeddings,
-norms, routers); fused MoE experts are first split into one linear per expert (:mod:`quantbench.experts`). Data-free schemes (round-to-nearest weights, dynamic activations) never look at
-calibration data; the others run the sequential pipeline of :mod:`quantbench.quant.sequential`.
+norms, routers) but for the scheme's ``dtype``, which the whole model is cast to first; fused MoE experts
+are first split into one linear per expert (:mod:`quantbench.experts`), after checking that vLLM serves the
+scheme on experts (:func:`quantbench.serving.check_fused_moe`). Data-free schemes (round-to-nearest weights,
+dynamic activations) never look at calibration data; the others run the sequential pipeline of
+:mod:`quantbench.quant.sequential`.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from quantbench.experts import unfuse_experts
 from quantbench.export import save_quantized
 from quantbench.preflight import Headroom, check_requirements, quantize_requirements
 from quantbench.provenance import sha256_file
+from quantbench.quant.linear import QuantLinear
 from quantbench.quant.resume import LayerProgress, partial_dir, run_identity
 from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
 from quantbench.quant.stats import QuantStats
 from quantbench.runtime import load_model
 from quantbench.schemes import Scheme
+from quantbench.serving import check_fused_moe
 from quantbench.vlm import is_image_text_model, load_processor
 
 log = logging.getLogger(__name__)
@@ -76,7 +81,12 @@ def quantize_model(
         raise QuantbenchError("the calibration set has no real tokens (its attention mask is all zero)")
     architecture = get_architecture(model.config)
     start = time.perf_counter()
-    if unfuse_experts(model, experts_paths(model)):
+    experts = experts_paths(model)
+    if experts and "language" in scheme.targets:
+        check_fused_moe(scheme.weights, scheme.input_activations, f"scheme {scheme.name} on the experts of {experts[0]}")
+    if scheme.dtype is not None:
+        cast_model(model, getattr(torch, scheme.dtype))
+    if unfuse_experts(model, experts):
         log.info("experts unfused to one linear per expert")
     order = UPSTREAM_FIRST if scheme.calibration.propagation == "quantized" else UPSTREAM_FIRST[::-1]
     for group in sorted(scheme.targets, key=order.index):
@@ -97,6 +107,19 @@ def quantize_model(
     if stats.fallbacks:
         log.warning("%s: %d fallback(s) taken (see the statistics)", scheme.name, len(stats.fallbacks))
     return stats
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating-point tensors to ``dtype`` and record it in its config (and sub-configs), which
+    the checkpoint writes (vLLM serves ``dtype: auto`` in the config's dtype). Before quantization only."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise QuantbenchError("cast the model before quantizing it; quantized modules keep their stored dtypes")
+    model.to(dtype)
+    configs = [model.config] + [getattr(model.config, key, None) for key in getattr(model.config, "sub_configs", {})]
+    for config in configs:
+        if config is not None:
+            config.dtype = dtype
+    log.info("model cast to %s for quantization and export", dtype)
 
 
 def quantize_checkpoint(

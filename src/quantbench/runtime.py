@@ -1,11 +1,12 @@
 """Load a model directory (plain Hugging Face or quantbench's compressed-tensors export) for evaluation.
 
 A compressed-tensors checkpoint (config.json carries a ``quantization_config``) is rebuilt as a model
-that simulates its scheme exactly: the skeleton is built from the config with parameters on the meta
-device, every module the config groups target (their ``targets`` minus ``ignore``, matched with
-compressed-tensors' own rules) becomes a :class:`QuantLinear` holding the stored codes, scales, zero
-points and static input scales (int4 unpacked), and the remaining tensors are loaded as stored. Each
-tensor is read once, straight onto ``device``.
+that simulates its scheme as vLLM serves it (:mod:`quantbench.serving`): the skeleton is built from the
+config with parameters on the meta device, every module the config groups target (their ``targets`` minus
+``ignore``, matched with compressed-tensors' own rules) becomes a :class:`QuantLinear` holding the stored
+codes, scales, zero points and static input scales (int4 unpacked), and the remaining tensors are loaded as
+stored. Each tensor is read once, straight onto ``device``. A MoE checkpoint whose expert quantization
+vLLM refuses is refused here too.
 
 Before any tensor is read, every weight file's header is checked (:mod:`quantbench.weightfiles`: a
 truncated or corrupt shard fails naming the file), and the tensors stored for each quantized module are
@@ -49,6 +50,7 @@ from quantbench.export import (
 from quantbench.quant.linear import QuantLinear, share_input_quantization
 from quantbench.quant.rtn import replace_module
 from quantbench.schemes import QuantArgs
+from quantbench.serving import check_fused_moe
 from quantbench.vlm import is_image_text_model
 from quantbench.weightfiles import TensorEntry, model_tensors
 
@@ -188,6 +190,9 @@ def _load_quantized(
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     groups = _parse_groups(qconfig, path)
     model = _build_skeleton(config, dtype)
+    if experts_paths(model):
+        for _, weights, inputs in groups:
+            check_fused_moe(weights, inputs, f"{path}: the experts' quantization_config")
     ignore = qconfig.get("ignore") or []
 
     assigned: dict[str, tuple[QuantArgs, QuantArgs | None]] = {}

@@ -2,9 +2,10 @@
 
 A scheme says how weights and input activations are quantized (mirroring compressed-tensors'
 ``QuantizationArgs`` field for field), which algorithm chooses the weights (rtn, gptq, awq) and
-with which parameters, how its calibration pass gathers statistics, and which module groups it targets.
-Code asks a scheme questions (``scheme.weights.strategy``, ``scheme.needs_calibration``); it never tests
-scheme names. A run config may override fields of the file's schemes (:func:`load_schemes`).
+with which parameters, how its calibration pass gathers statistics, how min-max parameters and codes are
+rounded (``rounding``), the dtype the model is quantized and written in (``dtype``), and which module groups
+it targets. Code asks a scheme questions (``scheme.weights.strategy``, ``scheme.needs_calibration``); it
+never tests scheme names. A run config may override fields of the file's schemes (:func:`load_schemes`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ QUANT_TYPES = ("int", "float")
 STRATEGIES = ("tensor", "channel", "group", "token")
 ALGORITHMS = ("rtn", "gptq", "awq")
 TARGET_GROUPS = ("language", "vision")
+AWQ_STYLES = ("quantbench", "angelslim")
+DTYPES = ("float16", "bfloat16", "float32")
+ROUNDING_CHOICES = {"symmetric_scale": ("half_range", "qmax"), "asymmetric_range": ("with_zero", "minmax"),
+                    "divide_in": ("float32", "weight_dtype")}  # the first of each is compressed-tensors' convention
 
 
 @dataclass(frozen=True)
@@ -119,14 +124,57 @@ class CalibrationParams:
 class AWQParams:
     """AWQ search settings: ``grid_size`` points of the scale exponent in [0, 1); optional clipping search.
 
-    ``duo_scaling`` divides the activation term by a weight-magnitude term (AutoAWQ's and llm-compressor's default).
+    ``style`` picks the algorithm (module docstring of :mod:`quantbench.quant.awq`): ``quantbench`` (each
+    mapping's linear outputs as the loss, every mapping folded) or ``angelslim`` (AngelSlim 4cc21d9's: the
+    attention / MLP block output as the loss, only the norm mappings folded; AngelSlim also propagated
+    full-precision outputs, which ``calibration.propagation`` selects for any scheme). ``duo_scaling`` divides the activation term by a weight-magnitude
+    term (AutoAWQ's and llm-compressor's default); unset, it is on for ``quantbench`` and off for
+    ``angelslim``, whose candidates have no weight term.
     """
 
+    style: str = "quantbench"
     grid_size: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool | None = None
     clip_search: bool = False
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.style not in AWQ_STYLES:
+            raise ValueError(f"style must be one of {AWQ_STYLES}, got {self.style!r}")
+        if self.duo_scaling is None:
+            object.__setattr__(self, "duo_scaling", self.style == "quantbench")
+        if self.style == "angelslim" and (self.duo_scaling or self.clip_search):
+            raise ValueError("style 'angelslim' searches x_mean^r without a weight term and without clipping; "
+                             "leave duo_scaling and clip_search unset or false")
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How min-max weight parameters and integer codes are computed (the stored tensors mean the same either way).
+
+    - ``symmetric_scale``: ``half_range``, ``absmax / ((qmax - qmin) / 2)`` (compressed-tensors': 127.5 for
+      int8, 7.5 for int4); ``qmax``, ``absmax / qmax`` (127 for int8: AngelSlim's INT8 weights).
+    - ``asymmetric_range``: ``with_zero``, ``[min(w_min, 0), max(w_max, 0)]`` (compressed-tensors'); ``minmax``,
+      ``[w_min, w_max]`` with the range floored at 1e-5 (AngelSlim's AWQ, ``pseudo_quantize_tensor``).
+    - ``divide_in``: ``float32``, codes ``round(w / scale + zero_point)`` from the float32 quotient (compressed-
+      tensors'); ``weight_dtype``, ``round(w / scale) + zero_point`` with the quotient rounded to the weight's
+      dtype first (AngelSlim divides bf16/fp16 tensors: in bf16 that moves about 7% of int8 codes by one).
+    """
+
+    symmetric_scale: str = "half_range"
+    asymmetric_range: str = "with_zero"
+    divide_in: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name, allowed in ROUNDING_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def is_default(self) -> bool:
+        """True for compressed-tensors' conventions (every field at its default)."""
+        return self == Rounding()
 
 
 @dataclass(frozen=True)
@@ -140,6 +188,8 @@ class Scheme:
     gptq: GPTQParams = field(default_factory=GPTQParams)
     awq: AWQParams = field(default_factory=AWQParams)
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
+    rounding: Rounding = field(default_factory=Rounding)
+    dtype: str | None = None  # the dtype the model is quantized and written in (None: the model's own)
     targets: tuple[str, ...] = ("language",)
 
     @property
@@ -164,6 +214,10 @@ class Scheme:
             out["awq"] = asdict(self.awq)
         if self.needs_calibration:
             out["calibration"] = asdict(self.calibration)
+        if not self.rounding.is_default:
+            out["rounding"] = asdict(self.rounding)
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
         return out
 
 
@@ -180,7 +234,7 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     """Build a :class:`Scheme` from its YAML mapping, with errors that name the scheme and key."""
     raw = dict(raw or {})
     where = f"scheme {name!r}"
-    allowed = {"weights", "input_activations", "algorithm", "gptq", "awq", "calibration", "targets"}
+    allowed = {"weights", "input_activations", "algorithm", "gptq", "awq", "calibration", "rounding", "dtype", "targets"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise QuantbenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -200,6 +254,12 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
         raise QuantbenchError(f"{where}.input_activations: per-token scales must be dynamic")
     if algorithm in ("gptq", "awq") and (weights is None or weights.type != "int"):
         raise QuantbenchError(f"{where}: algorithm {algorithm} needs integer weights")
+    rounding = build_spec(Rounding, raw.get("rounding", {}), f"{where}.rounding")
+    if not rounding.is_default and (algorithm == "gptq" or weights is None or weights.type != "int"):
+        raise QuantbenchError(f"{where}.rounding: applies to integer weights rounded by rtn or awq; remove it")
+    dtype = raw.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise QuantbenchError(f"{where}.dtype: {dtype!r} is not one of {DTYPES}")
     targets = tuple(raw.get("targets", ("language",)))
     bad = sorted(set(targets) - set(TARGET_GROUPS))
     if bad or not targets:
@@ -212,6 +272,8 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
         gptq=build_spec(GPTQParams, raw.get("gptq", {}), f"{where}.gptq"),
         awq=build_spec(AWQParams, raw.get("awq", {}), f"{where}.awq"),
         calibration=build_spec(CalibrationParams, raw.get("calibration", {}), f"{where}.calibration"),
+        rounding=rounding,
+        dtype=dtype,
         targets=targets,
     )
     if "calibration" in raw and not scheme.needs_calibration:

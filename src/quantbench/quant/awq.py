@@ -1,7 +1,11 @@
 """AWQ: scale each input channel before round-to-nearest, with scales searched on the calibration data.
 
-For each smoothing mapping (``prev`` -> ``linears`` that share one input) the scale candidates follow the
-AutoAWQ formulation, which llm-compressor also uses by default ("duo scaling"):
+Two styles, picked by the scheme (``awq.style``); both fold the winning scales into ``prev`` (a norm's
+weight, or the previous linear's output rows and bias) and multiply them into the linears' input columns,
+which leaves the model's function unchanged up to rounding, then round the weights to nearest.
+
+**quantbench** (the default). For each smoothing mapping (``prev`` -> ``linears`` that share one input) the
+scale candidates follow the AutoAWQ formulation, which llm-compressor also uses by default ("duo scaling"):
 
 - ``x_mean[c]``: mean ``|x_c|`` of the linears' shared input over non-padding calibration tokens;
 - ``w_mean[c]``: over every output row of every linear of the mapping, the mean of ``|W[r, c]|`` divided
@@ -13,16 +17,33 @@ AutoAWQ formulation, which llm-compressor also uses by default ("duo scaling"):
 Each candidate replaces every weight of the mapping by ``Q(W * s) / s`` and is scored by the squared error
 of the *concatenated outputs of the mapping's linears* over all non-padding calibration tokens. That error
 is the exact quadratic form ``sum_j tr(dW_j H dW_j^T)`` of the input Hessian ``H = sum x^T x``, so no
-candidate needs a forward pass. (AutoAWQ scores the parent module's output instead, e.g. the attention
-or MLP output, with a forward pass per candidate. On the tinyqwen3-dense fixture the linear-output loss
-gave a slightly lower held-out perplexity at a tenth of the time; on an 8B model the forward passes would
-cost about 20x a calibration forward per layer.)
+candidate needs a forward pass. (AutoAWQ and AngelSlim score the parent module's output instead, e.g. the
+attention or MLP output, with a forward pass per candidate: the ``angelslim`` style below, several times
+slower; docs/fidelity.md compares the two on the fixtures.) Every mapping is searched and folded in turn, v->o and
+up->down included; a MoE router reading the folded norm's output (the mapping's ``unquantized``) takes the
+scales into its input columns too, so routing is unchanged. Then the weights are rounded to nearest,
+optionally after a clipping search: per (row, group), the min-max range shrunk by ``k / clip_grid`` for
+``k < clip_max_shrink * clip_grid`` that minimises that group's own output error ``dw H_gg dw^T`` (the
+group's diagonal Hessian block: all calibration tokens).
 
-The winner is folded into ``prev`` (a norm's weight, or the previous linear's output rows and bias) and
-multiplied into the linears' input columns; the model's function is unchanged up to rounding. Then the
-weights are rounded to nearest, optionally after a clipping search: per (row, group), the min-max range
-shrunk by ``k / clip_grid`` for ``k < clip_max_shrink * clip_grid`` that minimises that group's own output
-error ``dw H_gg dw^T`` (the group's diagonal Hessian block: all calibration tokens).
+**angelslim**: AWQ as AngelSlim ran it at commit 4cc21d9 (``compressor/quant/modules/awq/``):
+
+- only mappings whose ``prev`` is a norm are used (norm -> q/k/v, norm -> gate/up): AngelSlim searches
+  v->o and up->down too but its ``apply_scale`` folds only into modules named ``*norm*``, so those scales
+  never reach the weights and are not searched here;
+- candidates ``s = x_mean^r`` on the same grid, no weight term, clamped and normalised as above;
+- each candidate sets the linears' weights to ``Q(W * s)`` and runs the mapping's ``block`` (the attention
+  or the MLP module) on its recorded inputs divided by ``s``: the loss is the squared error of the block's
+  output against the unquantized block's (one forward per candidate and chunk). ``x_mean`` and the loss
+  cover the tokens the calibration set marks real: with AngelSlim's padded, unmasked samples, every position;
+- every mapping of a block is searched on the block's original weights, then all are folded; a norm
+  mapping feeding routed experts and other linears (Hunyuan-A13B's shared MLP) is searched and folded as
+  two mappings, the others' first, both into the norm, as AngelSlim does (``auto_scale.py``). Neither
+  compensates the router, which reads the folded norm's output: its logits see ``x / s`` (in the search too);
+- block i+1 calibrates on block i's full-precision outputs (AngelSlim quantizes only after the last block);
+- no clipping. AngelSlim's rounding (asymmetric min-max without 0 forced into the range, fp16 weights)
+  is the scheme's ``rounding`` and ``dtype``, so that each can be compared on its own.
+
 Norms must compute ``weight * f(x)`` (Qwen, Llama); others (Gemma's ``1 + weight``) are refused.
 """
 
@@ -31,14 +52,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from quantbench.architectures import SmoothMapping
 from quantbench.errors import QuantbenchError
 from quantbench.quant import qdq
+from quantbench.quant.capture import ModuleCall, replay, to_device
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import AWQParams, QuantArgs, Scheme
+from quantbench.schemes import AWQParams, QuantArgs, Rounding, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +96,8 @@ def weight_magnitude(weights: Sequence[torch.Tensor], args: QuantArgs) -> torch.
     return relative.reshape(stacked.shape).mean(dim=0)
 
 
-def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, params: AWQParams) -> list[torch.Tensor]:
-    """The scale vectors the grid search tries: ``s = 1`` first, then one per grid ratio."""
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, params: AWQParams) -> list[torch.Tensor]:
+    """The scale vectors the grid search tries: ``s = 1`` first, then one per grid ratio (``w_mean``: duo scaling only)."""
     candidates = [torch.ones_like(x_mean)]
     for step in range(params.grid_size):
         ratio = step / params.grid_size
@@ -87,11 +111,16 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, params: AWQPara
     return candidates
 
 
-def _scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """``Q(W * s) / s`` in the weight's dtype: the weight a candidate scale leaves the linear with."""
+def _fake_quant_scaled(weight: torch.Tensor, scales: torch.Tensor, args: QuantArgs, rounding: Rounding) -> torch.Tensor:
+    """``Q(W * s)`` in the weight's dtype: the weight a candidate scale gives the linear before the fold."""
     scaled = (weight.float() * scales).to(weight.dtype)
-    s, z = qdq.weight_qparams(scaled, args)
-    return (qdq.fake_quantize_weight(scaled, s, z, args).float() / scales).to(weight.dtype)
+    s, z = qdq.weight_qparams(scaled, args, rounding=rounding)
+    return qdq.fake_quantize_weight(scaled, s, z, args, rounding)
+
+
+def _scaled_fake_quant(weight: torch.Tensor, scales: torch.Tensor, args: QuantArgs, rounding: Rounding) -> torch.Tensor:
+    """``Q(W * s) / s`` in the weight's dtype: the weight a candidate scale leaves the linear with."""
+    return (_fake_quant_scaled(weight, scales, args, rounding).float() / scales).to(weight.dtype)
 
 
 @contextmanager
@@ -118,7 +147,12 @@ def _quadratic_loss(deltas: Sequence[torch.Tensor], hessian: torch.Tensor) -> fl
 
 @torch.no_grad()
 def search_scales(
-    linears: Sequence[nn.Linear], x_mean: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params: AWQParams
+    linears: Sequence[nn.Linear],
+    x_mean: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantArgs,
+    params: AWQParams,
+    rounding: Rounding = qdq.COMPRESSED_TENSORS,
 ) -> tuple[torch.Tensor, float]:
     """The best smoothing scales for ``linears`` (sharing an input with ``hessian``) and their relative error.
 
@@ -130,28 +164,97 @@ def search_scales(
     w_mean = weight_magnitude(weights, args)
     best_loss, best = float("inf"), torch.ones_like(x_mean)
     for scales in candidate_scales(x_mean, w_mean, params):
-        deltas = [_scaled_fake_quant(linear.weight.data, scales, args).float() - w for linear, w in zip(linears, weights)]
+        deltas = [_scaled_fake_quant(linear.weight.data, scales, args, rounding).float() - w for linear, w in zip(linears, weights)]
         loss = _quadratic_loss(deltas, hessian)
         if loss < best_loss:
             best_loss, best = loss, scales
     return best, best_loss / max(reference, 1e-30)
 
 
+def angelslim_mappings(mappings: Sequence[SmoothMapping], prevs: Sequence[nn.Module], experts: str | None) -> list[SmoothMapping]:
+    """The mappings AngelSlim's AWQ applies: those whose ``prev`` (``prevs``, in order) is not a Linear, a mapping
+    feeding routed experts (under ``experts``) and other linears split in two, the others first."""
+    kept = []
+    for mapping, prev in zip(mappings, prevs):
+        if isinstance(prev, nn.Linear):
+            continue
+        if mapping.block is None:
+            raise QuantbenchError(f"AWQ mapping {mapping.prev} -> {mapping.linears} names no block for AngelSlim's "
+                                  "block-output loss; set its block in quantbench.architectures")
+        routed = tuple(n for n in mapping.linears if experts is not None and n.startswith(f"{experts}."))
+        others = tuple(n for n in mapping.linears if n not in routed)
+        kept += [replace(mapping, linears=part) for part in (others, routed) if part]
+    return kept
+
+
+def _divided_call(call: ModuleCall, scales: torch.Tensor, device: torch.device) -> ModuleCall:
+    """``call`` on ``device`` with its hidden states (first positional argument, or ``hidden_states``) divided by ``scales``."""
+    args, kwargs = to_device(call.args, device), to_device(call.kwargs, device)
+    if args:
+        args = (args[0] / scales.to(args[0].dtype), *args[1:])
+    else:
+        kwargs["hidden_states"] = kwargs["hidden_states"] / scales.to(kwargs["hidden_states"].dtype)
+    return ModuleCall(args, kwargs, call.mask)
+
+
+def _squared_error(output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum |output - reference|^2`` over the real tokens of ``mask [batch, seq]`` (float32)."""
+    diff = (output.float() - reference.float()).reshape(mask.numel(), -1)
+    return diff[mask.reshape(-1).to(diff.device)].square().sum()
+
+
 @torch.no_grad()
-def apply_scales(prev: nn.Module, linears: Sequence[nn.Linear], scales: torch.Tensor) -> None:
-    """Fold ``scales`` into ``prev``'s output (norm weight, or linear rows and bias) and into ``linears``' inputs."""
+def search_block_scales(
+    block: nn.Module,
+    calls: Sequence[ModuleCall],
+    linears: Sequence[nn.Linear],
+    x_mean: torch.Tensor,
+    scheme: Scheme,
+    device: torch.device,
+) -> tuple[torch.Tensor, float]:
+    """AngelSlim's search (module docstring): the candidate minimising ``block``'s output error, and that error
+    relative to the block's output (``sum |dy|^2 / sum |y|^2`` over the real tokens of ``calls``).
+
+    ``block`` (the attention or MLP module holding ``linears``) is replayed on its recorded ``calls`` with the
+    inputs divided by each candidate; the linears' weights are restored afterwards.
+    """
+    originals = [linear.weight.data for linear in linears]
+    reference = [replay(block, call, device) for call in calls]
+    ref_norm = float(sum(_squared_error(y, torch.zeros_like(y), call.mask) for y, call in zip(reference, calls)))
+    best_loss, best = float("inf"), torch.ones_like(x_mean)
+    try:
+        for scales in candidate_scales(x_mean, None, scheme.awq):
+            for linear, weight in zip(linears, originals):
+                linear.weight.data = _fake_quant_scaled(weight, scales, scheme.weights, scheme.rounding)
+            errors = [_squared_error(replay(block, _divided_call(call, scales, device), device), y, call.mask)
+                      for call, y in zip(calls, reference)]
+            loss = float(torch.stack(errors).sum())  # one host sync per candidate
+            if loss < best_loss:
+                best_loss, best = loss, scales
+    finally:
+        for linear, weight in zip(linears, originals):
+            linear.weight.data = weight
+    return best, best_loss / max(ref_norm, 1e-30)
+
+
+@torch.no_grad()
+def apply_scales(
+    prev: nn.Module, linears: Sequence[nn.Linear], scales: torch.Tensor, unquantized: Sequence[nn.Module] = ()
+) -> None:
+    """Fold ``scales`` into ``prev``'s output (norm weight, or linear rows and bias) and into the input columns of
+    ``linears`` and of ``unquantized`` (other readers of ``prev``'s output that stay unquantized: MoE routers)."""
     if isinstance(prev, nn.Linear):
         prev.weight.data = (prev.weight.float() / scales[:, None]).to(prev.weight.dtype)
         if prev.bias is not None:
             prev.bias.data = (prev.bias.float() / scales).to(prev.bias.dtype)
     else:
         prev.weight.data = (prev.weight.float() / scales).to(prev.weight.dtype)
-    for linear in linears:
+    for linear in (*linears, *unquantized):
         linear.weight.data = (linear.weight.float() * scales).to(linear.weight.dtype)
 
 
 def clip_qparams(
-    weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params: AWQParams
+    weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params: AWQParams, rounding: Rounding = qdq.COMPRESSED_TENSORS
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per (row, group) shrunk min-max parameters minimising each group's output error ``dw H_gg dw^T``."""
     out_features, in_features = weight.shape
@@ -164,7 +267,7 @@ def clip_qparams(
     best_scale = best_zp = None
     for step in range(max(1, int(params.clip_max_shrink * params.clip_grid))):
         factor = 1 - step / params.clip_grid
-        scale, zp = qdq.qparams_from_minmax(w_min * factor, w_max * factor, args, sdtype)
+        scale, zp = qdq.qparams_from_minmax(w_min * factor, w_max * factor, args, sdtype, rounding)
         s = scale.float()[..., None]
         z = 0.0 if zp is None else zp.float()[..., None]
         delta = qdq.codes_to_values(qdq.round_to_codes(w, s, z, args), s, z) - w
@@ -191,12 +294,12 @@ def awq_quantize_linear(
         raise ValueError(f"scheme {scheme.name} quantizes no weights")
     weight = linear.weight.data
     if hessian is not None and args.strategy in ("channel", "group"):
-        scale, zero_point = clip_qparams(weight, hessian, args, scheme.awq)
+        scale, zero_point = clip_qparams(weight, hessian, args, scheme.awq, scheme.rounding)
     else:
-        scale, zero_point = qdq.weight_qparams(weight, args)
+        scale, zero_point = qdq.weight_qparams(weight, args, rounding=scheme.rounding)
     return QuantLinear.from_weight(
         weight,
-        qdq.quantize_weight(weight, scale, zero_point, args),
+        qdq.quantize_weight(weight, scale, zero_point, args, scheme.rounding),
         scale,
         zero_point,
         weight_args=args,

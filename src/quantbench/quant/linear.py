@@ -6,13 +6,17 @@ runtime rebuilds it from a checkpoint, so the weights a test evaluates are the w
 
 It computes as vLLM's kernels do: int8 weights with int8 inputs (W8A8) multiply the integer codes exactly and
 apply the scales in float32 (:func:`qdq.scaled_int_matmul`); every other scheme computes
-``linear(qdq(x), dequant(codes))``. On CUDA the inputs' quantization runs as one fused kernel
-(:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code), and linears that read one input
-tensor with the same activation args (q/k/v; gate/up) can share its quantize-dequantize
+``linear(qdq(x), dequant(codes))``, with ``qdq`` as vLLM runs the stored config
+(:func:`quantbench.serving.served_input_args`: dynamic fp8 inputs per token) or with a per-tensor scale the
+caller gives (vLLM's fused MoE shares one across experts). On CUDA the inputs' quantization runs as one
+fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code), and linears that
+read one input tensor with the same activation args (q/k/v; gate/up) can share its quantize-dequantize
 (:func:`share_input_quantization`): computed once, not once per linear.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 from quantbench.quant import qdq, qdq_kernel
 from quantbench.schemes import QuantArgs
+from quantbench.serving import served_input_args
 
 
 def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> torch.Tensor:
@@ -112,7 +117,9 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight_args = weight_args
-        self.input_args = input_args
+        self.input_args = input_args  # as written to the checkpoint
+        self._served_inputs = served_input_args(input_args)
+        self._given_scale_inputs = None if input_args is None else replace(input_args, strategy="tensor", dynamic=False)
         scale_shape = qdq.scale_shape(out_features, in_features, weight_args)
         sdtype = qdq.scale_dtype(weight_args, dtype)
         self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=qdq.code_dtype(weight_args), device=device))
@@ -190,19 +197,19 @@ class QuantLinear(nn.Module):
         self._dequantized = None  # device/dtype moves invalidate the cache
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``linear(qdq(x), W)``; ``input_scale``: a per-tensor scale to quantize ``x`` with instead of the layer's own."""
         if is_w8a8_int(self.weight_args, self.input_args):
             codes, scale = input_codes(x, self.input_args, self.input_scale)
             return qdq.scaled_int_matmul(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
-        if self.input_args is not None:
-            if self.shared_input is None:
-                x = self._quantize_input(x)
-            else:
-                x = self.shared_input(x, self._quantize_input)
+        if input_scale is not None and self.input_args is not None:
+            x = fake_quantize_input(x, self._given_scale_inputs, input_scale)
+        elif self.input_args is not None:
+            x = self._quantize_input(x) if self.shared_input is None else self.shared_input(x, self._quantize_input)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_input(x, self.input_args, self.input_scale)
+        return fake_quantize_input(x, self._served_inputs, self.input_scale)
 
     def extra_repr(self) -> str:
         w = self.weight_args

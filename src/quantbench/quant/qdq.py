@@ -5,7 +5,9 @@ Conventions follow compressed-tensors so that exported checkpoints mean what thi
 - Integer codes span the signed range [-2**(b-1), 2**(b-1) - 1] for symmetric *and* asymmetric args;
   an asymmetric zero point lives in that same signed range. ``dequant = (q - zero_point) * scale``.
 - Weight scales: symmetric ``amax / ((qmax - qmin) / 2)``; asymmetric ``(max - min) / (qmax - qmin)`` with
-  the range widened to include 0. A zero range gives scale 1 (never 0, NaN or Inf).
+  the range widened to include 0. A zero range gives scale 1 (never 0, NaN or Inf). A scheme's
+  :class:`~quantbench.schemes.Rounding` can pick AngelSlim's formulas instead (``amax / qmax``; the raw
+  ``[min, max]`` range; codes from the quotient rounded to the weight's dtype).
 - Scales are rounded to their storage dtype *before* the codes are computed, so that dequantizing the stored
   tensors reproduces the simulated weights exactly: int scales use the model dtype, fp8 scales float32.
 - Dynamic activation scales are what vLLM's kernels compute per token: ``amax / 127`` (int8) and
@@ -24,7 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantbench.schemes import QuantArgs
+from quantbench.schemes import QuantArgs, Rounding
+
+COMPRESSED_TENSORS = Rounding()  # the default rounding: compressed-tensors' conventions
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -62,15 +66,20 @@ def scale_shape(out_features: int, in_features: int, args: QuantArgs) -> tuple[i
 
 
 def qparams_from_minmax(
-    min_val: torch.Tensor, max_val: torch.Tensor, args: QuantArgs, dtype: torch.dtype
+    min_val: torch.Tensor, max_val: torch.Tensor, args: QuantArgs, dtype: torch.dtype, rounding: Rounding = COMPRESSED_TENSORS
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (in ``dtype``) and zero point (int8, asymmetric only) covering ``[min_val, max_val]``."""
-    min_val = torch.clamp(min_val.float(), max=0.0)
-    max_val = torch.clamp(max_val.float(), min=0.0)
+    raw_range = args.type == "int" and not args.symmetric and rounding.asymmetric_range == "minmax"
+    min_val, max_val = min_val.float(), max_val.float()
+    if not raw_range:
+        min_val, max_val = torch.clamp(min_val, max=0.0), torch.clamp(max_val, min=0.0)
     if args.type == "float":
         scale = torch.maximum(-min_val, max_val) / FP8_MAX
     elif args.symmetric:
-        scale = torch.maximum(-min_val, max_val) / ((args.qmax - args.qmin) / 2)
+        divisor = args.qmax if rounding.symmetric_scale == "qmax" else (args.qmax - args.qmin) / 2
+        scale = torch.maximum(-min_val, max_val) / divisor
+    elif raw_range:
+        scale = (max_val - min_val).clamp(min=1e-5) / (args.qmax - args.qmin)
     else:
         scale = (max_val - min_val) / (args.qmax - args.qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(dtype)
@@ -82,12 +91,12 @@ def qparams_from_minmax(
 
 
 def weight_qparams(
-    weight: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None
+    weight: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None, rounding: Rounding = COMPRESSED_TENSORS
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale and zero point of ``weight [out, in]`` for its strategy, shaped for storage."""
     grouped = grouped_view(weight.float(), args)
     scale, zero_point = qparams_from_minmax(
-        grouped.amin(dim=-1), grouped.amax(dim=-1), args, dtype or scale_dtype(args, weight.dtype)
+        grouped.amin(dim=-1), grouped.amax(dim=-1), args, dtype or scale_dtype(args, weight.dtype), rounding
     )
     shape = scale_shape(*weight.shape, args)
     return scale.reshape(shape), None if zero_point is None else zero_point.reshape(shape)
@@ -114,7 +123,11 @@ def codes_to_values(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 
 
 def quantize_weight(
-    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    args: QuantArgs,
+    rounding: Rounding = COMPRESSED_TENSORS,
 ) -> torch.Tensor:
     """Codes of ``weight [out, in]`` under the stored ``scale``/``zero_point`` (int8 or fp8 e4m3)."""
     grouped = grouped_view(weight.float(), args)
@@ -123,6 +136,9 @@ def quantize_weight(
         codes = torch.clamp(grouped / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     else:
         zp = 0.0 if zero_point is None else _expand(zero_point, weight, args).float()
+        if rounding.divide_in == "weight_dtype":  # AngelSlim: round(w / scale) of weight-dtype tensors, then + zp
+            grouped = torch.round((grouped / s).to(weight.dtype).float())
+            s = torch.ones_like(s)
         codes = round_to_codes(grouped, s, zp, args).to(torch.int8)
     return codes.reshape(weight.shape)
 
@@ -141,10 +157,15 @@ def dequantize_weight(
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantArgs
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    args: QuantArgs,
+    rounding: Rounding = COMPRESSED_TENSORS,
 ) -> torch.Tensor:
     """Quantize-dequantize ``weight`` (same dtype out) under given parameters."""
-    return dequantize_weight(quantize_weight(weight, scale, zero_point, args), scale, zero_point, args, weight.dtype)
+    codes = quantize_weight(weight, scale, zero_point, args, rounding)
+    return dequantize_weight(codes, scale, zero_point, args, weight.dtype)
 
 
 def static_input_scale(absmax: torch.Tensor, args: QuantArgs) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Round-to-nearest: min-max parameters, no data, the baseline every other algorithm must beat."""
+"""Round-to-nearest: min-max parameters (rounded as the scheme says), no data, the baseline every other algorithm must beat."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def rtn_quantize_linear(
     if scheme.weights is None:
         raise ValueError(f"scheme {scheme.name} quantizes no weights")
     weight = linear.weight.data if weight is None else weight
-    scale, zero_point = qdq.weight_qparams(weight, scheme.weights)
-    codes = qdq.quantize_weight(weight, scale, zero_point, scheme.weights)
+    scale, zero_point = qdq.weight_qparams(weight, scheme.weights, rounding=scheme.rounding)
+    codes = qdq.quantize_weight(weight, scale, zero_point, scheme.weights, scheme.rounding)
     return QuantLinear.from_weight(
         weight,
         codes,

@@ -9,14 +9,15 @@
 2. For each block i, on the compute device (the rest of the model stays where it was; block i+1 is
    copied there meanwhile, :mod:`quant.prefetch`):
    a. run the unquantized block on every chunk, keeping its outputs (the reference) while hooks feed one
-      :class:`InputStats` per shared-input group (Hessian, |x| sums, ranges; padding never counted);
+      :class:`InputStats` per shared-input group (Hessian, |x| sums, ranges; padding never counted), and,
+      for AWQ's ``angelslim`` style, record the calls of the modules its block-output loss replays;
    b. AWQ only: search and fold smoothing scales, mapping by mapping (:mod:`quant.awq`);
    c. quantize every target (RTN, GPTQ per group, AWQ's rounding) and swap it for a QuantLinear;
    d. run the quantized block on the same inputs: its outputs become block i+1's inputs (or, with the
       scheme's ``calibration.propagation: full-precision``, the unquantized outputs of step a do, as one
-      unquantized forward of the whole model would give), and the differences to the reference give the
-      block's relative output error (each module's, against its unquantized weight, on the first chunk:
-      a sample that costs one extra matmul per module).
+      unquantized forward of the whole model would give, and as AngelSlim's AWQ propagated), and the
+      differences to the reference give the block's relative output error (each module's, against its
+      unquantized weight, on the first chunk: a sample that costs one extra matmul per module).
 
 "Real tokens" are the calibration's statistics mask (:meth:`Calibration.statistics_mask`): the non-padding
 tokens, or every position when the calibration stream counts pads.
@@ -42,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.architectures import BlockStack, block_list, check_block, stacks_of
+from quantbench.architectures import BlockStack, SmoothMapping, block_list, check_block, stacks_of
 from quantbench.calibration import Calibration
 from quantbench.errors import QuantbenchError
 from quantbench.experts import ExpertList, calibrate_all_experts, per_expert_groups
@@ -154,6 +155,15 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _recorder(calls: list, storage: torch.device) -> Callable[..., None]:
+    """A forward pre-hook (``with_kwargs``) appending each call's ``(args, kwargs)``, moved to ``storage``."""
+
+    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((to_device(args, storage), to_device(kwargs, storage)))
+
+    return record
 
 
 def _store(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
@@ -294,11 +304,18 @@ def _static_input_scale(group: _Group, scheme: Scheme) -> torch.Tensor | None:
 
 
 def _plan_groups(
-    block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, mappings: list, device: torch.device, routed: bool
+    block: nn.Module,
+    name: str,
+    stack: BlockStack,
+    scheme: Scheme,
+    mappings: list[SmoothMapping],
+    device: torch.device,
+    routed: bool,
 ) -> list[_Group]:
     """One :class:`_Group` per shared-input group (with ``routed``, per expert), collecting what the scheme's algorithm needs."""
     static = scheme.input_activations is not None and not scheme.input_activations.dynamic
-    balanced = {m.linears for m in mappings}
+    smoothed = {n for m in mappings for n in m.linears}
+    quadratic = scheme.algorithm == "awq" and scheme.awq.style == "quantbench"  # AWQ losses from the Hessian
     clip = scheme.algorithm == "awq" and scheme.awq.clip_search
     planned = per_expert_groups(stack.groups, stack.experts) if routed else [(names, None) for names in stack.groups]
     groups = []
@@ -306,9 +323,9 @@ def _plan_groups(
         stats = InputStats.create(
             block.get_submodule(names[0]).in_features,
             device,
-            hessian=scheme.algorithm == "gptq" or names in balanced or clip,
+            hessian=scheme.algorithm == "gptq" or (quadratic and names[0] in smoothed) or clip,
             absmax=static,
-            abs_sum=names in balanced,
+            abs_sum=names[0] in smoothed,
         )
         groups.append(_Group(names, stats, GroupStats(tuple(f"{name}.{n}" for n in names)), parent))
     return groups
@@ -332,8 +349,9 @@ def _adopt_parent_maxima(groups: list[_Group]) -> None:
                 group.report.fallbacks.append("the router sent it no calibration token: static input scale from the other experts' maximum")
 
 
-def _awq_mappings(block: nn.Module, name: str, stack: BlockStack) -> list:
-    """The stack's smoothing mappings that apply to this block (a linear ``prev`` must match the inputs' width)."""
+def _awq_mappings(block: nn.Module, name: str, stack: BlockStack, scheme: Scheme) -> list[SmoothMapping]:
+    """The stack's smoothing mappings that apply to this block (a linear ``prev`` must match the inputs' width),
+    or, for the ``angelslim`` style, those AngelSlim applies (:func:`awq.angelslim_mappings`)."""
     mappings = []
     for mapping in stack.smooth:
         prev = block.get_submodule(mapping.prev)
@@ -343,24 +361,48 @@ def _awq_mappings(block: nn.Module, name: str, stack: BlockStack) -> list:
             continue
         awq.check_foldable(prev, f"{name}.{mapping.prev}")
         mappings.append(mapping)
+    if scheme.awq.style == "angelslim":
+        mappings = awq.angelslim_mappings(mappings, [block.get_submodule(m.prev) for m in mappings], stack.experts)
     return mappings
 
 
-def _smooth(block: nn.Module, mappings: list, groups: list[_Group], scheme: Scheme) -> None:
-    """AWQ: search, fold and record the smoothing scales of each mapping, in order."""
-    by_names = {g.names: g for g in groups}
+def _smooth(
+    block: nn.Module,
+    mappings: list[SmoothMapping],
+    groups: list[_Group],
+    scheme: Scheme,
+    recorded: dict[str, list[ModuleCall]],
+    device: torch.device,
+) -> None:
+    """AWQ: search, fold and record the smoothing scales of each mapping, in order (style ``angelslim``: every
+    mapping searched on the original weights, on the ``recorded`` calls of its block, then all folded)."""
+    group_of = {n: g for g in groups for n in g.names}
+    block_loss = scheme.awq.style == "angelslim"
+    searched = []
     for mapping in mappings:
-        group = by_names[mapping.linears]
+        group = group_of[mapping.linears[0]]
         if group.stats.tokens == 0:
             group.report.fallbacks.append("no calibration tokens: AWQ smoothing skipped (plain round-to-nearest)")
             continue
         start = time.perf_counter()
         linears = [block.get_submodule(n) for n in mapping.linears]
-        found, error = awq.search_scales(linears, group.stats.mean_abs(), group.stats.hessian, scheme.weights, scheme.awq)
-        awq.apply_scales(block.get_submodule(mapping.prev), linears, found)
-        group.stats.divide(found)
-        group.report.search_error = error
+        if block_loss:
+            found, error = awq.search_block_scales(
+                block.get_submodule(mapping.block), recorded[mapping.block], linears, group.stats.mean_abs(), scheme, device
+            )
+            searched.append((mapping, group, found))
+        else:
+            found, error = awq.search_scales(
+                linears, group.stats.mean_abs(), group.stats.hessian, scheme.weights, scheme.awq, scheme.rounding
+            )
+            routers = [block.get_submodule(n) for n in mapping.unquantized]
+            awq.apply_scales(block.get_submodule(mapping.prev), linears, found, routers)
+            group.stats.divide(found)
+        group.report.search_error = max(error, group.report.search_error or 0.0)  # a group's worst mapping
         group.report.seconds += time.perf_counter() - start
+    for mapping, group, found in searched:  # AngelSlim folds after all searches, routers left as they are
+        awq.apply_scales(block.get_submodule(mapping.prev), [block.get_submodule(n) for n in mapping.linears], found)
+        group.stats.divide(found)
 
 
 def _quantize_group(block: nn.Module, group: _Group, stack: BlockStack, scheme: Scheme) -> dict[str, QuantLinear]:
@@ -425,10 +467,13 @@ def _quantize_block(
     for module in experts:
         module.routed = torch.zeros(len(module), dtype=torch.long)
         module.routed_only = routed
-    mappings = _awq_mappings(block, name, stack) if scheme.algorithm == "awq" else []
+    mappings = _awq_mappings(block, name, stack, scheme) if scheme.algorithm == "awq" else []
     groups = _plan_groups(block, name, stack, scheme, mappings, device, routed)
 
     handles = [block.get_submodule(n).register_forward_pre_hook(g.observe) for g in groups for n in g.names]
+    recorded: dict[str, list] = {m.block: [] for m in mappings if scheme.awq.style == "angelslim"}
+    for path, calls_of in recorded.items():
+        handles.append(block.get_submodule(path).register_forward_pre_hook(_recorder(calls_of, storage), with_kwargs=True))
     reference = []
     with _hooks(handles):
         for call in calls:
@@ -451,8 +496,10 @@ def _quantize_block(
     if routed:
         _adopt_parent_maxima(groups)
 
+    recorded = {path: [ModuleCall(*c, call.mask) for c, call in zip(got, calls)] for path, got in recorded.items()}
     if mappings:
-        _smooth(block, mappings, groups, scheme)
+        _smooth(block, mappings, groups, scheme, recorded, device)
+    del recorded
     meters: dict[str, _ErrorMeter] = {}
     for group in groups:
         for module_name, quantized in _quantize_group(block, group, stack, scheme).items():

@@ -36,9 +36,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _styles(group_size: int) -> dict[str, Scheme]:
-    """config/schemes.yaml's INT4-AWQ in either style (the fixtures' MoE experts need group 64)."""
+    """config/schemes.yaml's INT4-AWQ in either style (the fixtures' MoE experts need group 64); the angelslim
+    style propagates full-precision outputs, as AngelSlim's AWQ did (and config/seed.yaml selects)."""
     weights = {**load_schemes(REPO / "config" / "schemes.yaml")["INT4-AWQ"].weights.to_dict(), "group_size": group_size}
-    return {style: parse_scheme(style, {"weights": weights, "algorithm": "awq", "awq": {"style": style}}) for style in ("quantbench", "angelslim")}
+    propagation = {"quantbench": "quantized", "angelslim": "full-precision"}
+    return {
+        style: parse_scheme(
+            style, {"weights": weights, "algorithm": "awq", "awq": {"style": style}, "calibration": {"propagation": propagation[style]}}
+        )
+        for style in ("quantbench", "angelslim")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +186,7 @@ def test_moe_router_reads_the_folded_norm_only_in_the_angelslim_style(env: dict,
 
 def test_seed_awq_writes_fp16_and_angelslim_minmax_parameters(env: dict, tmp_path: Path) -> None:
     seed = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
-    scheme = parse_scheme("INT4-AWQ", seed["schemes"]["INT4-AWQ"])
+    scheme = load_schemes(REPO / "config" / "schemes.yaml", seed["scheme_overrides"])["INT4-AWQ"]
     assert scheme.awq.style == "angelslim" and scheme.dtype == "float16"
     fixture = env["tinyqwen3-dense"]
     model, original = _fresh(env, "tinyqwen3-dense"), _fresh(env, "tinyqwen3-dense")

@@ -99,7 +99,7 @@ def departures(run: RunConfig, table: TableConfig, recipe: Recipe) -> list[str]:
     for model, name in rows:
         row = f"{model} {name}"
         scheme = run.schemes[name].to_dict()
-        fields = _flat({k: v for k, v in scheme.items() if isinstance(v, Mapping)})
+        fields = _flat(scheme)
         for key, theirs in _flat(recipe.schemes.get(name, {})).items():
             if key != EXPERTS_KEY or model in recipe.moe_models:
                 differ(f"scheme {key}", fields.get(key), theirs, row)

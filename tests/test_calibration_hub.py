@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from vlm_fixtures import tiny_processor, write_benchmark_fixtures
+from vlm_fixtures import save_tiny_vlm, tiny_processor, write_benchmark_fixtures
 
 from quantbench.calibration import calibrate_model, load_calibration, process_image_calibration, save_calibration
 from quantbench.errors import QuantbenchError
@@ -171,9 +171,7 @@ def snakemake(wd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_calibrate_rule_reads_a_hub_set_and_reruns_when_its_inputs_change(sets, tmp_path):
     """One real calibrate job per source; then an edited image, or another Hub identity, replans calibration."""
-    model = tmp_path / "tiny-vlm"
-    shutil.copytree(sets["model"], model)
-    (model / "config.json").write_text("{}", encoding="utf-8")  # the download rule copies a directory as it is
+    model = save_tiny_vlm(tmp_path / "tiny-vlm")  # the download rule checks the weights it copies
     for name in ("config", "resources"):
         (tmp_path / name).symlink_to(REPO / name)
     files = tmp_path / "files"

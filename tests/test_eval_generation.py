@@ -112,12 +112,16 @@ def simulated(scheme_name: str, dtype: torch.dtype):
     return quantized
 
 
-def test_linears_sharing_an_input_quantize_it_once_with_the_same_logits(tokenizer, questions, monkeypatch) -> None:
-    quantized = simulated("INT8-Dynamic", torch.float32)
+@pytest.mark.parametrize(
+    ("scheme", "quantizer"),
+    [("FP8-Dynamic", "fake_quantize_input"), ("INT8-Dynamic", "input_codes")],  # W8A8 shares the int8 codes
+)
+def test_linears_sharing_an_input_quantize_it_once_with_the_same_logits(tokenizer, questions, monkeypatch, scheme, quantizer) -> None:
+    quantized = simulated(scheme, torch.float32)
     ids, mask = batch(tokenizer, questions[:3])
     calls = []
-    original = quant_linear.fake_quantize_input
-    monkeypatch.setattr(quant_linear, "fake_quantize_input", lambda *a: calls.append(1) or original(*a))
+    original = getattr(quant_linear, quantizer)
+    monkeypatch.setattr(quant_linear, quantizer, lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         alone = quantized(ids, attention_mask=mask).logits
         per_forward = len(calls)

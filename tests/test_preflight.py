@@ -79,9 +79,11 @@ def test_estimates_cover_what_the_job_really_takes(tmp_path, name):
     assert disk.need == estimate + in_blocks
 
 
-def test_evaluation_memory_on_the_cpu(tmp_path):
-    """For a float32 CPU evaluation of an int8 checkpoint: codes, their dequantized float32 copy, the rest in float32."""
-    scheme = SCHEMES["INT8-Dynamic"]
+@pytest.mark.parametrize("scheme_name", ["INT8-Dynamic", "FP8-Dynamic"])
+def test_evaluation_memory_on_the_cpu(tmp_path, scheme_name):
+    """For a float32 CPU evaluation: the codes (and, but for W8A8's integer matmuls, their dequantized float32
+    copy), the rest in float32."""
+    scheme = SCHEMES[scheme_name]
     model, tokenizer = load_model(DEMO)
     quantize_model(model, scheme, device="cpu")
     out = save_quantized(model, tokenizer, scheme, tmp_path / "int8", provenance={})
@@ -89,7 +91,9 @@ def test_evaluation_memory_on_the_cpu(tmp_path):
     with torch.no_grad():
         loaded(torch.zeros(1, 4, dtype=torch.long))  # every quantized module builds its dequantized weight
     held = {t.data_ptr(): t.numel() * t.element_size() for t in [*loaded.parameters(), *loaded.buffers()]}
-    held.update((m._dequantized.data_ptr(), m._dequantized.numel() * 4) for m in loaded.modules() if hasattr(m, "_dequantized"))
+    copies = [m._dequantized for m in loaded.modules() if getattr(m, "_dequantized", None) is not None]
+    assert bool(copies) == (scheme_name == "FP8-Dynamic")
+    held.update((copy.data_ptr(), copy.numel() * 4) for copy in copies)
     memory, _ = evaluate_requirements(out, tmp_path / "r.json", host_dtype_bytes=4)
     rotary = loaded.model.rotary_emb.inv_freq.numel() * 4
     assert memory.need == pytest.approx(sum(held.values()) - rotary, rel=0.01)

@@ -11,7 +11,8 @@ corrupt file fails here already), measured against what the machine has now (:fu
   (:mod:`quantbench.quant.resume`), less what that progress already holds. Block weights are counted at the
   scheme's bits (plus scales), everything else at BF16.
 * evaluate: on the CPU through the hf backend, host memory for the model in the backend's dtype
-  (quantized weights as int8 codes plus their dequantized copy); on GPUs the weights go to the
+  (quantized weights as int8 codes plus their dequantized copy, or the codes alone where W8A8 multiplies
+  them); on GPUs the weights go to the
   devices and host memory is not checked. Disk: room for the result file.
 
 :class:`Headroom` adds bytes that must stay free beyond the need (a shared scratch disk, other jobs on
@@ -180,15 +181,30 @@ def evaluate_requirements(
                                 free_disk(out_path.parent))]
     if host_dtype_bytes is not None:
         memory = 0
+        integer_matmuls = _w8a8_int(Path(model_dir))
         for name, entry in model_tensors(model_dir).items():
             codes = _numel(entry) * (8 if name.endswith(".weight_packed") else 1)
-            if name.endswith(".weight_packed") or (name.endswith(".weight") and DTYPE_BYTES[entry.dtype] == 1):
+            if integer_matmuls and name.endswith(".weight") and entry.dtype == "I8":
+                memory += codes  # W8A8 multiplies the int8 codes themselves: no dequantized copy
+            elif name.endswith(".weight_packed") or (name.endswith(".weight") and DTYPE_BYTES[entry.dtype] == 1):
                 memory += codes * (1 + host_dtype_bytes)  # int8 codes and the dequantized weight
             else:
                 memory += _numel(entry) * host_dtype_bytes if entry.dtype in FLOAT_DTYPES else entry.nbytes
         requirements.insert(0, Requirement(f"host memory for the model ({host_dtype_bytes}-byte values)",
                                            memory + headroom.memory_bytes, available_memory()))
     return requirements
+
+
+def _w8a8_int(model_dir: Path) -> bool:
+    """Whether every config group of a quantized checkpoint runs W8A8 integer matmuls (int8 weights and inputs)."""
+    from quantbench.quant.linear import is_w8a8_int
+    from quantbench.runtime import parse_config_groups
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    qconfig = config.get("quantization_config")
+    if qconfig is None:
+        return False
+    return all(is_w8a8_int(weights, inputs) for _, weights, inputs in parse_config_groups(qconfig, model_dir))
 
 
 def headroom_from(disk_gb: float = 0.0, memory_gb: float = 0.0) -> Headroom:

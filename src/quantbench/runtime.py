@@ -100,7 +100,7 @@ def _quant_args(raw: dict[str, Any] | None, where: str) -> QuantArgs | None:
         raise QuantbenchError(f"{where}: {exc}") from exc
 
 
-def _parse_groups(qconfig: dict[str, Any], path: Path) -> list[tuple[list[str], QuantArgs, QuantArgs | None]]:
+def parse_config_groups(qconfig: dict[str, Any], path: Path) -> list[tuple[list[str], QuantArgs, QuantArgs | None]]:
     """``(targets, weight args, input args)`` of each config group, checked against what quantbench simulates."""
     where = f"{path}/config.json quantization_config"
     if qconfig.get("quant_method") != QUANT_METHOD:
@@ -188,7 +188,7 @@ def _load_quantized(
 ) -> PreTrainedModel:
     qconfig = config.quantization_config
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
-    groups = _parse_groups(qconfig, path)
+    groups = parse_config_groups(qconfig, path)
     model = _build_skeleton(config, dtype)
     if experts_paths(model):
         for _, weights, inputs in groups:

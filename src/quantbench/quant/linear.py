@@ -16,13 +16,13 @@ read one input tensor with the same activation args (q/k/v; gate/up) can share i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from collections.abc import Callable, Sequence
 
 from quantbench.quant import qdq, qdq_kernel
 from quantbench.schemes import QuantArgs
@@ -37,7 +37,8 @@ def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Ten
 
 
 class SharedInputQuantization:
-    """The quantize-dequantize of one input tensor, for the ``members`` linears that read it in turn.
+    """The quantized input (fake-quantized tensor, or W8A8's codes and scales) of one input tensor, for the
+    ``members`` linears that read it in turn.
 
     The first member's call computes it; the others get the same result while they are called with the
     same, unmodified tensor (identity and version); the last one's call drops it. Any other input is
@@ -48,10 +49,10 @@ class SharedInputQuantization:
         self.members = members
         self._source: torch.Tensor | None = None
         self._version = -1
-        self._result: torch.Tensor | None = None
+        self._result: Any = None
         self._left = 0
 
-    def __call__(self, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
         if self._left == 0 or x is not self._source or x._version != self._version:
             self._source, self._version, self._result, self._left = x, x._version, compute(x), self.members
         result = self._result
@@ -200,7 +201,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``linear(qdq(x), W)``; ``input_scale``: a per-tensor scale to quantize ``x`` with instead of the layer's own."""
         if is_w8a8_int(self.weight_args, self.input_args):
-            codes, scale = input_codes(x, self.input_args, self.input_scale)
+            codes, scale = self._input_codes(x) if self.shared_input is None else self.shared_input(x, self._input_codes)
             return qdq.scaled_int_matmul(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         if input_scale is not None and self.input_args is not None:
             x = fake_quantize_input(x, self._given_scale_inputs, input_scale)
@@ -210,6 +211,9 @@ class QuantLinear(nn.Module):
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize_input(x, self._served_inputs, self.input_scale)
+
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return input_codes(x, self.input_args, self.input_scale)
 
     def extra_repr(self) -> str:
         w = self.weight_args

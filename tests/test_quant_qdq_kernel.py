@@ -115,3 +115,22 @@ def test_dynamic_tensor_scales_stay_on_torch() -> None:
     assert not qdq_kernel.supports(args)
     with pytest.raises(ValueError, match="does not cover"):
         qdq_kernel.int_activation_codes(torch.ones(2, 16, device=DEVICE), args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["per-channel-token", "per-tensor"])
+def test_w8a8_epilogue_matches_torch_path(dtype: torch.dtype, bias: bool, per_tensor: bool) -> None:
+    """scale_int_sums equals scaled_int_matmul's float32 epilogue bit for bit: int32 sums beyond 2**24 (their
+    float32 rounding), strided rows (a slice of padded sums), a width beyond one block, optional bias."""
+    g = torch.Generator().manual_seed(3)
+    padded = torch.randint(-(2**26), 2**26, (9, 1500), generator=g, dtype=torch.int32)
+    sums = padded[:5]  # rows of a padded product, as decoding gives them
+    scale = torch.rand(1 if per_tensor else 5, 1, generator=g) * 1e-2
+    weight_scale = (torch.rand(1 if per_tensor else 1500, 1, generator=g) * 1e-3).to(torch.bfloat16)
+    b = torch.randn(1500, generator=g).to(torch.bfloat16) if bias else None
+    expected = scale.float().reshape(-1, 1) * (weight_scale.float().reshape(1, -1) * sums.float())
+    expected = (expected + b.float() if bias else expected).to(dtype)
+    got = qdq_kernel.scale_int_sums(sums.to(DEVICE), scale.to(DEVICE), weight_scale.to(DEVICE),
+                                    None if b is None else b.to(DEVICE), dtype)
+    _assert_bitwise_equal(got.cpu(), expected)

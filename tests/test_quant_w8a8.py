@@ -83,3 +83,21 @@ def test_other_int8_activation_layouts_keep_the_fake_quantized_matmul() -> None:
     int4 = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=True)
     assert not is_w8a8_int(int4, INT8_TOKEN) and not is_w8a8_int(INT8_CHANNEL, None)
     assert is_w8a8_int(QuantArgs(type="int", num_bits=8, strategy="tensor", symmetric=True), INT8_TOKEN)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's torch._int_mm path")
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 64])
+def test_w8a8_on_cuda_equals_the_exact_cpu_result(rows: int) -> None:
+    """On CUDA, few rows (decoding) are padded to what ``torch._int_mm`` takes; every row count gives the CPU's
+    exact integer result bit for bit, sums beyond 2**24 included."""
+    torch.manual_seed(2)
+    weight = torch.randn(64, 4096, dtype=torch.bfloat16)
+    weight[0] = 1.0
+    scale, _ = qdq.weight_qparams(weight, INT8_CHANNEL)
+    codes = qdq.quantize_weight(weight, scale, None, INT8_CHANNEL)
+    layer = QuantLinear.from_weight(weight, codes, scale, None, weight_args=INT8_CHANNEL, input_args=INT8_TOKEN)
+    x = torch.randn(rows, 4096, dtype=torch.bfloat16)
+    x[0] = 1.0
+    expected = layer(x)
+    got = layer.to("cuda")(x.cuda()).cpu()
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))

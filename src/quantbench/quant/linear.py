@@ -86,6 +86,22 @@ def input_codes(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | No
     return qdq.int_activation_codes(x, args, input_scale)
 
 
+def scaled_int_linear(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    weight_codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`qdq.scaled_int_matmul`, with its float32 epilogue in one fused kernel where it runs (bit-identical)."""
+    if qdq_kernel.available(codes.device) and dtype in qdq_kernel.SCALED_DTYPES:
+        sums = qdq.int_product_sums(codes, weight_codes)
+        out = qdq_kernel.scale_int_sums(sums, scale, weight_scale, bias, dtype)
+        return out.reshape(*codes.shape[:-1], weight_codes.shape[0])
+    return qdq.scaled_int_matmul(codes, scale, weight_codes, weight_scale, bias, dtype)
+
+
 def is_w8a8_int(weight_args: QuantArgs, input_args: QuantArgs | None) -> bool:
     """Whether a layer runs vLLM's W8A8 integer GEMM: symmetric int8 per-channel or per-tensor weights, int8 inputs."""
     return (
@@ -202,7 +218,7 @@ class QuantLinear(nn.Module):
         """``linear(qdq(x), W)``; ``input_scale``: a per-tensor scale to quantize ``x`` with instead of the layer's own."""
         if is_w8a8_int(self.weight_args, self.input_args):
             codes, scale = self._input_codes(x) if self.shared_input is None else self.shared_input(x, self._input_codes)
-            return qdq.scaled_int_matmul(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
+            return scaled_int_linear(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         if input_scale is not None and self.input_args is not None:
             x = fake_quantize_input(x, self._given_scale_inputs, input_scale)
         elif self.input_args is not None:

@@ -233,18 +233,23 @@ def scaled_int_matmul(
     with zero rows) and widths that are multiples of 8. Where it cannot run, a float32 matmul of the codes is
     exact as long as every partial sum stays below 2**24.
     """
+    sums = int_product_sums(codes, weight_codes).float()
+    y = scale.float().reshape(-1, 1) * (weight_scale.float().reshape(1, -1) * sums)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype).reshape(*codes.shape[:-1], weight_codes.shape[0])
+
+
+def int_product_sums(codes: torch.Tensor, weight_codes: torch.Tensor) -> torch.Tensor:
+    """The exact sums of products of ``codes [..., in]`` (rows flattened) and int8 ``weight_codes [out, in]``:
+    int32 ``[rows, out]`` from ``torch._int_mm`` where it runs, else float32 (see :func:`scaled_int_matmul`)."""
     rows = codes.reshape(-1, codes.shape[-1])
     if _int_mm_runs(rows, weight_codes):
         count = rows.shape[0]
         if rows.device.type == "cuda" and count <= _INT_MM_MIN_ROWS:
             rows = F.pad(rows, (0, 0, 0, _INT_MM_MIN_ROWS + 1 - count))
-        sums = torch._int_mm(rows.to(torch.int8), weight_codes.t())[:count].float()
-    else:
-        sums = rows.float() @ weight_codes.t().float()
-    y = scale.float().reshape(-1, 1) * (weight_scale.float().reshape(1, -1) * sums)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(dtype).reshape(*codes.shape[:-1], weight_codes.shape[0])
+        return torch._int_mm(rows.to(torch.int8), weight_codes.t())[:count]
+    return rows.float() @ weight_codes.t().float()
 
 
 _INT_MM_MIN_ROWS = 16  # CUDA's torch._int_mm takes more rows than this

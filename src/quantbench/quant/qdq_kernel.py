@@ -33,7 +33,9 @@ from quantbench.quant.qdq import FP8_MAX
 from quantbench.quant.triton_support import available, tl, triton
 from quantbench.schemes import QuantArgs
 
-__all__ = ["available", "fake_quantize_activation", "int_activation_codes", "supports"]
+__all__ = ["available", "fake_quantize_activation", "int_activation_codes", "scale_int_sums", "supports"]
+
+SCALED_DTYPES = (torch.bfloat16, torch.float32)  # outputs scale_int_sums writes
 
 MAX_BLOCK = 4096  # elements of a row handled per loop step
 
@@ -115,6 +117,25 @@ if triton is not None:
                 tl.store(out_row + cols, q.to(tl.int8), mask=cols < WIDTH)
 
 
+    @triton.jit
+    def _scale_sums_kernel(
+        sums_ptr, token_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, width, stride_sums, stride_out,
+        token_scale_stride, weight_scale_stride, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One row block of ``out = scale * (weight_scale * float32(sums)) (+ bias)`` (float32), cast to out's dtype."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < width
+        sums = tl.load(sums_ptr + row * stride_sums + cols, mask=mask, other=0).to(tl.float32)
+        weight_scale = tl.load(weight_scale_ptr + cols * weight_scale_stride, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(token_scale_ptr + row * token_scale_stride).to(tl.float32) * (weight_scale * sums)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            y = round_to_bf16(y)  # then the cast below is exact, whatever rounding it uses
+        tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def supports(args: QuantArgs) -> bool:
     """Whether the kernel implements these activation args: static, or dynamic per-token scales."""
     return not args.dynamic or args.strategy == "token"
@@ -139,6 +160,31 @@ def int_activation_codes(
     if args.type != "int":
         raise ValueError("int_activation_codes takes integer activation args")
     return _launch(x, args, input_scale)
+
+
+def scale_int_sums(
+    sums: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The epilogue of :func:`qdq.scaled_int_matmul` in one kernel launch, bit for bit: ``sums [rows, out]`` (int32
+    or float32, rows may be strided) times the per-channel or per-tensor ``weight_scale``, then the per-token
+    or per-tensor ``scale``, in float32, plus ``bias``, rounded once to ``dtype`` (one of :data:`SCALED_DTYPES`).
+    The torch expression is five passes over the output; decoding runs it for every linear of every step."""
+    if dtype not in SCALED_DTYPES:
+        raise ValueError(f"scale_int_sums writes {SCALED_DTYPES}, not {dtype}")
+    rows, width = sums.shape
+    weight_scale = weight_scale.reshape(-1)
+    scale = scale.reshape(-1)
+    if sums.stride(-1) != 1:
+        sums = sums.contiguous()
+    out = torch.empty(rows, width, dtype=dtype, device=sums.device)
+    block = min(triton.next_power_of_2(max(width, 16)), 1024)
+    if rows:
+        _scale_sums_kernel[(rows, triton.cdiv(width, block))](
+            sums, scale, weight_scale, bias if bias is not None else scale, out, width, sums.stride(0), out.stride(0),
+            0 if scale.numel() == 1 else 1, 0 if weight_scale.numel() == 1 else 1,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        )  # fmt: skip
+    return out
 
 
 def _launch(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

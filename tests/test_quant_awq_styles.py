@@ -130,7 +130,7 @@ def test_angelslim_calibrates_each_block_on_full_precision_outputs(env: dict, qu
     with torch.no_grad():
         for start in range(0, calibration.num_samples, 8):
             inputs = calibration.model_inputs(start, start + 8, torch.device("cpu"))
-            args, kwargs = capture_call(original.model.layers[1], lambda: original(**inputs, use_cache=False))
+            args, kwargs = capture_call(original.model.layers[1], lambda inputs=inputs: original(**inputs, use_cache=False))
             expected.append(args[0] if args else kwargs["hidden_states"])
     fp_seen = quantized("tinyqwen3-dense", "angelslim")[1]
     q_seen = quantized("tinyqwen3-dense", "quantbench")[1]

@@ -2,7 +2,7 @@
 #   make demo   create .venv, install the project, run the workflow on the embedded offline default
 #   make test   create .venv and .venv-vllm, install the project, run the test suite (then, without CUDA,
 #               the Triton kernels' tests once more on Triton's CPU interpreter)
-#   make lint   ruff check, ruff format --check and snakefmt --check (what CI runs before the tests)
+#   make lint   ruff check, ruff format --check, snakefmt --check and snakemake --lint (CI runs it first)
 #
 # TORCH_SPEC picks the torch build: the default lets pip choose (a CUDA build on Linux); a CPU-only machine
 # can pass e.g. `make demo TORCH_SPEC=torch==2.13.0`.
@@ -81,12 +81,16 @@ test: $(STAMP) $(VLLM_STAMP)
 		TRITON_INTERPRET=1 $(BIN)/python -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS); \
 	fi
 
-# Settings in pyproject.toml ([tool.ruff], [tool.snakefmt]); every check runs, the target fails if any did.
+# Settings in pyproject.toml ([tool.ruff], [tool.snakefmt]); snakemake --lint on the demo and the published
+# matrix (the seed config adds the compare and docs rules). Every check runs; the target fails if any did.
 lint: $(STAMP)
 	@status=0; \
 	$(BIN)/ruff check . || status=1; \
 	$(BIN)/ruff format --check . || status=1; \
 	$(BIN)/snakefmt --check Snakefile rules/ || status=1; \
+	for config in config/config.yaml config/seed.yaml; do \
+		$(BIN)/snakemake --lint --configfile $$config || status=1; \
+	done; \
 	exit $$status
 
 clean-results:

@@ -134,6 +134,7 @@ def _tiny_qwen3_layer(dtype: torch.dtype = torch.float64):
     return layer, x, Qwen3RotaryEmbedding(config)(x, positions)
 
 
+@pytest.mark.slow
 def test_angelslim_search_picks_the_grid_point_with_least_attention_output_error() -> None:
     """Brute force by folding: each grid candidate folded into a copy of the layer (norm / s, q/k/v * s), q/k/v
     rounded, the attention run on the norm's output; the search's choice is the one with the least error."""

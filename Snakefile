@@ -5,9 +5,15 @@
 #
 # Rules live in rules/*.smk, thin entry points in workflow/scripts/, everything else in src/quantbench/.
 
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# envs/*.yaml (--software-deployment-method conda) install quantbench from this checkout, which pip finds
+# through this variable (set here, for the conda and pip processes Snakemake starts; nothing reads it back)
+os.environ.update(QUANTBENCH_ROOT=workflow.basedir)
 
 
 configfile: "config/config.yaml"

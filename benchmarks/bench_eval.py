@@ -371,7 +371,7 @@ def main() -> None:
         try:
             result["decode"] = decode_rates(model, args, bandwidth, baseline=name in baselines)
             result["lm_eval"] = lm_eval_runs(model, tokenizer, args, baseline=name in baselines)
-        except Exception as exc:  # record and go on with the other schemes
+        except Exception as exc:  # noqa: BLE001 - recorded; the other schemes go on
             import traceback
 
             traceback.print_exc()

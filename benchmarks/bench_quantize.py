@@ -623,7 +623,7 @@ def main() -> None:
                 result, model = bench_checkpoint(bf16_dir, name, device, args), None
             else:
                 result, model = bench_in_memory(pristine, name, calibration, device, args)
-        except Exception as exc:  # record and go on with the other schemes
+        except Exception as exc:  # noqa: BLE001 - recorded; the other schemes go on
             traceback.print_exc()
             report["schemes"].append({"scheme": name, "mode": "failed", "error": f"{type(exc).__name__}: {exc}"})
             save()

@@ -22,5 +22,7 @@ rule calibrate:
     threads: threads_of("calibrate")
     resources:
         **resources_of("calibrate"),
+    conda:
+        "../envs/quantbench.yaml"
     script:
         "../workflow/scripts/calibrate.py"

@@ -117,3 +117,41 @@ def report_outputs():
     if "docs" in config:
         outputs.append(config["docs"]["path"])
     return outputs
+
+
+# Input and param functions of the rules (rules/*.smk hold rules only).
+
+
+def eval_overrides(benchmark):
+    """This run's settings for ``benchmark``: (limit, spec overrides) from config evaluation.overrides."""
+    overrides = dict(RUN.evaluation.get("overrides", {}).get(benchmark, {}))
+    return overrides.pop("limit", RUN.evaluation.get("limit")), overrides
+
+
+def eval_backend(w):
+    """The run's evaluation backend; vLLM spreads the model over the GPUs the job is sized for (tensor
+    parallelism; computed by the sizing rule itself, not read back from resources, which is far cheaper).
+    A CPU job is sized for no GPU and runs vLLM's CPU build unsplit."""
+    backend = dict(RUN.evaluation.get("backend", {}))
+    if backend.get("name") == "vllm":
+        backend["tensor_parallel_size"] = max(1, sized_resources("evaluate", w).gpu)
+    return backend
+
+
+def tabulate_params(as_published):
+    """The params of a tabulate rule: a table's rows, benchmarks and column labels (the page's, if as published)."""
+    return dict(
+        rows=lambda w: [list(row) for row in RUN.table_rows(RUN.table(w.table))],
+        benchmarks=lambda w: list(RUN.table(w.table).benchmarks),
+        labels=lambda w: RUN.table(w.table).headers(as_published=as_published),
+    )
+
+
+def compared(ext):
+    """One comparison output of table {table}, flagged for `snakemake --report`."""
+    return report(
+        f"{R}/compare/{{table}}.{ext}",
+        caption="../workflow/report/compare.rst",
+        category="Comparison with the published page",
+        subcategory="{table}",
+    )

@@ -10,5 +10,7 @@ rule download:
         "logs/download/{model}.log",
     localrule: True
     retries: 2
+    conda:
+        "../envs/quantbench.yaml"
     script:
         "../workflow/scripts/download.py"

@@ -19,5 +19,7 @@ rule quantize:
         **resources_of("quantize"),
     benchmark:
         f"{R}/benchmarks/quantize/{{model}}/{{scheme}}.tsv"
+    conda:
+        "../envs/quantbench.yaml"
     script:
         "../workflow/scripts/quantize.py"

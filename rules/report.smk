@@ -4,17 +4,6 @@
 
 from quantbench.recipe import departures, load_recipe
 
-
-def compared(ext):
-    """One comparison output of table {table}, flagged for `snakemake --report`."""
-    return report(
-        f"{R}/compare/{{table}}.{ext}",
-        caption="../workflow/report/compare.rst",
-        category="Comparison with the published page",
-        subcategory="{table}",
-    )
-
-
 if "compare" in config:
     try:
         RECIPE = load_recipe(config["compare"]["recipe"]) if "recipe" in config["compare"] else None
@@ -37,6 +26,8 @@ if "compare" in config:
         log:
             "logs/compare/{table}.log",
         localrule: True
+        conda:
+            "../envs/quantbench.yaml"
         script:
             "../workflow/scripts/compare.py"
 
@@ -58,5 +49,7 @@ if "docs" in config:
         log:
             "logs/docs_page.log",
         localrule: True
+        conda:
+            "../envs/quantbench.yaml"
         script:
             "../workflow/scripts/docs_page.py"

@@ -2,14 +2,6 @@
 # whose published page labels its columns differently is also rendered as published (its own rule).
 
 
-def tabulate_params(as_published):
-    return dict(
-        rows=lambda w: [list(row) for row in RUN.table_rows(RUN.table(w.table))],
-        benchmarks=lambda w: list(RUN.table(w.table).benchmarks),
-        labels=lambda w: RUN.table(w.table).headers(as_published=as_published),
-    )
-
-
 rule tabulate:
     input:
         lambda w: evals_of_table(w.table),
@@ -22,6 +14,8 @@ rule tabulate:
     log:
         "logs/tabulate/{table}.log",
     localrule: True
+    conda:
+        "../envs/quantbench.yaml"
     script:
         "../workflow/scripts/tabulate.py"
 
@@ -38,5 +32,7 @@ rule tabulate_as_published:
     log:
         "logs/tabulate/{table}.as-published.log",
     localrule: True
+    conda:
+        "../envs/quantbench.yaml"
     script:
         "../workflow/scripts/tabulate.py"

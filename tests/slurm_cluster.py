@@ -157,7 +157,7 @@ class SlurmCluster:
 
     # ----------------------------------------------------------------------------------------------- start
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         if os.name != "posix" or not Path("/proc").is_dir():
             raise ClusterUnavailable("the test cluster needs Linux")
         if os.geteuid() != 0:
@@ -185,7 +185,7 @@ class SlurmCluster:
 
     def _acquire_lock(self) -> None:
         """One cluster per machine: a second test session waits for the first one to stop its cluster."""
-        handle = open(LOCK_FILE, "w")
+        handle = open(LOCK_FILE, "w")  # noqa: SIM115 - held open while the cluster runs: closing drops the lock
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
@@ -227,10 +227,9 @@ class SlurmCluster:
                 raise ClusterUnavailable(f"port {port} ({daemon}) is already in use on this machine")
 
     def _spawn(self, name: str, cmd: list[str], **kwargs) -> subprocess.Popen:
-        out = open(self.state_dir / "log" / f"{name}.out", "wb")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, **kwargs)
-        out.close()
+        with open(self.state_dir / "log" / f"{name}.out", "wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, **kwargs)
         self.processes[name] = proc
         with open(self._pid_file(), "a") as handle:
             handle.write(f"{name} {proc.pid}\n")

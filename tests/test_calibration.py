@@ -21,15 +21,10 @@ from quantbench.provenance import sha256_file
 
 
 @pytest.fixture(scope="module")
-def model_dir(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "tinyqwen3-dense"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path):
+def tokenizer(dense_model_dir: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(dense_model_dir)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -68,8 +63,8 @@ def test_seeded_selection_truncation_and_right_padding(tmp_path: Path, tokenizer
         tokenize_calibration(tokenizer, path, 7, 32)
 
 
-def test_save_load_round_trip_and_metadata(tmp_path: Path, shared_dir: Path, tokenizer) -> None:
-    source = shared_dir / "data" / "calib" / "gutenberg_heldout.jsonl"
+def test_save_load_round_trip_and_metadata(tmp_path: Path, book_chunks_file: Path, tokenizer) -> None:
+    source = book_chunks_file
     calibration = tokenize_calibration(tokenizer, source, 4, 48, seed=3)
     path = save_calibration(calibration, tmp_path / "calib" / "set.safetensors")
     loaded = load_calibration(path)
@@ -83,8 +78,8 @@ def test_save_load_round_trip_and_metadata(tmp_path: Path, shared_dir: Path, tok
     assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
 
 
-def test_tokenizer_mismatch_is_refused(tmp_path: Path, shared_dir: Path, tokenizer) -> None:
-    calibration = tokenize_calibration(tokenizer, shared_dir / "data" / "calib" / "gutenberg_heldout.jsonl", 2, 16)
+def test_tokenizer_mismatch_is_refused(tmp_path: Path, book_chunks_file: Path, tokenizer) -> None:
+    calibration = tokenize_calibration(tokenizer, book_chunks_file, 2, 16)
     calibration.metadata["tokenizer_sha256"] = "0" * 64
     with pytest.raises(QuantbenchError, match="another tokenizer"):
         calibration.check_tokenizer(tokenizer)
@@ -114,11 +109,11 @@ def test_missing_files_are_user_errors(tmp_path: Path) -> None:
         load_calibration(tmp_path / "absent.safetensors")
 
 
-def test_calibrate_cli(tmp_path: Path, shared_dir: Path, model_dir: Path, tokenizer, capsys) -> None:
+def test_calibrate_cli(tmp_path: Path, book_chunks_file: Path, dense_model_dir: Path, tokenizer, capsys) -> None:
     out = tmp_path / "results" / "calib" / "tiny" / "gutenberg.safetensors"
-    data = shared_dir / "data" / "calib" / "gutenberg_heldout.jsonl"
-    argv = ["calibrate", "--model", str(model_dir), "--data", str(data), "--num-samples", "5", "--max-seq-len", "20", "--out", str(out)]
+    data = book_chunks_file
+    argv = ["calibrate", "--model", str(dense_model_dir), "--data", str(data), "--num-samples", "5", "--max-seq-len", "20", "--out", str(out)]
     assert main(argv) == 0
     assert "5 samples, 100 tokens" in capsys.readouterr().out  # book chunks are far longer than 20 tokens
     assert torch.equal(load_calibration(out).input_ids, tokenize_calibration(tokenizer, data, 5, 20).input_ids)
-    assert main(["calibrate", "--model", str(model_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
+    assert main(["calibrate", "--model", str(dense_model_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2

@@ -169,6 +169,7 @@ def snakemake(wd: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.workflow
 def test_calibrate_rule_reads_a_hub_set_and_reruns_when_its_inputs_change(sets, tmp_path):
     """One real calibrate job per source; then an edited image, or another Hub identity, replans calibration."""
     model = save_tiny_vlm(tmp_path / "tiny-vlm")  # the download rule checks the weights it copies

@@ -26,10 +26,10 @@ ANGELSLIM = StreamSpec(selection="first-n", format="angelslim", padding="max-len
 
 
 @pytest.fixture(scope="module")
-def tokenizer(shared_dir: Path):
+def tokenizer(dense_model_dir: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(shared_dir / "models" / "tinyqwen3-dense")
+    return AutoTokenizer.from_pretrained(dense_model_dir)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -106,8 +106,8 @@ def test_max_length_padding_pads_every_sample_and_counts_the_pads(tmp_path, toke
     assert torch.equal(longest.statistics_mask(0, 3), longest.attention_mask.bool())
 
 
-def test_the_stream_is_saved_with_the_samples(tmp_path, tokenizer, shared_dir):
-    data = shared_dir / "data" / "calib" / "sharegpt_gpt4_256.jsonl"
+def test_the_stream_is_saved_with_the_samples(tmp_path, tokenizer, sharegpt_file):
+    data = sharegpt_file
     calibration = tokenize_calibration(tokenizer, data, 4, 128, stream=ANGELSLIM)
     loaded = load_calibration(save_calibration(calibration, tmp_path / "c.safetensors"))
     assert loaded.stream == ANGELSLIM and loaded.num_tokens == 4 * 128

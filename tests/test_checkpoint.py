@@ -1,6 +1,6 @@
 """Compressed-tensors export and the runtime loader: int4 packing, layout, determinism, and two round trips.
 
-Quantized models are built with RTN on ../shared/models/tinyqwen3-dense for every scheme of
+Quantized models are built with RTN on resources/models/tinyqwen3-dense for every scheme of
 config/schemes.yaml that targets language linears (GPTQ/AWQ store the same tensors under the same args).
 The checkpoint is loaded back (a) by quantbench's runtime, which must equal the in-memory model exactly,
 and (b) by transformers with the compressed-tensors package, whose decompressed weights must equal the
@@ -40,7 +40,6 @@ from quantbench.runtime import load_model
 from quantbench.schemes import Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = REPO.parent / "shared" / "models" / "tinyqwen3-dense"
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")
 # One scheme per distinct (weights, input_activations): schemes that share them (the -ViT variants on a
 # text model, INT4-RTN and INT4-GPTQ) write identical tensors, so each format and arg set is covered once.
@@ -51,11 +50,6 @@ for _name, _scheme in SCHEMES.items():
 QUANT_SCHEMES = list(_BY_ARGS.values())
 DECODER_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 PROVENANCE = {"seed": 0, "command": "pytest tests/test_checkpoint.py", "calibration": {"sha256": "0" * 64}}
-
-needs_model = pytest.mark.skipif(
-    not MODEL_DIR.is_dir(), reason=f"{MODEL_DIR} is absent (shared fixture models live in ../shared)"
-)
-
 
 # --- int4 packing (no model needed) -----------------------------------------------------------------
 
@@ -99,9 +93,9 @@ def test_pack_int4_rejects_bad_input() -> None:
 
 
 @pytest.fixture(scope="module")
-def base():
+def base(dense_model_dir: Path):
     """The BF16 model (through the runtime's plain path), its tokenizer, and per-linear input absmax."""
-    model, tokenizer = load_model(MODEL_DIR)
+    model, tokenizer = load_model(dense_model_dir)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and DECODER_LINEAR.match(n)]
     absmax: dict[str, torch.Tensor] = {}
 
@@ -158,7 +152,6 @@ def _logits(model: nn.Module) -> torch.Tensor:
 # --- layout ------------------------------------------------------------------------------------------
 
 
-@needs_model
 @pytest.mark.parametrize("name", QUANT_SCHEMES)
 def test_checkpoint_layout(name: str, exported) -> None:
     scheme = SCHEMES[name]
@@ -219,7 +212,6 @@ def test_checkpoint_layout(name: str, exported) -> None:
     assert all(provenance["files"][f] == sha256_file(out / f) for f in files)
 
 
-@needs_model
 @pytest.mark.parametrize("name", QUANT_SCHEMES)
 def test_export_is_byte_identical(name: str, exported, base, tmp_path: Path) -> None:
     model, first, _ = exported(name)
@@ -233,7 +225,6 @@ def test_export_is_byte_identical(name: str, exported, base, tmp_path: Path) -> 
 # --- round trips --------------------------------------------------------------------------------------
 
 
-@needs_model
 @pytest.mark.parametrize("name", QUANT_SCHEMES)
 def test_runtime_reloads_the_quantized_model_exactly(name: str, exported) -> None:
     model, out, logits = exported(name)
@@ -254,7 +245,6 @@ def _load_with_transformers(path: Path, **ct_kwargs) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config).eval()
 
 
-@needs_model
 @pytest.mark.parametrize("name", QUANT_SCHEMES)
 def test_transformers_decompresses_the_runtime_weights(name: str, exported) -> None:
     """transformers + compressed-tensors (decompress at load) give the runtime's weights, bit for bit.
@@ -278,14 +268,12 @@ def test_transformers_decompresses_the_runtime_weights(name: str, exported) -> N
         assert torch.equal(hf_logits, _logits(runtime))
 
 
-@needs_model
 def test_transformers_compressed_path_int4_symmetric(exported) -> None:
     """The default (compressed, decompress-on-first-forward) route gives the same logits for symmetric int4."""
     _, out, logits = exported("INT4-GPTQ")
     assert torch.equal(_logits(_load_with_transformers(out)), logits)
 
 
-@needs_model
 @pytest.mark.xfail(
     strict=True,
     raises=RuntimeError,
@@ -297,7 +285,6 @@ def test_transformers_compressed_path_int4_asymmetric(exported) -> None:
     _load_with_transformers(exported("INT4-AWQ")[1])
 
 
-@needs_model
 def test_sharded_export_loads(exported, base, tmp_path: Path) -> None:
     model, _, logits = exported("INT4-AWQ")
     scheme = SCHEMES["INT4-AWQ"]
@@ -310,7 +297,6 @@ def test_sharded_export_loads(exported, base, tmp_path: Path) -> None:
     assert torch.equal(_logits(loaded), logits)
 
 
-@needs_model
 def test_untied_lm_head_is_written_and_float32_load(exported, base, tmp_path: Path) -> None:
     model = copy.deepcopy(exported("INT8-Dynamic")[0])
     model.config.tie_word_embeddings = False
@@ -331,7 +317,6 @@ def test_untied_lm_head_is_written_and_float32_load(exported, base, tmp_path: Pa
 # --- errors ------------------------------------------------------------------------------------------
 
 
-@needs_model
 def test_export_errors_leave_nothing_behind(exported, base, tmp_path: Path) -> None:
     model, tokenizer, _ = base
     with pytest.raises(QuantbenchError, match="quantizes nothing"):
@@ -349,7 +334,6 @@ def test_export_errors_leave_nothing_behind(exported, base, tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@needs_model
 def test_runtime_rejects_what_it_cannot_simulate(exported, tmp_path: Path) -> None:
     out = exported("INT8-Dynamic")[1]
     for field, value, message in [
@@ -369,7 +353,6 @@ def test_runtime_rejects_what_it_cannot_simulate(exported, tmp_path: Path) -> No
             load_model(broken)
 
 
-@needs_model
 def test_plain_checkpoint_has_no_quantized_modules(base) -> None:
     model, _, _ = base
     assert not any(isinstance(m, QuantLinear) for m in model.modules())

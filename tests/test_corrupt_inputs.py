@@ -206,7 +206,7 @@ def test_an_index_that_disagrees_with_its_shards(checkpoint, tmp_path):
     first = sorted(set(index["weight_map"].values()))[0]
     index["weight_map"]["model.norm.weight"] = first if index["weight_map"]["model.norm.weight"] != first else last
     index_file.write_text(json.dumps(index))
-    with pytest.raises(QuantbenchError, match=rf"places tensor 'model.norm.weight' in model-\d+-of-\d+.safetensors, whose header does not hold it"):
+    with pytest.raises(QuantbenchError, match=r"places tensor 'model.norm.weight' in model-\d+-of-\d+.safetensors, whose header does not hold it"):
         load_model(broken)
 
 

@@ -60,6 +60,7 @@ def cell_rows(rst: str) -> list[list[str]]:
     ]
 
 
+@pytest.mark.workflow
 def test_regenerated_page_has_the_published_tables(seed_run, shared_dir):
     page = (seed_run / "docs" / "quantization-benchmark.md").read_text(encoding="utf-8")
     seed = (shared_dir / "seed" / "000_cba7e93356a1724f.txt").read_text(encoding="utf-8")
@@ -87,6 +88,7 @@ def test_regenerated_page_has_the_published_tables(seed_run, shared_dir):
     assert heads(page)[len(heads(seed)) :] == ["## Notes"]
 
 
+@pytest.mark.workflow
 def test_page_notes_the_published_pages_inconsistencies(seed_run):
     page = (seed_run / "docs" / "quantization-benchmark.md").read_text(encoding="utf-8")
     notes = re.findall(r"^```\{note\}\n(.*?)^```$", page, re.MULTILINE | re.DOTALL)
@@ -99,12 +101,14 @@ def test_page_notes_the_published_pages_inconsistencies(seed_run):
     assert page.index("## Qwen2.5VL") < page.index(notes[1]) < page.index("## 其他模型")
 
 
+@pytest.mark.workflow
 def test_committed_page_is_the_regenerated_page(seed_run):
     assert (REPO / "docs" / "quantization-benchmark.md").read_bytes() == (
         seed_run / "docs" / "quantization-benchmark.md"
     ).read_bytes()
 
 
+@pytest.mark.workflow
 def test_sphinx_builds_the_docs_without_warnings(seed_run):
     out = seed_run / "_build"
     proc = subprocess.run(
@@ -119,6 +123,7 @@ def test_sphinx_builds_the_docs_without_warnings(seed_run):
     assert '<td rowspan="7"><p>Qwen2.5VL-72B</p></td>' in html  # the model cell spans its scheme rows
 
 
+@pytest.mark.workflow
 def test_compare_rule_finds_no_difference_and_is_in_the_report(seed_run):
     tables = list(dict.fromkeys(c["table"] for c in published_cells()))
     compared = pd.concat([pd.read_csv(seed_run / "results" / "compare" / f"{t}.csv") for t in tables])

@@ -87,6 +87,7 @@ def test_end_of_sequence_pads_finished_rows_and_stops_when_all_are(model, tokeni
     assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_lm_eval_stop_sequences_end_generation_at_the_same_step(model, tokenizer, questions) -> None:
     ids, mask = batch(tokenizer, questions[9:13])
     free, _ = generate_both(model, ids, mask, ids.shape[1] + 40, pad_token_id=tokenizer.pad_token_id)
@@ -133,6 +134,7 @@ def test_linears_sharing_an_input_quantize_it_once_with_the_same_logits(tokenize
     assert torch.equal(shared, alone)
 
 
+@pytest.mark.slow
 def test_simulated_quantization_model_decodes_like_generate(model, tokenizer, questions) -> None:
     """INT8-Dynamic: QuantLinear with per-token activation quantize-dequantize in every decode step.
 
@@ -149,6 +151,7 @@ def test_simulated_quantization_model_decodes_like_generate(model, tokenizer, qu
     assert not torch.equal(plain, expected), "the quantized model should generate differently somewhere"
 
 
+@pytest.mark.slow
 def test_hf_backend_generate_until_strings_are_unchanged(model, tokenizer, questions) -> None:
     """lm-eval's generate_until through the hf backend's HFLM against lm-eval's own HFLM, GSM8K settings."""
     gen_kwargs = {"until": ["Question:", "</s>", "<|im_end|>", "\n\n"], "do_sample": False, "temperature": 0.0,

@@ -122,6 +122,7 @@ WRONG = {
 }
 
 
+@pytest.mark.slow
 def test_olympiadbench_scores_known_answers_through_the_chat_template() -> None:
     outcome, contexts = score("OlympiadBench", reference_reply)
     assert (outcome.score, outcome.items, outcome.task, outcome.scores) == (1.0, 8, "qb_olympiadbench", {"acc,none": 1.0})

@@ -48,7 +48,7 @@ def off_by_one(doc: dict) -> str:
     return f"{head}#### {int(number.replace(',', '')) + 1}"
 
 
-@pytest.fixture(params=["demo", "full"])
+@pytest.fixture(params=["demo", pytest.param("full", marks=pytest.mark.slow)])
 def data_dir(request: pytest.FixtureRequest) -> Path:
     return DEMO if request.param == "demo" else request.getfixturevalue("shared_dir") / "data"
 

@@ -18,9 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(shared_dir: Path):
+def model_and_tokenizer(dense_model_dir: Path):
     torch.manual_seed(0)
-    return load_model(shared_dir / "models" / "tinyqwen3-dense", dtype=torch.float32)
+    return load_model(dense_model_dir, dtype=torch.float32)
 
 
 def test_perplexity_is_exp_mean_nll_of_nonoverlapping_windows(model_and_tokenizer) -> None:
@@ -36,6 +36,7 @@ def test_perplexity_is_exp_mean_nll_of_nonoverlapping_windows(model_and_tokenize
     assert 300 < result.perplexity < 600  # the demo model on out-of-domain Wikipedia text
 
 
+@pytest.mark.slow
 def test_demo_subset_gives_the_full_test_split_perplexity(model_and_tokenizer, shared_dir: Path) -> None:
     model, tokenizer = model_and_tokenizer
     full = read_rows(shared_dir / "data" / "wikitext2" / "test.jsonl")

@@ -35,11 +35,6 @@ QUICK = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "tinyqwen3-dense"
-
-
 def run(model_dir: Path, name: str, out: Path, **kwargs) -> dict:
     overrides, limit, _ = QUICK[name]
     kwargs.setdefault("data_dir", DEMO)
@@ -56,10 +51,11 @@ def run(model_dir: Path, name: str, out: Path, **kwargs) -> dict:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(QUICK))
-def test_every_benchmark_runs_offline_end_to_end(name: str, model_dir: Path, tmp_path: Path) -> None:
+def test_every_benchmark_runs_offline_end_to_end(name: str, dense_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "evals" / f"{name}.json"
-    result = run(model_dir, name, out)
+    result = run(dense_model_dir, name, out)
     assert json.loads(out.read_text(encoding="utf-8")) == result
     spec = BENCHMARKS[name]
     assert result["benchmark"] == name and result["items"] == QUICK[name][2]
@@ -78,7 +74,7 @@ def test_every_benchmark_runs_offline_end_to_end(name: str, model_dir: Path, tmp
     assert result["data"]["files"] == {
         split: {"path": rel, "sha256": file_sha256(DEMO / rel)} for split, rel in spec.files.items()
     }
-    assert result["checkpoint_sha256"] == checkpoint_hash(model_dir)
+    assert result["checkpoint_sha256"] == checkpoint_hash(dense_model_dir)
     assert {"lm_eval", "transformers", "torch"} <= {k for k, v in result["versions"].items() if v}
     assert result["backend"]["name"] == "hf" and result["backend"]["torch_dtype"] == "float32"
     assert (result["model"], result["scheme"]) == ("tinyqwen3-dense", "BF16")
@@ -87,17 +83,18 @@ def test_every_benchmark_runs_offline_end_to_end(name: str, model_dir: Path, tmp
     assert argv[:2] == ["quantbench", "evaluate"] and argv[argv.index("--benchmark") + 1] == name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["MMLU", "GSM8K"])
-def test_same_checkpoint_twice_gives_identical_scores(name: str, model_dir: Path, tmp_path: Path) -> None:
-    first = run(model_dir, name, tmp_path / "a.json")
-    second = run(model_dir, name, tmp_path / "b.json")
+def test_same_checkpoint_twice_gives_identical_scores(name: str, dense_model_dir: Path, tmp_path: Path) -> None:
+    first = run(dense_model_dir, name, tmp_path / "a.json")
+    second = run(dense_model_dir, name, tmp_path / "b.json")
     keys = ("score", "stderr", "items", "task", "checkpoint_sha256", "data")
     assert {k: first[k] for k in keys} == {k: second[k] for k in keys}
 
 
-def test_cli_result_and_its_recorded_command_reproduce(model_dir: Path, tmp_path: Path) -> None:
+def test_cli_result_and_its_recorded_command_reproduce(dense_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ppl.json"
-    argv = ["evaluate", "--model", str(model_dir), "--benchmark", "WIKITEXT2", "--benchmarks", str(BENCHMARKS_FILE),
+    argv = ["evaluate", "--model", str(dense_model_dir), "--benchmark", "WIKITEXT2", "--benchmarks", str(BENCHMARKS_FILE),
             "--data-dir", str(DEMO), "--seq-len", "256", "--max-tokens", "768", "--threads", "1", "--out", str(out)]
     assert main(argv) == 0
     first = json.loads(out.read_text(encoding="utf-8"))
@@ -108,27 +105,28 @@ def test_cli_result_and_its_recorded_command_reproduce(model_dir: Path, tmp_path
     assert json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))["score"] == first["score"]
 
 
-def test_missing_data_file_is_a_clear_error_and_writes_nothing(model_dir: Path, tmp_path: Path) -> None:
+def test_missing_data_file_is_a_clear_error_and_writes_nothing(dense_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "MMLU.json"
     with pytest.raises(QuantbenchError, match=r"mmlu/test\.jsonl.* not found; pass --data-dir"):
-        run(model_dir, "MMLU", out, data_dir=tmp_path / "empty")
+        run(dense_model_dir, "MMLU", out, data_dir=tmp_path / "empty")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_task_unknown_to_lm_eval_is_a_clear_error_and_writes_nothing(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_task_unknown_to_lm_eval_is_a_clear_error_and_writes_nothing(dense_model_dir: Path, tmp_path: Path) -> None:
     spec = BENCHMARKS["GSM8K"]
     bogus = replace(spec, lm_eval=replace(spec.lm_eval, hub_task="gsm8k_no_such_variant"))
     out = tmp_path / "GSM8K.json"
     with pytest.raises(QuantbenchError, match="does not know the task 'gsm8k_no_such_variant'"):
-        evaluate_benchmark(model_dir, bogus, out_path=out, model_name="m", source="hub")
+        evaluate_benchmark(dense_model_dir, bogus, out_path=out, model_name="m", source="hub")
     assert not out.exists()
 
 
-def test_unknown_local_task_template_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:
+def test_unknown_local_task_template_is_a_clear_error(dense_model_dir: Path, tmp_path: Path) -> None:
     spec = BENCHMARKS["GSM8K"]
     bogus = replace(spec, lm_eval=replace(spec.lm_eval, local_task="gsm8k_cot"))
     with pytest.raises(QuantbenchError, match="no local task template 'gsm8k_cot'.*known: .*ceval-valid, drop, .*gsm8k"):
-        evaluate_benchmark(model_dir, bogus, out_path=tmp_path / "x.json", model_name="m", data_dir=DEMO)
+        evaluate_benchmark(dense_model_dir, bogus, out_path=tmp_path / "x.json", model_name="m", data_dir=DEMO)
 
 
 def _crashing_model(path, *, device="cpu", dtype=torch.float32):
@@ -143,20 +141,20 @@ def _crashing_model(path, *, device="cpu", dtype=torch.float32):
 
 @pytest.mark.parametrize("name", ["GSM8K", "MMLU", "WIKITEXT2"])
 def test_crashing_model_is_a_clear_error_and_writes_nothing(
-    name: str, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, dense_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(backend, "load_model", _crashing_model)
     out = tmp_path / f"{name}.json"
     with pytest.raises(QuantbenchError, match=rf"benchmark {name}: .*simulated kernel failure in layer 0"):
-        run(model_dir, name, out)
+        run(dense_model_dir, name, out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_vllm_backend_without_vllm_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:
+def test_vllm_backend_without_vllm_is_a_clear_error(dense_model_dir: Path, tmp_path: Path) -> None:
     if harness.importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
     spec = BENCHMARKS["MMLU"]
     with pytest.raises(QuantbenchError, match="backend 'vllm' needs the vllm package"):
-        evaluate_benchmark(model_dir, spec, out_path=tmp_path / "x.json", model_name="m", data_dir=DEMO,
+        evaluate_benchmark(dense_model_dir, spec, out_path=tmp_path / "x.json", model_name="m", data_dir=DEMO,
                            backend=Backend(name="vllm", device="cuda"))
     assert not (tmp_path / "x.json").exists()

@@ -58,6 +58,7 @@ def test_measured_free_disk_and_memory(tmp_path):
     assert 0 < available <= int(meminfo["MemAvailable"].split()[0]) * 1024 + 64 * 2**20  # it moves a little meanwhile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["INT4-RTN", "INT8-Dynamic", "FP8-Dynamic"])
 def test_estimates_cover_what_the_job_really_takes(tmp_path, name):
     """The checkpoint estimate holds the exported checkpoint's weights, within 5%; the memory estimate is the

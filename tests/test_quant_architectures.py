@@ -64,6 +64,7 @@ def test_every_model_type_is_tested() -> None:
     assert set(DENSE) | set(MOE) | {"qwen2_5_vl"} == set(ARCHITECTURES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(DENSE))
 def test_awq_quantizes_every_decoder_linear(model_type: str) -> None:
     torch.manual_seed(0)
@@ -84,6 +85,7 @@ def test_awq_quantizes_every_decoder_linear(model_type: str) -> None:
     assert float((logits - expected).norm() / expected.norm()) < 0.3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["INT4-AWQ", "INT4-GPTQ", "FP8-Dynamic"])
 @pytest.mark.parametrize("model_type", sorted(MOE))
 def test_moe_layers_quantize_every_expert_and_reload(model_type: str, scheme: str, tmp_path: Path) -> None:
@@ -112,6 +114,7 @@ def test_moe_layers_quantize_every_expert_and_reload(model_type: str, scheme: st
         assert torch.equal(runtime(calibration.input_ids[:1]).logits, logits)
 
 
+@pytest.mark.slow
 def test_gptq_solves_experts_in_row_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """The experts' shared-input group is solved in chunks of at most GPTQ_MAX_ROWS rows: same codes."""
     config = AutoConfig.for_model("qwen3_moe", **TEXT, **MOE["qwen3_moe"])

@@ -32,7 +32,7 @@ from quantbench.schemes import Scheme, load_schemes, parse_scheme
 REPO = Path(__file__).resolve().parents[1]
 CALIB_SAMPLES, CALIB_TOKENS = 8, 128
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _styles(group_size: int) -> dict[str, Scheme]:
@@ -130,7 +130,7 @@ def test_angelslim_calibrates_each_block_on_full_precision_outputs(env: dict, qu
     with torch.no_grad():
         for start in range(0, calibration.num_samples, 8):
             inputs = calibration.model_inputs(start, start + 8, torch.device("cpu"))
-            args, kwargs = capture_call(original.model.layers[1], lambda: original(**inputs, use_cache=False))
+            args, kwargs = capture_call(original.model.layers[1], lambda inputs=inputs: original(**inputs, use_cache=False))
             expected.append(args[0] if args else kwargs["hidden_states"])
     fp_seen = quantized("tinyqwen3-dense", "angelslim")[1]
     q_seen = quantized("tinyqwen3-dense", "quantbench")[1]

@@ -12,24 +12,18 @@ from quantbench.provenance import sha256_file
 
 
 @pytest.fixture(scope="module")
-def model_dir(shared_dir: Path) -> Path:
-    return shared_dir / "models" / "tinyqwen3-dense"
-
-
-@pytest.fixture(scope="module")
-def calib_file(shared_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def calib_file(book_chunks_file: Path, dense_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("calib") / "gutenberg.safetensors"
-    data = shared_dir / "data" / "calib" / "gutenberg_heldout.jsonl"
-    assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "--num-samples", "4",
+    assert main(["calibrate", "--model", str(dense_model_dir), "--data", str(book_chunks_file), "--num-samples", "4",
                  "--max-seq-len", "32", "--out", str(out)]) == 0
     return out
 
 
 @pytest.mark.slow
-def test_quantize_twice_gives_the_same_bytes(tmp_path: Path, model_dir: Path, calib_file: Path) -> None:
+def test_quantize_twice_gives_the_same_bytes(tmp_path: Path, dense_model_dir: Path, calib_file: Path) -> None:
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:
-        argv = ["quantize", "--model", str(model_dir), "--scheme", "FP8-Static", "--calib", str(calib_file),
+        argv = ["quantize", "--model", str(dense_model_dir), "--scheme", "FP8-Static", "--calib", str(calib_file),
                 "--out", str(out), "--device", "cpu", "--seed", "7"]
         assert main(argv) == 0
     files = sorted(p.name for p in outs[0].iterdir())
@@ -47,8 +41,8 @@ def test_quantize_twice_gives_the_same_bytes(tmp_path: Path, model_dir: Path, ca
     assert "quantization_config" in config
 
 
-def test_quantize_user_errors(tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    base = ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "q"), "--device", "cpu"]
+def test_quantize_user_errors(tmp_path: Path, dense_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["quantize", "--model", str(dense_model_dir), "--out", str(tmp_path / "q"), "--device", "cpu"]
     assert main(base + ["--scheme", "INT4-GPTQ"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
     assert main(base + ["--scheme", "INT5-MAGIC"]) == 2

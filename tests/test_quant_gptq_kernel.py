@@ -1,7 +1,7 @@
 """The Triton column kernel of GPTQ against the torch loop it replaces on CUDA.
 
-Runs on a CUDA machine with Triton, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-pytest starts); skipped otherwise (CPU-only torch ships without Triton).
+Marked ``kernel``: runs on a CUDA machine with Triton, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``
+set before pytest starts); skipped otherwise (CPU-only torch ships without Triton), failed with ``--require-kernels``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,7 @@ import torch
 from quantbench.quant import gptq, gptq_kernel
 from quantbench.schemes import GPTQParams, QuantArgs
 
-pytestmark = pytest.mark.skipif(
-    not (gptq_kernel.available(torch.device("cuda")) and torch.cuda.is_available())
-    and not gptq_kernel.available(torch.device("cpu")),
-    reason="needs Triton with a CUDA device, or TRITON_INTERPRET=1 on CPU",
-)
+pytestmark = pytest.mark.kernel
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ else "cpu")
 
 INT4_GROUP = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=True)

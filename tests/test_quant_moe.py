@@ -35,7 +35,7 @@ CALIB_SAMPLES, CALIB_TOKENS = 16, 256
 EVAL_TOKENS, EVAL_WINDOW = 8192, 512
 PAGE_SCHEMES = ("FP8-Static", "FP8-Dynamic", "INT8-Dynamic", "INT4-GPTQ", "INT4-AWQ")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _scheme(name: str) -> Scheme:

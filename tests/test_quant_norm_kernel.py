@@ -1,7 +1,7 @@
 """The fused RMSNorm kernel against transformers' RMSNorm, and its swap into a block for the pipeline's passes.
 
-Runs on a CUDA machine with Triton, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-pytest starts); skipped otherwise (CPU-only torch ships without Triton).
+Marked ``kernel``: runs on a CUDA machine with Triton, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``
+set before pytest starts); skipped otherwise (CPU-only torch ships without Triton), failed with ``--require-kernels``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMS
 from quantbench.quant import norm_kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ else "cpu")
-pytestmark = pytest.mark.skipif(
-    not norm_kernel.available(DEVICE), reason="needs Triton with a CUDA device, or TRITON_INTERPRET=1 on CPU"
-)
+pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture

@@ -155,6 +155,7 @@ def _small_calibration(env: dict, pad_id: int) -> Calibration:
     return Calibration(ids, mask, dict(base.metadata))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["INT4-GPTQ", "FP8-Static", "INT4-AWQ"])
 def test_padding_never_counts_and_runs_are_deterministic(env: dict, name: str) -> None:
     scheme: Scheme = env["schemes"][name]
@@ -172,6 +173,7 @@ def test_padding_never_counts_and_runs_are_deterministic(env: dict, name: str) -
         assert torch.equal(first[key], other_padding[key]), key  # what the padding holds does not matter
 
 
+@pytest.mark.slow
 def test_planted_zero_and_constant_channels_keep_scales_finite(env: dict) -> None:
     calibration = _small_calibration(env, 0)
     for name in ("INT4-GPTQ", "INT4-AWQ", "FP8-Static", "INT8-Dynamic"):

@@ -1,8 +1,8 @@
 """The fused activation kernel against the torch functions, bit for bit: :func:`qdq.quantize_dequantize_activation`
 for fp8, :func:`qdq.int_activation_codes` (codes and scales) for integers.
 
-Runs on a CUDA machine with Triton, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set before
-pytest starts); skipped otherwise (CPU-only torch ships without Triton).
+Marked ``kernel``: runs on a CUDA machine with Triton, or on CPU under Triton's interpreter (``TRITON_INTERPRET=1``
+set before pytest starts); skipped otherwise (CPU-only torch ships without Triton), failed with ``--require-kernels``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from quantbench.quant.linear import QuantLinear
 from quantbench.schemes import QuantArgs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ else "cpu")
-pytestmark = pytest.mark.skipif(
-    not qdq_kernel.available(DEVICE), reason="needs Triton with a CUDA device, or TRITON_INTERPRET=1 on CPU"
-)
+pytestmark = pytest.mark.kernel
 
 INT8_TOKEN = QuantArgs(type="int", num_bits=8, strategy="token", symmetric=True, dynamic=True)
 FP8_TOKEN = QuantArgs(type="float", num_bits=8, strategy="token", symmetric=True, dynamic=True)

@@ -37,11 +37,14 @@ def test_seed_config_is_the_published_page():
         assert run.table_rows(table) == tuple(dict.fromkeys((c["model"], c["scheme"]) for c in cells))
         assert table.benchmarks == tuple(dict.fromkeys(c["benchmark"] for c in cells))
         assert run.table_cells(table) == [(c["model"], c["scheme"], c["benchmark"]) for c in cells]
-    page = (REPO.parent / "shared" / "seed" / "000_cba7e93356a1724f.txt")
-    if page.is_file():
-        captions = [line for line in page.read_text(encoding="utf-8").splitlines() if line.endswith("评测结果如下：")]
-        assert [t.caption for t in run.tables] == captions
     assert run.evaluation == {"source": "hub", "limit": None, "backend": {"name": "vllm", "device": "cuda", "dtype": "auto"}}
+
+
+def test_seed_tables_have_the_pages_captions(shared_dir):
+    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    page = (shared_dir / "seed" / "000_cba7e93356a1724f.txt").read_text(encoding="utf-8")
+    captions = [line for line in page.splitlines() if line.endswith("评测结果如下：")]
+    assert len(captions) == 4 and [t.caption for t in run.tables] == captions
 
 
 def test_hunyuan_table_runs_the_benchmarks_its_numbers_came_from():
@@ -178,6 +181,7 @@ def jobs(output: str) -> list[tuple[str, dict[str, str]]]:
     return found
 
 
+@pytest.mark.workflow
 def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run):
     planned = jobs(seed_dry_run.stdout)
     assert Counter(rule for rule, _ in planned) == {
@@ -204,6 +208,7 @@ def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run
     assert "results/calib/Qwen2.5VL-3B/chartqa-test-2.safetensors" in calibrate
 
 
+@pytest.mark.workflow
 def test_a_235b_moe_is_evaluated_on_several_gpus(seed_dry_run):
     resources = {f["output"]: f["resources"] for _, f in jobs(seed_dry_run.stdout) if "output" in f}
     bf16 = resources["results/evals/Qwen3-235B-A22B/BF16/MMLU.json"]
@@ -226,6 +231,7 @@ def test_a_235b_moe_is_evaluated_on_several_gpus(seed_dry_run):
     assert cpus["results/calib/Qwen3-235B-A22B/sharegpt-qwen3.safetensors"] == "1"
 
 
+@pytest.mark.workflow
 def test_the_dag_imports_no_model_libraries(seed_dry_run):
     imported = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", seed_dry_run.stderr, re.MULTILINE)}
     assert "quantbench" in imported and "snakemake" in imported

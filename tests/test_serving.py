@@ -38,10 +38,15 @@ def _qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return ((x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
 
 
-def _fixture(shared_dir: Path, name: str) -> nn.Module:
+@pytest.fixture(scope="module")
+def moe_dir(shared_dir: Path) -> Path:
+    return shared_dir / "models" / "tinyqwen3-moe"
+
+
+def _fixture(model_dir: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(shared_dir / "models" / name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.model.layers = model.model.layers[:1]
     model.config.num_hidden_layers = 1
     if getattr(model.config, "layer_types", None):
@@ -71,14 +76,14 @@ def test_dense_dynamic_fp8_inputs_written_per_tensor_run_per_token() -> None:
     assert linear.input_args == FP8_TENSOR_DYNAMIC  # the checkpoint keeps the written layout
 
 
-def test_fp8_dynamic_checkpoint_is_written_as_angelslim_wrote_it(shared_dir: Path, tmp_path: Path) -> None:
+def test_fp8_dynamic_checkpoint_is_written_as_angelslim_wrote_it(dense_model_dir: Path, tmp_path: Path) -> None:
     """config/schemes.yaml's FP8-Dynamic: weights per tensor, inputs per tensor and dynamic (AngelSlim's save.py)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 
-    model = _fixture(shared_dir, "tinyqwen3-dense")
+    model = _fixture(dense_model_dir)
     scheme = SCHEMES["FP8-Dynamic"]
     quantize_model(model, scheme, device="cpu")
-    out = save_quantized(model, _tokenizer(shared_dir, "tinyqwen3-dense"), scheme, tmp_path / "fp8", provenance={})
+    out = save_quantized(model, _tokenizer(dense_model_dir), scheme, tmp_path / "fp8", provenance={})
     group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["input_activations"] == {"type": "float", "num_bits": 8, "strategy": "tensor", "symmetric": True,
                                           "group_size": None, "dynamic": True}  # fmt: skip
@@ -87,10 +92,10 @@ def test_fp8_dynamic_checkpoint_is_written_as_angelslim_wrote_it(shared_dir: Pat
     assert QuantizationArgs(**group["input_activations"]).strategy == QuantizationStrategy.TENSOR
 
 
-def _tokenizer(shared_dir: Path, name: str):  # noqa: ANN202 - a transformers tokenizer
+def _tokenizer(model_dir: Path):  # noqa: ANN202 - a transformers tokenizer
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(shared_dir / "models" / name)
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _routed(mlp: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +123,10 @@ def _fused_moe_reference(mlp: nn.Module, hidden: torch.Tensor, gate_up_scale: Ca
     return out
 
 
-def test_moe_fp8_dynamic_experts_share_per_tensor_scales_as_vllms_fused_moe(shared_dir: Path, tmp_path: Path) -> None:
+def test_moe_fp8_dynamic_experts_share_per_tensor_scales_as_vllms_fused_moe(moe_dir: Path, tmp_path: Path) -> None:
     """One dynamic scale over all the layer's tokens for gate/up, one over all routed rows for down_proj
     (vLLM's W8A8 FP8 fused-MoE method with tensor/tensor dynamic inputs); the checkpoint round-trips."""
-    model = _fixture(shared_dir, "tinyqwen3-moe")
+    model = _fixture(moe_dir)
     quantize_model(model, SCHEMES["FP8-Dynamic"], device="cpu")
     mlp = model.model.layers[0].mlp
     hidden = torch.randn(96, 384, generator=torch.Generator().manual_seed(1))
@@ -134,7 +139,7 @@ def test_moe_fp8_dynamic_experts_share_per_tensor_scales_as_vllms_fused_moe(shar
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert (out - per_token).abs().amax() > 100 * (out - expected).abs().amax()  # per-token gate/up inputs compute otherwise
 
-    out_dir = save_quantized(model, _tokenizer(shared_dir, "tinyqwen3-moe"), SCHEMES["FP8-Dynamic"], tmp_path / "moe", provenance={})
+    out_dir = save_quantized(model, _tokenizer(moe_dir), SCHEMES["FP8-Dynamic"], tmp_path / "moe", provenance={})
     runtime, _ = load_model(out_dir, dtype=torch.float32)
     ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -147,10 +152,10 @@ def test_moe_fp8_dynamic_experts_share_per_tensor_scales_as_vllms_fused_moe(shar
         load_model(out_dir, dtype=torch.float32)
 
 
-def test_moe_fp8_static_experts_use_the_largest_stored_scale(shared_dir: Path, heldout_split) -> None:
+def test_moe_fp8_static_experts_use_the_largest_stored_scale(moe_dir: Path, heldout_split) -> None:
     """vLLM keeps one static input scale per MoE layer for gate/up and one for down_proj: the experts' largest."""
-    model = _fixture(shared_dir, "tinyqwen3-moe")
-    calibration = tokenize_calibration(_tokenizer(shared_dir, "tinyqwen3-moe"), heldout_split.calibration_file, 8, 128, seed=0)
+    model = _fixture(moe_dir)
+    calibration = tokenize_calibration(_tokenizer(moe_dir), heldout_split.calibration_file, 8, 128, seed=0)
     quantize_model(model, SCHEMES["FP8-Static"], calibration, device="cpu")
     experts = model.model.layers[0].mlp.experts
     down_scales = torch.stack([e.down_proj.input_scale for e in experts])
@@ -164,11 +169,11 @@ def test_moe_fp8_static_experts_use_the_largest_stored_scale(shared_dir: Path, h
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_moe_layouts_vllm_refuses_are_refused_at_quantize_time(shared_dir: Path) -> None:
+def test_moe_layouts_vllm_refuses_are_refused_at_quantize_time(moe_dir: Path, dense_model_dir: Path) -> None:
     token = {"type": "float", "num_bits": 8, "strategy": "token", "symmetric": True, "dynamic": True}
     per_token = parse_scheme("FP8-Dynamic-token", {"weights": FP8_TENSOR.to_dict(), "input_activations": token})
     with pytest.raises(QuantbenchError, match=r"weights 'tensor' with dynamic inputs 'token'; vLLM would refuse"):
-        quantize_model(_fixture(shared_dir, "tinyqwen3-moe"), per_token, device="cpu")
-    quantize_model(_fixture(shared_dir, "tinyqwen3-dense"), per_token, device="cpu")  # dense layers take it
+        quantize_model(_fixture(moe_dir), per_token, device="cpu")
+    quantize_model(_fixture(dense_model_dir), per_token, device="cpu")  # dense layers take it
     channel = parse_scheme("W8A8-channel-token", {"weights": {**FP8_TENSOR.to_dict(), "strategy": "channel"}, "input_activations": token})
-    quantize_model(_fixture(shared_dir, "tinyqwen3-moe"), channel, device="cpu")  # vLLM's other fp8 MoE layout
+    quantize_model(_fixture(moe_dir), channel, device="cpu")  # vLLM's other fp8 MoE layout

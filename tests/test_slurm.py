@@ -238,7 +238,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_jobs(slurm_cluster,
         # jobs out and puts the running ones back), so an interrupt landing then leaves the job running.
         # That upstream race is not what this test is about: cancel the job as a user would, then resume.
         # (Matched by ID: accounting records a running job's comment only once it ends.)
-        warnings.warn(f"Snakemake's interrupt missed SLURM job {quantize_id} (upstream race); cancelled by the test")
+        warnings.warn(f"Snakemake's interrupt missed SLURM job {quantize_id} (upstream race); cancelled by the test", stacklevel=1)
         subprocess.run(["scancel", quantize_id], check=True)
         jobs = jobs_of_run(slurm_cluster, first_err, 2)
     states = {job["Comment"]: (job["JobID"], job["State"].split()[0]) for job in jobs}

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -228,11 +227,11 @@ def test_fp8_does_not_load_in_vllms_cpu_build(engines: dict, scheme: str) -> Non
     assert "static_scaled_fp8_quant() expected at most 0 argument(s)" in error, engines["vllm"][scheme]
 
 
-def test_moe_bf16_matches_and_int8_experts_do_not_load(engines: dict) -> None:
+def test_moe_bf16_matches_and_int8_experts_do_not_load(engines: dict, shared_dir: Path) -> None:
     """vLLM's fused MoE (top-2 routing, renormalised weights, one kernel for the experts) computes the MoE
-    fixture as closely to transformers as the dense fixture's layers agree (same tokenizer, same tokens)."""
-    if "MoE-BF16" not in engines["vllm"]:
-        pytest.skip(f"the MoE fixture is in {SHARED / 'models'}, which is absent")
+    fixture as closely to transformers as the dense fixture's layers agree (same tokenizer, same tokens).
+    The MoE fixture is ../shared's (``shared_dir`` skips the test without it, or fails it under CI)."""
+    assert "MoE-BF16" in engines["vllm"]
     dense, moe = _difference(engines, "BF16"), _difference(engines, "MoE-BF16")
     print(f"MoE BF16: mean |d logprob| {moe.mean():.4f}, bound {paired_bound(dense, 1.0, moe):.4f}")
     assert engines["prompts"]["MoE-BF16"] == engines["prompts"]["BF16"]
@@ -264,6 +263,7 @@ def _workdir(tmp_path: Path, backend: dict) -> Path:
     return tmp_path
 
 
+@pytest.mark.workflow
 def test_vllm_backend_scores_the_demo_through_the_workflow_as_hf_does(engines: dict, tmp_path: Path) -> None:
     """``make demo-vllm``'s workflow on BF16: every lm-eval benchmark through lm-eval's vllm model (published
     settings: add_bos_token, dtype auto, no chat template, tensor parallelism from the sizing rule), then the

@@ -59,6 +59,7 @@ def dry_run_jobs(wd: Path) -> list[tuple[str, str | None]]:
     return jobs
 
 
+@pytest.mark.workflow
 def test_demo_dag_has_one_job_per_cell(tmp_path):
     jobs = dry_run_jobs(workdir(tmp_path))
     assert Counter(rule for rule, _ in jobs) == {
@@ -74,6 +75,7 @@ def test_demo_dag_has_one_job_per_cell(tmp_path):
     assert ("calibrate", "results/calib/tinyqwen3-dense/gutenberg-demo.safetensors") in jobs
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -146,6 +148,7 @@ def test_run_then_nothing_then_only_the_edited_scheme(tmp_path):
     )
 
 
+@pytest.mark.slow  # imports the evaluate script's libraries: seconds
 def test_evaluate_script_can_be_imported_again_by_a_spawned_process():
     """vLLM starts its engine in a process made by spawn, which imports the main script again as ``__mp_main__``
     (without Snakemake's ``snakemake`` object): the evaluate script must do nothing then."""

@@ -83,12 +83,13 @@ def main() -> None:
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     from vllm.platforms import current_platform
 
-    job = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    with open(sys.argv[1], encoding="utf-8") as handle:
+        job = json.load(handle)
     results = {"platform": current_platform.device_type}
     for item in job["models"]:
         try:
             results[item["name"]] = _run(item, job["dtype"])
-        except Exception as exc:  # recorded: the test decides which failures are the CPU build's known limits
+        except Exception as exc:  # noqa: BLE001 - recorded: the test decides which failures are the CPU build's known limits
             results[item["name"]] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
         cleanup_dist_env_and_memory()
         gc.collect()

@@ -156,9 +156,9 @@ class BenchmarkSpec:
             settings = getattr(spec, block)
             if settings is None:
                 raise QuantbenchError(f"{where} applies to {block} benchmarks only")
-            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                if not (key == "max_tokens" and value is None):
-                    raise QuantbenchError(f"{where} must be a positive integer, got {value!r}")
+            positive = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            if not positive and not (key == "max_tokens" and value is None):
+                raise QuantbenchError(f"{where} must be a positive integer, got {value!r}")
             if block == "lm_eval":
                 settings = dataclasses.replace(settings, generation={**settings.generation, key: value})
             elif block == "lmms_eval":

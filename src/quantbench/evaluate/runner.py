@@ -64,7 +64,7 @@ def evaluate_benchmark(
     check_requirements(requirements, f"evaluate {model_dir} on {spec.name}")
     data = _data_provenance(spec, source, data_dir)
     if spec.lm_eval is not None:
-        # lm-eval (and datasets, pandas) load only for the benchmarks that need them: ~2 s per job.
+        # lm-eval (and datasets, pandas) load only for the benchmarks that need them: their imports take seconds.
         from quantbench.evaluate.harness import make_lm, run_lm_eval
         from quantbench.evaluate.tasks import build_hub_task, build_local_task
 

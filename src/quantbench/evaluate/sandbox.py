@@ -23,6 +23,7 @@ process's memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -221,10 +222,8 @@ def _kill_user(user: int) -> None:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     proc.wait()
 
 

@@ -228,7 +228,7 @@ def _subject_names(per_subject: Mapping[str, Any], subjects: Sequence[str]) -> d
 
 @functools.cache
 def builtin_task_manager() -> TaskManager:
-    """lm-eval's index of its built-in tasks (slow to build: ~10 s; built once per process)."""
+    """lm-eval's index of its built-in tasks (slow to build, so built once per process)."""
     return TaskManager()
 
 

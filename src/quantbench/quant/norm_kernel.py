@@ -1,14 +1,14 @@
 """RMSNorm in one pass on CUDA, for the calibration passes of the layer-by-layer pipeline.
 
 transformers' RMSNorm (Qwen2, Qwen3, Hunyuan, the Qwen2.5-VL vision blocks) upcasts its input to float32
-and makes about six passes over it (cast, square, mean, scale, cast back, weight): for Qwen3-8B on 8 x 2048
-calibration tokens its four norms take 3.4 of a decoder layer's 25.9 ms on an H100 (``benchmarks/bench_norm.py``).
+and makes about six passes over it (cast, square, mean, scale, cast back, weight), so a decoder layer's four
+norms take a noticeable share of its calibration pass (``benchmarks/bench_norm.py``; ``benchmarks/RESULTS.md``).
 Here one program normalises whole rows with one read and one write:
 ``weight * to_dtype(x * rsqrt(mean(x^2) + eps))``, the same formula in the same dtypes, with the rounding to
 the input dtype before the weight multiply.
 
 Only the order of the float32 sum of squares differs from torch's reduction, so an output differs from the
-module's own by at most one unit in the last place, and rarely (5 in 10^6 bfloat16 outputs measured).
+module's own by at most one unit in the last place, and rarely (``benchmarks/bench_norm.py`` counts how often).
 The pipeline's passes and the hf backend's decode steps (:mod:`quantbench.evaluate.generation`) use it
 through :func:`fused_rms_norms`; loglikelihood scoring runs the model's own code.
 A norm class is fused only after the kernel reproduced its own forward on its first input (so a variant

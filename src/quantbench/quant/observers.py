@@ -27,9 +27,9 @@ def accumulate_hessian(hessian: torch.Tensor, rows: torch.Tensor) -> None:
     On CUDA, bf16/fp16 rows are multiplied on tensor cores with float32 output: their products are exact
     in float32 and accumulate in float32, the same arithmetic as upcasting first, at a fraction of the cost.
     A width of several :data:`HESSIAN_TILE` columns is computed by tiles: the diagonal and upper ones, each
-    lower tile then the transpose of its upper twin, which skips almost half the products. On the H200
-    measured (RESULTS.md, run 18) each tile's values are bit for bit the whole product's and the whole
-    product is exactly symmetric (benchmarks/bench_hessian.py), so the result is the same matrix.
+    lower tile then the transpose of its upper twin, which skips almost half the products. Each tile's values
+    are bit for bit the whole product's and the whole product is exactly symmetric, so the result is the same
+    matrix (``benchmarks/bench_hessian.py`` checks both on a GPU; ``benchmarks/RESULTS.md`` records it).
     """
     if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16):
         width = rows.shape[1]

@@ -1,8 +1,9 @@
 """Move blocks between host and compute device while other blocks are being quantized.
 
 The layer-by-layer pipelines hold one block on the GPU at a time; a block of an 8B model is ~390 MB in
-bf16 and ~200 MB quantized, next to about 1.3 s of the block's own GPU work on the H100 this was measured
-on. :class:`BlockPrefetcher` copies in two background threads, each with its own CUDA stream:
+bf16 and ~200 MB quantized, whose copy takes a fraction of the block's own GPU work, so copies can hide
+behind compute (timings: ``benchmarks/RESULTS.md``). :class:`BlockPrefetcher` copies in two background
+threads, each with its own CUDA stream:
 
 - ``take(i)`` waits for block ``i`` and starts copying block ``i + 1`` in: the compute stream waits for
   that copy before the block is used, and the copied tensors are marked as used by the compute stream so
@@ -13,8 +14,8 @@ on. :class:`BlockPrefetcher` copies in two background threads, each with its own
   slow copy home (pageable host memory is page-faulted in as it is written) never delays the next fetch.
 
 Copies go through pinned buffers (:class:`PinnedStaging`, two per direction), never straight between
-pageable memory and the device: the driver stages such copies itself, synchronously, and measured on the
-H100 that slowed the compute launched meanwhile by as much as the background copy saved (RESULTS.md, run 5). Up to two
+pageable memory and the device: the driver stages such copies itself, synchronously, which slows the
+compute launched meanwhile by as much as the background copy saves (``benchmarks/RESULTS.md``). Up to two
 extra blocks are on the device at times. On the CPU (or when the blocks already live on the device) the
 moves are plain synchronous calls in the same order.
 """

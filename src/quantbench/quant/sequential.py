@@ -223,7 +223,7 @@ def capture_block_inputs(
     with _outside_blocks_on(model, blocks, device):
         for start in range(0, calibration.num_samples, options.chunk_size):
             inputs = calibration.model_inputs(start, start + options.chunk_size, device)
-            args, kwargs = capture_call(blocks[0], lambda: model(**inputs, use_cache=False))
+            args, kwargs = capture_call(blocks[0], lambda inputs=inputs: model(**inputs, use_cache=False))
             kwargs = dict(kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             mask = calibration.statistics_mask(start, start + options.chunk_size).to(device)
@@ -256,7 +256,7 @@ def capture_packed_inputs(
             inputs = calibration.model_inputs(start, start + options.chunk_size, device)
             if "pixel_values" not in inputs:
                 continue
-            recorded = capture_calls(list(blocks), lambda: model(**inputs, use_cache=False))
+            recorded = capture_calls(list(blocks), lambda inputs=inputs: model(**inputs, use_cache=False))
             args, kwargs = recorded[0]
             hidden = args[0] if args else kwargs["hidden_states"]
             stored: dict[int, torch.Tensor] = {}

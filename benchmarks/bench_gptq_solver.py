@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig
 
 from quantbench.quant import gptq, gptq_kernel
-from quantbench.schemes import load_schemes
+from quantbench.quant.schemes import load_schemes
 
 REPO = Path(__file__).resolve().parent.parent
 

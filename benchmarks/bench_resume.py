@@ -35,8 +35,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from quantbench.quant import resume
-    from quantbench.quantize import quantize_checkpoint
-    from quantbench.schemes import load_schemes
+    from quantbench.quant.quantize import quantize_checkpoint
+    from quantbench.quant.schemes import load_schemes
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.kill_after is not None:
@@ -92,7 +92,7 @@ def main() -> None:
 
     import torch
 
-    from quantbench.calibration import save_calibration
+    from quantbench.calibration.samples import save_calibration
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"

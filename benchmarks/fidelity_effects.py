@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from quantbench.calibration import Calibration, tokenize_calibration
-from quantbench.calibspec import StreamSpec
+from quantbench.calibration.samples import Calibration, tokenize_calibration
+from quantbench.calibration.stream import StreamSpec
 from quantbench.evaluate.perplexity import wikitext_perplexity
 from quantbench.quant.linear import QuantLinear
-from quantbench.quantize import quantize_model
-from quantbench.schemes import CalibrationParams, GPTQParams, Scheme, load_schemes
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import CalibrationParams, GPTQParams, Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTBENCH = StreamSpec()

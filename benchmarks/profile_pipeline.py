@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402  (a script beside this one, not a package)
 
-from quantbench import export  # noqa: E402
+from quantbench.checkpoint import export  # noqa: E402
 from quantbench.quant import gptq, gptq_kernel, norm_kernel, prefetch, qdq, sequential  # noqa: E402
 
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.resources import Hardware, eval_rates, job_resources, load_workloads, runtime_for_attempt
-from quantbench.runconfig import load_run_config
+from quantbench.run.sizing import Hardware, eval_rates, job_resources, load_workloads, runtime_for_attempt
+from quantbench.run.config import load_run_config
 
 try:
     BENCHMARKS = load_benchmarks(config.get("benchmarks_file", "config/benchmarks.yaml"))
@@ -72,7 +72,7 @@ DEVICES = {
 
 
 def sized_resources(step, w):
-    """The quantbench.resources sizing of one job of ``step`` (wildcards ``w``), from its model's params_b
+    """The quantbench.run.sizing sizing of one job of ``step`` (wildcards ``w``), from its model's params_b
     (and for evaluate, the benchmark's workload at the configured backend's measured rates)."""
     scheme = w.get("scheme")
     benchmark = w.get("benchmark")

@@ -2,7 +2,7 @@
 # published recipe (compare.recipe), and the docs page, when configured (`compare:` and `docs:` in the
 # config; see config/seed.yaml).
 
-from quantbench.recipe import departures, load_recipe
+from quantbench.run.recipe import departures, load_recipe
 
 
 def compared(ext):

@@ -23,11 +23,11 @@ import yaml
 from PIL import Image
 from vlm_fixtures import save_tiny_vlm, tiny_processor, write_benchmark_fixtures
 
-from quantbench.calibration import calibrate_model, load_calibration, process_image_calibration, save_calibration
-from quantbench.errors import QuantbenchError
+from quantbench.calibration.samples import calibrate_model, load_calibration, process_image_calibration, save_calibration
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.hubsets import HubImageSet, hub_image_records
-from quantbench.runconfig import load_run_config
+from quantbench.calibration.hubsets import HubImageSet, hub_image_records
+from quantbench.run.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
@@ -136,7 +136,7 @@ def config_with(calibration_set: dict) -> dict:
 )
 def test_config_names_a_bad_calibration_source(calibration_set, message):
     config = config_with(calibration_set)
-    jsonschema.validate(config, SCHEMA)  # shapes are fine: these are runconfig's checks, with their clear messages
+    jsonschema.validate(config, SCHEMA)  # shapes are fine: these are the run config's checks, with their clear messages
     with pytest.raises(QuantbenchError, match=message):
         load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
 

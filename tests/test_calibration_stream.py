@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from quantbench.calibration import load_calibration, save_calibration, tokenize_calibration
-from quantbench.calibspec import StreamSpec
-from quantbench.errors import QuantbenchError
+from quantbench.calibration.samples import load_calibration, save_calibration, tokenize_calibration
+from quantbench.calibration.stream import StreamSpec
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.runconfig import load_run_config
+from quantbench.run.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
@@ -180,8 +180,8 @@ def test_chartqa_test_as_published_first_records_answer_then_generation_prompt_p
     import datasets
     from vlm_fixtures import tiny_processor, write_benchmark_fixtures
 
-    from quantbench.calibration import process_image_calibration
-    from quantbench.hubsets import HubImageSet
+    from quantbench.calibration.samples import process_image_calibration
+    from quantbench.calibration.hubsets import HubImageSet
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     jsonl = write_benchmark_fixtures(tmp_path / "files")["chartqa"]  # ChartQA test-style records

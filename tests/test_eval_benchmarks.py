@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import get_benchmark, load_benchmarks, parse_benchmark
 from quantbench.evaluate.tasks import TEMPLATES_DIR, load_template
 

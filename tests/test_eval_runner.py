@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from quantbench.cli import main
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate import backend, harness
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.results import checkpoint_hash, file_sha256
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.runtime import load_model
+from quantbench.checkpoint.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "resources" / "data"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.export import save_quantized
-from quantbench.preflight import (
+from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.preflight import (
     GIB,
     Headroom,
     Requirement,
@@ -26,10 +26,10 @@ from quantbench.preflight import (
     quantize_requirements,
 )
 from quantbench.quant.resume import partial_dir
-from quantbench.quantize import quantize_checkpoint, quantize_model
-from quantbench.runtime import load_model
-from quantbench.schemes import load_schemes
-from quantbench.weightfiles import model_tensors
+from quantbench.quant.quantize import quantize_checkpoint, quantize_model
+from quantbench.checkpoint.load import load_model
+from quantbench.quant.schemes import load_schemes
+from quantbench.checkpoint.weightfiles import model_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "resources" / "models" / "tinyqwen3-dense"

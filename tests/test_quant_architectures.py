@@ -11,15 +11,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
-from quantbench.architectures import ARCHITECTURES
-from quantbench.calibration import Calibration
-from quantbench.errors import QuantbenchError
-from quantbench.export import save_quantized
+from quantbench.model.architectures import ARCHITECTURES
+from quantbench.calibration.samples import Calibration
+from quantbench.util.errors import QuantbenchError
+from quantbench.checkpoint.export import save_quantized
 from quantbench.quant import sequential
 from quantbench.quant.linear import QuantLinear
-from quantbench.quantize import quantize_model
-from quantbench.runtime import load_model
-from quantbench.schemes import load_schemes
+from quantbench.quant.quantize import quantize_model
+from quantbench.checkpoint.load import load_model
+from quantbench.quant.schemes import load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")

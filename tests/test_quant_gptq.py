@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.quant import qdq
 from quantbench.quant.gptq import gptq_quantize_linears, gptq_solve
-from quantbench.schemes import GPTQParams, QuantArgs, Scheme
+from quantbench.quant.schemes import GPTQParams, QuantArgs, Scheme
 
 INT4_SYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=True)
 INT4_ASYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantbench.quant import gptq, gptq_kernel
-from quantbench.schemes import GPTQParams, QuantArgs
+from quantbench.quant.schemes import GPTQParams, QuantArgs
 
 pytestmark = pytest.mark.skipif(
     not (gptq_kernel.available(torch.device("cuda")) and torch.cuda.is_available())

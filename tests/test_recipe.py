@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from quantbench.compare import write_comparison
-from quantbench.errors import QuantbenchError
+from quantbench.report.compare import write_comparison
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.recipe import departures, load_recipe
-from quantbench.runconfig import load_run_config
+from quantbench.run.recipe import departures, load_recipe
+from quantbench.run.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))

@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.calibration import Calibration, tokenize_calibration
-from quantbench.calibspec import StreamSpec
-from quantbench.errors import QuantbenchError
-from quantbench.experts import ExpertList, unfuse_experts
+from quantbench.calibration.samples import Calibration, tokenize_calibration
+from quantbench.calibration.stream import StreamSpec
+from quantbench.util.errors import QuantbenchError
+from quantbench.model.experts import ExpertList, unfuse_experts
 from quantbench.quant import qdq
 from quantbench.quant.gptq import gptq_solve
 from quantbench.quant.linear import QuantLinear
-from quantbench.quantize import quantize_model
-from quantbench.schemes import CalibrationParams, GPTQParams, QuantArgs, Scheme, load_schemes
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import CalibrationParams, GPTQParams, QuantArgs, Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")
@@ -302,7 +302,7 @@ def test_routed_calibration_runs_each_expert_on_its_real_tokens_only():
         module.weight.data = torch.randn(n_out, n_in, generator=gen)
         return module
 
-    from quantbench.experts import ExpertMLP
+    from quantbench.model.experts import ExpertMLP
 
     experts = ExpertList([ExpertMLP(linear(8, 6), linear(8, 6), linear(6, 8), nn.SiLU()) for _ in range(4)])
     hidden = torch.randn(10, 8, generator=gen)

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from seed_results import PUBLISHED, published_cells, true_benchmarks
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.recipe import departures, load_recipe
-from quantbench.runconfig import load_run_config
+from quantbench.run.recipe import departures, load_recipe
+from quantbench.run.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
@@ -76,7 +76,7 @@ def test_labels_must_name_the_tables_benchmarks():
 
 def test_seed_schemes_are_angelslims_where_the_page_ran_otherwise():
     """seed.yaml's scheme_overrides select AngelSlim's AWQ and INT8 weight rounding; the others stay the file's."""
-    from quantbench.schemes import load_schemes, scheme_from_dict
+    from quantbench.quant.schemes import load_schemes, scheme_from_dict
 
     run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
     shared = load_schemes(REPO / "config" / "schemes.yaml")

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from docutils import nodes
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.runconfig import load_run_config
-from quantbench.tables import (
+from quantbench.run.config import load_run_config
+from quantbench.report.tables import (
     TableSpec,
     load_long_csv,
     render_rst_table,

@@ -38,7 +38,7 @@ from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.runner import evaluate_benchmark
 from quantbench.quant import qdq
-from quantbench.runtime import load_model
+from quantbench.checkpoint.load import load_model
 from vlm_fixtures import save_tiny_vlm
 
 REPO = Path(__file__).resolve().parents[1]

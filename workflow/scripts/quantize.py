@@ -1,9 +1,9 @@
 """Snakemake entry point of rule quantize: one compressed-tensors checkpoint for (model, scheme)."""
 
-from quantbench.joblog import job_log
-from quantbench.preflight import headroom_from
-from quantbench.quantize import quantize_checkpoint
-from quantbench.schemes import scheme_from_dict
+from quantbench.util.joblog import job_log
+from quantbench.checkpoint.preflight import headroom_from
+from quantbench.quant.quantize import quantize_checkpoint
+from quantbench.quant.schemes import scheme_from_dict
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from quantbench.errors import QuantbenchError
-from quantbench.runtime import load_model
+from quantbench.util.errors import QuantbenchError
+from quantbench.checkpoint.load import load_model
 
 BACKENDS = ("hf", "vllm")
 

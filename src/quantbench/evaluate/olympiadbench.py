@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.answer_check import DEFAULT_TOLERANCE, answers_match
 
 SUBJECTS = {"math": "Math", "phys": "Physics"}  # the record's subject, by its lower-case start -> the prompt's

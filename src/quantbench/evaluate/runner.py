@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from quantbench import __version__
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.perplexity import read_rows, wikitext_perplexity
 from quantbench.evaluate.results import Outcome, checkpoint_hash, file_sha256, reproduce_command, versions
-from quantbench.io import atomic_write_json
-from quantbench.preflight import Headroom, check_requirements, evaluate_requirements
+from quantbench.util.io import atomic_write_json
+from quantbench.checkpoint.preflight import Headroom, check_requirements, evaluate_requirements
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def evaluate_benchmark(
     (lm-eval's built-in task and dataset). ``limit``: score only the first N items of each lm-eval task
     (per subject for grouped benchmarks; perplexity: the first N windows). ``benchmarks_file`` is only
     recorded, in the command that reproduces the result. Before the model is loaded, free disk and host memory
-    are checked (:mod:`quantbench.preflight`; ``headroom``: what must stay free beyond the need).
+    are checked (:mod:`quantbench.checkpoint.preflight`; ``headroom``: what must stay free beyond the need).
     """
     started = time.perf_counter()
     backend = backend or Backend()

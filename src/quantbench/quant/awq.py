@@ -57,12 +57,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from quantbench.architectures import SmoothMapping
-from quantbench.errors import QuantbenchError
+from quantbench.model.architectures import SmoothMapping
+from quantbench.util.errors import QuantbenchError
 from quantbench.quant import qdq
 from quantbench.quant.capture import ModuleCall, replay, to_device
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import AWQParams, QuantArgs, Rounding, Scheme
+from quantbench.quant.schemes import AWQParams, QuantArgs, Rounding, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def angelslim_mappings(mappings: Sequence[SmoothMapping], prevs: Sequence[nn.Mod
             continue
         if mapping.block is None:
             raise QuantbenchError(f"AWQ mapping {mapping.prev} -> {mapping.linears} names no block for AngelSlim's "
-                                  "block-output loss; set its block in quantbench.architectures")
+                                  "block-output loss; set its block in quantbench.model.architectures")
         routed = tuple(n for n in mapping.linears if experts is not None and n.startswith(f"{experts}."))
         others = tuple(n for n in mapping.linears if n not in routed)
         kept += [replace(mapping, linears=part) for part in (others, routed) if part]

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.quant import gptq_kernel, qdq
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import GPTQParams, QuantArgs, Scheme
+from quantbench.quant.schemes import GPTQParams, QuantArgs, Scheme
 
 log = logging.getLogger(__name__)
 

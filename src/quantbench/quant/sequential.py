@@ -23,11 +23,11 @@
 tokens, or every position when the calibration stream counts pads.
 
 Mixture-of-experts blocks run their experts in calibration mode during steps a and d
-(:func:`quantbench.experts.calibrate_all_experts`): every expert sees every calibration token, so each one
+(:func:`quantbench.model.experts.calibrate_all_experts`): every expert sees every calibration token, so each one
 gets statistics (and an error) on all of them, while the block's output keeps the router's choices; the
 real tokens the router sent to each expert are reported per layer. With ``calibration.experts: routed``
 each expert sees only the tokens routed to it, its linears get statistics of their own
-(:func:`quantbench.experts.per_expert_groups`), and an expert linear that saw none takes the largest input
+(:func:`quantbench.model.experts.per_expert_groups`), and an expert linear that saw none takes the largest input
 absmax of the same linear of the layer's other experts (static input scales; GPTQ falls back to RTN).
 
 On CUDA the blocks' RMSNorms run as one fused kernel during these passes (:mod:`quant.norm_kernel`).
@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.architectures import BlockStack, SmoothMapping, block_list, check_block, stacks_of
-from quantbench.calibration import Calibration
-from quantbench.errors import QuantbenchError
-from quantbench.experts import ExpertList, calibrate_all_experts, per_expert_groups
+from quantbench.model.architectures import BlockStack, SmoothMapping, block_list, check_block, replace_module, stacks_of
+from quantbench.calibration.samples import Calibration
+from quantbench.util.errors import QuantbenchError
+from quantbench.model.experts import ExpertList, calibrate_all_experts, per_expert_groups
 from quantbench.quant import awq, qdq
 from quantbench.quant.capture import ModuleCall, capture_call, capture_calls, replay, to_device
 from quantbench.quant.gptq import gptq_quantize_linears
@@ -64,9 +64,9 @@ from quantbench.quant.norm_kernel import fused_rms_norms
 from quantbench.quant.observers import InputStats
 from quantbench.quant.prefetch import BlockPrefetcher
 from quantbench.quant.resume import LayerProgress
-from quantbench.quant.rtn import replace_module, rtn_quantize_linear
+from quantbench.quant.rtn import rtn_quantize_linear
 from quantbench.quant.stats import GroupStats, LayerStats
-from quantbench.schemes import Scheme
+from quantbench.quant.schemes import Scheme
 
 log = logging.getLogger(__name__)
 

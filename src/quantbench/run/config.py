@@ -17,43 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantbench.calibspec import StreamSpec
-from quantbench.errors import QuantbenchError
+from quantbench.calibration.stream import StreamSpec
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
-from quantbench.hubsets import HubImageSet
-from quantbench.jsonl import iter_jsonl
-from quantbench.schemes import Scheme, load_schemes
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: a local directory, or a Hub repository at a pinned revision."""
-
-    path: Path | None = None
-    repo: str | None = None
-    revision: str | None = None
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, str]) -> ModelSource:
-        """Inverse of :meth:`to_dict`."""
-        if "path" in raw:
-            return cls(path=Path(raw["path"]))
-        return cls(repo=raw["repo"], revision=raw.get("revision"))
-
-    def to_dict(self) -> dict[str, str]:
-        """Plain form for Snakemake ``params:`` and provenance."""
-        if self.path is not None:
-            return {"path": str(self.path)}
-        out = {"repo": str(self.repo)}
-        if self.revision:
-            out["revision"] = self.revision
-        return out
+from quantbench.calibration.hubsets import HubImageSet
+from quantbench.checkpoint.download import ModelSource
+from quantbench.util.jsonl import iter_jsonl
+from quantbench.quant.schemes import Scheme, load_schemes
 
 
 @dataclass(frozen=True)
 class CalibrationSet:
     """A calibration set: a JSONL file (and the images its records name) or a Hub split, how many samples of how
-    many tokens, and how records become samples (:class:`~quantbench.calibspec.StreamSpec`)."""
+    many tokens, and how records become samples (:class:`~quantbench.calibration.stream.StreamSpec`)."""
 
     name: str
     num_samples: int

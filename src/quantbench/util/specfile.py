@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 
 
 def read_section(path: str | Path, key: str) -> Mapping[str, Any]:

@@ -45,10 +45,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
-from quantbench.schemes import Scheme
-from quantbench.specfile import build_spec, read_section
+from quantbench.quant.schemes import Scheme
+from quantbench.util.specfile import build_spec, read_section
 
 STEPS = ("calibrate", "quantize", "evaluate")
 QUANTIZE_MIN_PER_B = {"rtn": 1.0, "gptq": 4.0, "awq": 6.0}

@@ -162,7 +162,7 @@ def test_stream_values_and_scheme_overrides_are_checked():
     run = load_run_config(_config(scheme_overrides=overrides), base_dir=REPO, benchmarks=BENCHMARKS)
     default = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
     gptq, fp8 = run.schemes["INT4-GPTQ"], run.schemes["FP8-Static"]
-    assert gptq.gptq.dead_columns == "zero" and gptq.gptq.dampening == 0.01 and gptq.gptq.damping_retry == "multiply"
+    assert gptq.params.dead_columns == "zero" and gptq.params.dampening == 0.01 and gptq.params.damping_retry == "multiply"
     assert fp8.calibration.experts == "routed" and fp8.calibration.propagation == "quantized"
     assert {n: s for n, s in run.schemes.items() if n not in overrides} == {n: s for n, s in default.schemes.items() if n not in overrides}
     for overrides, message in [

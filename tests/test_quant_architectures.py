@@ -15,7 +15,7 @@ from quantbench.model.architectures import ARCHITECTURES
 from quantbench.calibration.samples import Calibration
 from quantbench.util.errors import QuantbenchError
 from quantbench.checkpoint.export import save_quantized
-from quantbench.quant import sequential
+from quantbench.quant import gptq
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.quantize import quantize_model
 from quantbench.checkpoint.load import load_model
@@ -113,11 +113,11 @@ def test_moe_layers_quantize_every_expert_and_reload(model_type: str, scheme: st
 
 
 def test_gptq_solves_experts_in_row_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The experts' shared-input group is solved in chunks of at most GPTQ_MAX_ROWS rows: same codes."""
+    """The experts' shared-input group is solved in chunks of at most gptq.MAX_ROWS rows: same codes."""
     config = AutoConfig.for_model("qwen3_moe", **TEXT, **MOE["qwen3_moe"])
     results = []
-    for max_rows in (sequential.GPTQ_MAX_ROWS, 200):  # 200 rows: q+k | v, one 128-row expert linear a chunk
-        monkeypatch.setattr(sequential, "GPTQ_MAX_ROWS", max_rows)
+    for max_rows in (gptq.MAX_ROWS, 200):  # 200 rows: q+k | v, one 128-row expert linear a chunk
+        monkeypatch.setattr(gptq, "MAX_ROWS", max_rows)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).eval()
         quantize_model(model, SCHEMES["INT4-GPTQ"], _calibration(256), device="cpu")

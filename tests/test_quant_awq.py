@@ -9,7 +9,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from quantbench.util.errors import QuantbenchError
 from quantbench.quant import awq, qdq
-from quantbench.quant.schemes import AWQParams, QuantArgs
+from quantbench.quant.algorithms import AWQParams
+from quantbench.quant.schemes import QuantArgs
 
 INT4_ASYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=False)
 

@@ -187,7 +187,7 @@ def test_moe_router_reads_the_folded_norm_only_in_the_angelslim_style(env: dict,
 def test_seed_awq_writes_fp16_and_angelslim_minmax_parameters(env: dict, tmp_path: Path) -> None:
     seed = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
     scheme = load_schemes(REPO / "config" / "schemes.yaml", seed["scheme_overrides"])["INT4-AWQ"]
-    assert scheme.awq.style == "angelslim" and scheme.dtype == "float16"
+    assert scheme.params.style == "angelslim" and scheme.dtype == "float16"
     fixture = env["tinyqwen3-dense"]
     model, original = _fresh(env, "tinyqwen3-dense"), _fresh(env, "tinyqwen3-dense")
     model.model.layers = model.model.layers[:1]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from quantbench.quant import gptq, gptq_kernel
-from quantbench.quant.schemes import GPTQParams, QuantArgs
+from quantbench.quant.algorithms import GPTQParams
+from quantbench.quant.schemes import QuantArgs
 
 pytestmark = pytest.mark.skipif(
     not (gptq_kernel.available(torch.device("cuda")) and torch.cuda.is_available())

@@ -225,14 +225,14 @@ def test_a_group_that_saw_no_tokens_falls_back_and_says_so(env: dict, name: str,
     """A group no token reached (an MoE expert the router never chose) gets round-to-nearest, counted."""
     from quantbench.model.architectures import get_architecture
     from quantbench.quant.observers import InputStats
-    from quantbench.quant.sequential import _Group, _quantize_group
+    from quantbench.quant.sequential import Group, _quantize_group
     from quantbench.quant.stats import GroupStats
 
     model, scheme = _fresh_model(env, 1), env["schemes"][name]
     block, stack = model.model.layers[0], get_architecture(model.config).language
     names = stack.groups[2]  # gate/up
     stats = InputStats.create(384, torch.device("cpu"), hessian=True, absmax=True, abs_sum=True)
-    group = _Group(names, stats, GroupStats(names))
+    group = Group(names, stats, GroupStats(names))
     modules = _quantize_group(block, group, stack, scheme)
     assert sorted(modules) == sorted(names)
     for module in modules.values():

@@ -21,7 +21,8 @@ from quantbench.quant import qdq
 from quantbench.quant.gptq import gptq_solve
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.quantize import quantize_model
-from quantbench.quant.schemes import CalibrationParams, GPTQParams, QuantArgs, Scheme, load_schemes
+from quantbench.quant.algorithms import GPTQParams
+from quantbench.quant.schemes import CalibrationParams, QuantArgs, Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")
@@ -213,8 +214,8 @@ def test_routed_gptq_solves_each_expert_on_its_own_tokens(moe, shared_dir):
     x = torch.cat(rows)
     assert x.shape[0] == stats.layers[0].expert_tokens["model.layers.0.mlp.experts"][3]
     weight = torch.cat([experts[3].gate_proj.weight, experts[3].up_proj.weight])
-    solved = gptq_solve(weight, x.T @ x, gptq.weights, gptq.gptq)
-    every = gptq_solve(weight, _all_rows_hessian(reference, moe), gptq.weights, gptq.gptq)
+    solved = gptq_solve(weight, x.T @ x, gptq.weights, gptq.params)
+    every = gptq_solve(weight, _all_rows_hessian(reference, moe), gptq.weights, gptq.params)
     got = torch.cat([model.get_submodule(f"model.layers.0.mlp.experts.3.{n}").weight_codes for n in ("gate_proj", "up_proj")])
     agree, agree_all = (float((got == r.codes).float().mean()) for r in (solved, every))
     print(f"\nrouted GPTQ codes agree with the routed-Hessian solve {agree:.4f}, with the all-token one {agree_all:.4f}")

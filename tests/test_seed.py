@@ -81,13 +81,13 @@ def test_seed_schemes_are_angelslims_where_the_page_ran_otherwise():
     run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
     shared = load_schemes(REPO / "config" / "schemes.yaml")
     awq, int8 = run.schemes["INT4-AWQ"], run.schemes["INT8-Dynamic"]
-    assert (awq.awq.style, awq.awq.duo_scaling, awq.dtype) == ("angelslim", False, "float16")
+    assert (awq.params.style, awq.params.duo_scaling, awq.dtype) == ("angelslim", False, "float16")
     assert awq.calibration.propagation == "full-precision"
     assert (awq.rounding.asymmetric_range, awq.rounding.divide_in) == ("minmax", "weight_dtype")
     assert (int8.rounding.symmetric_scale, int8.rounding.divide_in) == ("qmax", "weight_dtype")
     assert run.schemes["INT8-Dynamic-ViT"].targets == ("language", "vision")
     assert all(scheme_from_dict(s.to_dict()) == s for s in (awq, int8))  # as the quantize rule receives them
-    assert shared["INT4-AWQ"].awq.style == "quantbench" and shared["INT8-Dynamic"].rounding.is_default
+    assert shared["INT4-AWQ"].params.style == "quantbench" and shared["INT8-Dynamic"].rounding.is_default
     assert {n for n in run.schemes if run.schemes[n] != shared.get(n)} == {
         "INT4-AWQ", "INT8-Dynamic", "INT8-Dynamic-ViT", "FP8-Static", "FP8-Static-ViT", "INT4-GPTQ"
     }

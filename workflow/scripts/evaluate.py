@@ -7,7 +7,7 @@ from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import benchmark_from_dict
 from quantbench.evaluate.runner import evaluate_benchmark
 from quantbench.util.joblog import job_log
-from quantbench.checkpoint.preflight import headroom_from
+from quantbench.run.config import preflight_of
 
 if __name__ == "__main__":
     smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
@@ -23,5 +23,5 @@ if __name__ == "__main__":
             backend=Backend(**smk.params.backend),
             limit=smk.params.limit,
             benchmarks_file=smk.params.benchmarks_file,
-            headroom=headroom_from(**smk.config.get("preflight", {})),  # not a param: editing it reruns nothing
+            headroom=preflight_of(smk.config).headroom,  # not a param: editing it reruns nothing
         )

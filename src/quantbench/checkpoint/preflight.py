@@ -206,8 +206,3 @@ def _w8a8_int(model_dir: Path) -> bool:
         return False
     return all(is_w8a8_int(weights, inputs) for _, weights, inputs in parse_config_groups(qconfig, model_dir))
 
-
-def headroom_from(disk_gb: float = 0.0, memory_gb: float = 0.0) -> Headroom:
-    """A :class:`Headroom` from gigabytes (the workflow config's ``preflight`` section)."""
-    return Headroom(disk_bytes=int(disk_gb * GIB), memory_bytes=int(memory_gb * GIB))
-

@@ -1,29 +1,47 @@
-"""The workflow's run configuration: models, calibration sets, evaluation settings and tables, cross-checked.
+"""The workflow's run configuration, the one reader of the config: typed sections, cross-checked.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) checks shapes and types; this module checks what a
-schema cannot: that every scheme, benchmark, calibration set and model a key refers to exists, that each model
-and each calibration set has exactly one source (a JSONL, whose images must exist, or a Hub dataset split with
-its column names), that every scheme needing calibration has a calibration set (one per model, or one per
-scheme), and that benchmark data is present. ``scheme_overrides`` change fields of the schemes file's
-schemes for this run (how config/seed.yaml selects the published recipe's behaviour where it departs from
-quantbench's; docs/fidelity.md). It takes a plain dict, so the workflow, the CLI and the tests share one
-reading of the config.
+:func:`load_run_config` turns the config mapping into a :class:`RunConfig`, whose sections the rules, the
+workflow scripts and the tests read (``RUN.evaluation.backend.device``, ``RUN.quantization.seed``): models,
+calibration sets, tables, ``quantization``, ``evaluation``, ``hardware``, ``preflight``, ``compare``, ``docs``,
+and the schemes and benchmarks of the files the config names. Every default lives here, in the section's
+dataclass (or in the library dataclass a section is: :class:`~quantbench.evaluate.backend.Backend`,
+:class:`~quantbench.run.sizing.Hardware`, :class:`~quantbench.calibration.stream.StreamSpec`); the JSON
+schema (``workflow/schemas/config.schema.yaml``) checks shapes and types only.
+
+Beyond the schema, this module checks that every scheme, benchmark, calibration set and model a key refers
+to exists, that each model and each calibration set has exactly one source (a JSONL, whose images must
+exist, or a Hub dataset split with its column names), that every scheme needing calibration has a
+calibration set (one per model, or one per scheme), and that benchmark data is present.
+``scheme_overrides`` change fields of the schemes file's schemes for this run (how config/seed.yaml selects
+the published recipe's behaviour where it departs from quantbench's; docs/fidelity.md). It takes a plain
+dict, so the workflow, the CLI and the tests share one reading of the config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from quantbench.calibration.stream import StreamSpec
-from quantbench.util.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.calibration.hubsets import HubImageSet
+from quantbench.calibration.stream import StreamSpec
 from quantbench.checkpoint.download import ModelSource
-from quantbench.util.jsonl import iter_jsonl
+from quantbench.checkpoint.preflight import GIB, Headroom
+from quantbench.evaluate.backend import Backend
+from quantbench.evaluate.benchmarks import BenchmarkSpec, load_benchmarks
 from quantbench.quant.schemes import Scheme, load_schemes
+from quantbench.run.sizing import EvalWorkload, Hardware, JobResources, eval_rates, job_resources, load_workloads
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.jsonl import iter_jsonl
+from quantbench.util.specfile import build_spec
+
+# Defaults of the top-level keys (relative paths resolve against the run's base directory, ``results`` against
+# the working directory Snakemake runs in)
+RESULTS = "results"
+SCHEMES_FILE = "config/schemes.yaml"
+BENCHMARKS_FILE = "config/benchmarks.yaml"
+EVAL_SOURCES = ("local", "hub")
 
 
 @dataclass(frozen=True)
@@ -32,8 +50,8 @@ class CalibrationSet:
     many tokens, and how records become samples (:class:`~quantbench.calibration.stream.StreamSpec`)."""
 
     name: str
-    num_samples: int
-    max_seq_len: int
+    num_samples: int = 128
+    max_seq_len: int = 2048
     seed: int = 0
     path: Path | None = None
     images: tuple[Path, ...] = ()
@@ -82,15 +100,104 @@ class TableConfig:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    """``quantization:``: the device quantize jobs compute on (``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``auto``
+    is the first GPU when there is one) and the seed they set."""
+
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """``evaluation:``: the data source (``local``: quantbench's tasks over the JSONL files in ``data_dir``;
+    ``hub``: lm-eval's built-in tasks), the items scored per task (``limit``; None: all), the backend, and per
+    benchmark the run's overrides of its spec (``limit`` among them).
+
+    ``backend_keys`` are the backend keys the config sets: they alone are the evaluate jobs' ``backend``
+    param (:meth:`backend_params`), so that a default of :class:`Backend` is no param and results made
+    before stay current.
+    """
+
+    source: str = "local"
+    data_dir: Path = Path("resources/data")
+    limit: int | None = None
+    backend: Backend = Backend()
+    backend_keys: tuple[str, ...] = ()
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in EVAL_SOURCES:
+            raise QuantbenchError(f"evaluation.source: {self.source!r} is not one of {', '.join(EVAL_SOURCES)}")
+
+    def limit_of(self, benchmark: str) -> int | None:
+        """Items scored per task of ``benchmark``: its override's ``limit``, else the run's."""
+        return self.overrides.get(benchmark, {}).get("limit", self.limit)
+
+    def overrides_of(self, benchmark: str) -> dict[str, Any]:
+        """The run's overrides of ``benchmark``'s spec (:meth:`BenchmarkSpec.with_overrides`), ``limit`` aside."""
+        return {key: value for key, value in self.overrides.get(benchmark, {}).items() if key != "limit"}
+
+    def backend_params(self, gpus: int) -> dict[str, Any]:
+        """The backend as the evaluate rule's param, for a job on ``gpus`` GPUs: the keys the config sets, and for
+        vLLM the tensor-parallel size (the job's GPUs; a CPU job, sized for none, runs vLLM's CPU build unsplit)."""
+        params = {key: getattr(self.backend, key) for key in self.backend_keys}
+        if self.backend.name == "vllm":
+            params["tensor_parallel_size"] = max(1, gpus)
+        return params
+
+
+@dataclass(frozen=True)
+class PreflightConfig:
+    """``preflight:``: what quantize and evaluate jobs leave free beyond their need, in GB
+    (:mod:`quantbench.checkpoint.preflight`)."""
+
+    disk_headroom_gb: float = 0.0
+    memory_headroom_gb: float = 0.0
+
+    @property
+    def headroom(self) -> Headroom:
+        """The same in bytes, as the preflight checks take it."""
+        return Headroom(disk_bytes=int(self.disk_headroom_gb * GIB), memory_bytes=int(self.memory_headroom_gb * GIB))
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """``compare:``: the published cells (a long-format CSV), the tolerance beyond which a difference is flagged
+    (points), and the published recipe whose departures the report lists (:mod:`quantbench.run.recipe`)."""
+
+    published: Path
+    tolerance: float = 1.0
+    recipe: Path | None = None
+
+
+@dataclass(frozen=True)
+class DocsConfig:
+    """``docs:``: the docs page regenerated from the tables (a MyST Markdown path), its title and closing notes."""
+
+    path: Path
+    title: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """A validated run configuration."""
+    """A validated run configuration (module docstring)."""
 
     results: Path
+    benchmarks_file: Path
     schemes: Mapping[str, Scheme]
+    benchmarks: Mapping[str, BenchmarkSpec]
+    workloads: Mapping[str, EvalWorkload]
     models: Mapping[str, ModelEntry]
     calibration_sets: Mapping[str, CalibrationSet]
-    evaluation: Mapping[str, Any]
     tables: tuple[TableConfig, ...]
+    quantization: QuantizationConfig = QuantizationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    hardware: Hardware = Hardware()
+    preflight: PreflightConfig = PreflightConfig()
+    compare: CompareConfig | None = None
+    docs: DocsConfig | None = None
 
     def table(self, name: str) -> TableConfig:
         """The table called ``name``."""
@@ -126,6 +233,39 @@ class RunConfig:
             return None
         return self.calibration_sets[self.models[model].calibration[scheme]]  # presence checked at load
 
+    def device_of(self, step: str) -> str:
+        """Where jobs of ``step`` run, as configured: calibrate on the CPU, quantize on ``quantization.device``,
+        evaluate on the backend's device."""
+        return {"calibrate": "cpu", "quantize": self.quantization.device, "evaluate": self.evaluation.backend.device}[step]
+
+    def job_resources(self, step: str, model: str, scheme: str | None = None, benchmark: str | None = None) -> JobResources:
+        """The :mod:`quantbench.run.sizing` request of one job of ``step``: from the model's ``params_b``, the scheme,
+        and for evaluate the benchmark's workload at the measured rates of the configured backend."""
+        backend = self.evaluation.backend
+        return job_resources(
+            step,
+            self.models[model].params_b,
+            scheme=self.schemes[scheme] if scheme else None,
+            device=self.device_of(step),
+            hardware=self.hardware,
+            model=model,
+            workload=self.workloads.get(benchmark),
+            rates=eval_rates(self.benchmarks.get(benchmark)),
+            backend=backend.name,
+            batch=backend.batch_size,
+        )
+
+    def threads_of(self, step: str, model: str, scheme: str | None = None, benchmark: str | None = None) -> int:
+        """A job's CPU threads: the sizing rule's, or the hf evaluation backend's configured threads, which is all
+        such an evaluation then uses."""
+        backend = self.evaluation.backend
+        configured = backend.threads if step == "evaluate" and backend.name == "hf" else None
+        return configured or self.job_resources(step, model, scheme, benchmark).threads
+
+    def benchmark(self, name: str) -> BenchmarkSpec:
+        """The benchmark ``name`` with this run's overrides of its spec applied."""
+        return self.benchmarks[name].with_overrides(self.evaluation.overrides_of(name))
+
 
 def _source(name: str, raw: Mapping[str, Any], base: Path) -> ModelSource:
     has_path, has_hub = "path" in raw, "hub" in raw
@@ -146,8 +286,8 @@ def _calibration_set(name: str, raw: Mapping[str, Any], base: Path) -> Calibrati
             f"{key}: give exactly one source, 'path: <JSONL>' or 'hub: {{dataset, split, revision, image, question, "
             "answer}' (a Hugging Face dataset split and its column names)"
         )
-    size = {"num_samples": int(raw.get("num_samples", 128)), "max_seq_len": int(raw.get("max_seq_len", 2048)),
-            "seed": int(raw.get("seed", 0)), "stream": StreamSpec.from_dict(raw, key)}
+    size = {k: int(raw[k]) for k in ("num_samples", "max_seq_len", "seed") if k in raw}
+    size["stream"] = StreamSpec.from_dict(raw, key)
     if "hub" in raw:
         return CalibrationSet(name=name, hub=HubImageSet.from_dict(raw["hub"], f"{key}.hub"), **size)
     path = base / raw["path"]
@@ -199,16 +339,35 @@ def _check_known(kind: str, key: str, names: Any, known: Mapping[str, Any] | tup
             raise QuantbenchError(f"{key}: unknown {kind} {name!r}; known {kind}s: {', '.join(known)}")
 
 
-def load_run_config(
-    config: Mapping[str, Any], *, base_dir: str | Path = ".", benchmarks: Mapping[str, BenchmarkSpec]
-) -> RunConfig:
-    """Cross-check a (schema-validated) config dict; relative paths resolve against ``base_dir``.
+def _section(cls: type, config: Mapping[str, Any], key: str) -> Any:
+    """The typed section ``key`` of ``config`` (its dataclass's defaults where the config is silent)."""
+    return build_spec(cls, config.get(key) or {}, key)
 
-    ``benchmarks`` are the benchmarks the benchmarks file defines. With the ``local`` data source, every
-    benchmark a table uses must have its data files under ``evaluation.data_dir``.
+
+def _evaluation(raw: Mapping[str, Any], base: Path) -> EvaluationConfig:
+    backend = raw.get("backend") or {}
+    typed = {"backend": build_spec(Backend, backend, "evaluation.backend"), "backend_keys": tuple(backend)}
+    evaluation = build_spec(EvaluationConfig, {**raw, **typed}, "evaluation")
+    return replace(evaluation, data_dir=base / evaluation.data_dir)
+
+
+def preflight_of(config: Mapping[str, Any]) -> PreflightConfig:
+    """The ``preflight`` section of a config mapping (a job script reads it from Snakemake's config: it is no
+    param, so editing it reruns nothing)."""
+    return _section(PreflightConfig, config, "preflight")
+
+
+def load_run_config(config: Mapping[str, Any], *, base_dir: str | Path = ".") -> RunConfig:
+    """Read and cross-check a (schema-validated) config mapping; relative paths resolve against ``base_dir``.
+
+    The schemes and benchmarks come from the files the config names (``schemes_file``, ``benchmarks_file``).
+    With the ``local`` data source, every benchmark a table uses must have its data files under
+    ``evaluation.data_dir``.
     """
     base = Path(base_dir)
-    schemes = load_schemes(base / config.get("schemes_file", "config/schemes.yaml"), config.get("scheme_overrides"))
+    schemes = load_schemes(base / config.get("schemes_file", SCHEMES_FILE), config.get("scheme_overrides"))
+    benchmarks_file = base / config.get("benchmarks_file", BENCHMARKS_FILE)
+    benchmarks = load_benchmarks(benchmarks_file)
     calib_sets: dict[str, CalibrationSet] = {}
     for name, raw in (config.get("calibration_sets") or {}).items():
         calib_sets[name] = _calibration_set(name, raw, base)
@@ -251,16 +410,30 @@ def load_run_config(
         )
     if not tables:
         raise QuantbenchError("tables: configure at least one table (name, models, benchmarks)")
-    evaluation = dict(config.get("evaluation") or {})
-    if evaluation.get("source", "local") == "local":
-        data_dir = base / evaluation.get("data_dir", "resources/data")
+    evaluation = _evaluation(config.get("evaluation") or {}, base)
+    if evaluation.source == "local":
         for name in dict.fromkeys(bench for table in tables for bench in table.benchmarks):
-            benchmarks[name].data_paths(data_dir)
+            benchmarks[name].data_paths(evaluation.data_dir)
+    compare = config.get("compare")
+    if compare is not None:
+        paths = {k: base / compare[k] for k in ("published", "recipe") if k in compare}
+        compare = build_spec(CompareConfig, {**compare, **paths}, "compare")
+    docs = config.get("docs")
+    if docs is not None:
+        docs = build_spec(DocsConfig, {**docs, "path": base / docs["path"], "notes": tuple(docs.get("notes", ()))}, "docs")
     return RunConfig(
-        results=Path(config.get("results", "results")),
+        results=Path(config.get("results", RESULTS)),
+        benchmarks_file=benchmarks_file,
         schemes=schemes,
+        benchmarks=benchmarks,
+        workloads=load_workloads(benchmarks_file),
         models=models,
         calibration_sets=calib_sets,
-        evaluation=evaluation,
         tables=tuple(tables),
+        quantization=_section(QuantizationConfig, config, "quantization"),
+        evaluation=evaluation,
+        hardware=_section(Hardware, config, "hardware"),
+        preflight=preflight_of(config),
+        compare=compare,
+        docs=docs,
     )

@@ -81,9 +81,9 @@ def ceilings(device: torch.device) -> dict[str, float]:
 
 def simulate(model: nn.Module, scheme_name: str) -> list[tuple[str, nn.Module]]:
     """Swap every decoder linear for the runtime's QuantLinear under ``scheme_name``; the originals, to put back."""
+    from quantbench.checkpoint.load import share_input_quantizations
     from quantbench.model.architectures import replace_module
     from quantbench.quant.rtn import rtn_quantize_linear
-    from quantbench.checkpoint.load import share_input_quantizations
     from quantbench.quant.schemes import load_schemes
 
     scheme = load_schemes(REPO / "config" / "schemes.yaml")[scheme_name]

@@ -270,9 +270,9 @@ def bench_in_memory(pristine: nn.Module, name: str, calibration: Any, device: to
     from transformers import AutoTokenizer
 
     from quantbench.checkpoint.export import save_quantized
-    from quantbench.quant.sequential import PipelineOptions
     from quantbench.quant.quantize import quantize_model
     from quantbench.quant.schemes import load_schemes
+    from quantbench.quant.sequential import PipelineOptions
 
     scheme = load_schemes(REPO / "config" / "schemes.yaml")[name]
     options = PipelineOptions(chunk_size=args.chunk_size, offload_activations=args.offload_activations)

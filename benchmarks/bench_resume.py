@@ -87,11 +87,10 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_quantize import TOKENIZER_DIR, build_model, environment, load_config, random_calibration
+    import torch
     from transformers import AutoTokenizer
 
-    import torch
-
+    from bench_quantize import TOKENIZER_DIR, build_model, environment, load_config, random_calibration
     from quantbench.calibration.samples import save_calibration
 
     args.out.mkdir(parents=True, exist_ok=True)

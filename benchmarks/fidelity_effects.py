@@ -24,9 +24,9 @@ import torch
 from quantbench.calibration.samples import Calibration, tokenize_calibration
 from quantbench.calibration.stream import StreamSpec
 from quantbench.evaluate.perplexity import wikitext_perplexity
+from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.quantize import quantize_model
-from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.schemes import CalibrationParams, Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]

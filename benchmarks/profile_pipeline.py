@@ -34,7 +34,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402  (a script beside this one, not a package)
-
 from quantbench.checkpoint import export  # noqa: E402
 from quantbench.quant import awq, gptq, gptq_kernel, norm_kernel, prefetch, qdq, sequential  # noqa: E402
 

@@ -21,12 +21,17 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from vlm_fixtures import save_tiny_vlm, tiny_processor, write_benchmark_fixtures
 
-from quantbench.calibration.samples import calibrate_model, load_calibration, process_image_calibration, save_calibration
-from quantbench.util.errors import QuantbenchError
 from quantbench.calibration.hubsets import HubImageSet, hub_image_records
+from quantbench.calibration.samples import (
+    calibrate_model,
+    load_calibration,
+    process_image_calibration,
+    save_calibration,
+)
 from quantbench.run.config import load_run_config
+from quantbench.util.errors import QuantbenchError
+from vlm_fixtures import save_tiny_vlm, tiny_processor, write_benchmark_fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))

@@ -14,8 +14,8 @@ import yaml
 
 from quantbench.calibration.samples import load_calibration, save_calibration, tokenize_calibration
 from quantbench.calibration.stream import StreamSpec
-from quantbench.util.errors import QuantbenchError
 from quantbench.run.config import load_run_config
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
@@ -176,10 +176,10 @@ def test_chartqa_test_as_published_first_records_answer_then_generation_prompt_p
     """The published Qwen2.5-VL calibration: ChartQA's test split (the split ChartQA_TEST scores), its first records in
     order, the answer turn followed by the generation prompt, padded to max_seq_len with every position counted."""
     import datasets
-    from vlm_fixtures import tiny_processor, write_benchmark_fixtures
 
-    from quantbench.calibration.samples import process_image_calibration
     from quantbench.calibration.hubsets import HubImageSet
+    from quantbench.calibration.samples import process_image_calibration
+    from vlm_fixtures import tiny_processor, write_benchmark_fixtures
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     jsonl = write_benchmark_fixtures(tmp_path / "files")["chartqa"]  # ChartQA test-style records

@@ -22,7 +22,6 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.checkpoint.export import (
     PROVENANCE_FILE,
     WEIGHTS_INDEX_FILE,
@@ -32,13 +31,14 @@ from quantbench.checkpoint.export import (
     save_quantized,
     unpack_int4,
 )
-from quantbench.util.provenance import sha256_file
+from quantbench.checkpoint.load import load_model
+from quantbench.model.architectures import replace_module
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
-from quantbench.model.architectures import replace_module
 from quantbench.quant.rtn import rtn_quantize_linear
-from quantbench.checkpoint.load import load_model
 from quantbench.quant.schemes import Scheme, load_schemes
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.provenance import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO.parent / "shared" / "models" / "tinyqwen3-dense"

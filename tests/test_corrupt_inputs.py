@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.checkpoint.download import fetch_model
-from quantbench.util.errors import QuantbenchError
+from quantbench.checkpoint.download import ModelSource, fetch_model
+from quantbench.checkpoint.load import load_model
+from quantbench.checkpoint.weightfiles import read_header
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.quant.resume import partial_dir
 from quantbench.quant.quantize import quantize_checkpoint
-from quantbench.checkpoint.download import ModelSource
-from quantbench.checkpoint.load import load_model
+from quantbench.quant.resume import partial_dir
 from quantbench.quant.schemes import load_schemes
-from quantbench.checkpoint.weightfiles import read_header
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "resources" / "models" / "tinyqwen3-dense"

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantbench.cli import main
-from quantbench.util.errors import QuantbenchError
 from quantbench.checkpoint import load as checkpoint_load
+from quantbench.checkpoint.load import load_model
+from quantbench.cli import main
 from quantbench.evaluate import harness
-from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.backend import Backend
+from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.results import checkpoint_hash, file_sha256
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.checkpoint.load import load_model
+from quantbench.util.errors import QuantbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "resources" / "data"

@@ -9,17 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
-from quantbench.model.architectures import ARCHITECTURES
 from quantbench.calibration.samples import Calibration
-from quantbench.util.errors import QuantbenchError
 from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.load import load_model
+from quantbench.model.architectures import ARCHITECTURES
 from quantbench.quant import gptq
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.quantize import quantize_model
-from quantbench.checkpoint.load import load_model
 from quantbench.quant.schemes import load_schemes
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")

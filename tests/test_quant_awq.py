@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.quant import awq, qdq
 from quantbench.quant.algorithms import AWQParams
 from quantbench.quant.schemes import QuantArgs
+from quantbench.util.errors import QuantbenchError
 
 INT4_ASYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=False)
 

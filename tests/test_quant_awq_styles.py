@@ -25,8 +25,8 @@ from quantbench.calibration.samples import tokenize_calibration
 from quantbench.checkpoint.export import save_quantized
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
-from quantbench.quant.rtn import rtn_quantize_linear
 from quantbench.quant.quantize import quantize_model
+from quantbench.quant.rtn import rtn_quantize_linear
 from quantbench.quant.schemes import Scheme, load_schemes, parse_scheme
 
 REPO = Path(__file__).resolve().parents[1]

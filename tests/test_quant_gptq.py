@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.quant import qdq
-from quantbench.quant.gptq import gptq_quantize_linears, gptq_solve
 from quantbench.quant.algorithms import GPTQParams
+from quantbench.quant.gptq import gptq_quantize_linears, gptq_solve
 from quantbench.quant.schemes import QuantArgs, Scheme
+from quantbench.util.errors import QuantbenchError
 
 INT4_SYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=True)
 INT4_ASYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=False)

@@ -20,14 +20,14 @@ from safetensors import safe_open
 from torch import nn
 
 from quantbench.calibration.samples import tokenize_calibration
+from quantbench.checkpoint.export import WEIGHTS_FILE, checkpoint_format, quantized_modules, save_quantized
+from quantbench.checkpoint.load import load_model
 from quantbench.evaluate.perplexity import wikitext_perplexity
 from quantbench.model.experts import ExpertList, calibrate_all_experts, unfuse_experts
-from quantbench.checkpoint.export import WEIGHTS_FILE, checkpoint_format, quantized_modules, save_quantized
 from quantbench.quant.linear import QuantLinear
-from quantbench.quant.stats import QuantStats
 from quantbench.quant.quantize import quantize_model
-from quantbench.checkpoint.load import load_model
 from quantbench.quant.schemes import Scheme, load_schemes
+from quantbench.quant.stats import QuantStats
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, EXPERTS, TOP_K = 6, 8, 2

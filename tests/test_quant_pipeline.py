@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from quantbench.calibration.samples import Calibration, tokenize_calibration
-from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.perplexity import read_rows, wikitext_perplexity
 from quantbench.quant.linear import QuantLinear
-from quantbench.quant.sequential import PipelineOptions
-from quantbench.quant.stats import QuantStats
 from quantbench.quant.quantize import quantize_model
 from quantbench.quant.schemes import Scheme, load_schemes
+from quantbench.quant.sequential import PipelineOptions
+from quantbench.quant.stats import QuantStats
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB_SAMPLES, CALIB_TOKENS = 16, 256

@@ -21,8 +21,8 @@ import pytest
 
 from quantbench.calibration.samples import load_calibration, save_calibration, tokenize_calibration
 from quantbench.quant.resume import IDENTITY_FILE, LayerProgress, partial_dir, run_identity
-from quantbench.quant.sequential import PipelineOptions
 from quantbench.quant.schemes import Scheme, load_schemes
+from quantbench.quant.sequential import PipelineOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")

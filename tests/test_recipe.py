@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from quantbench.report.compare import write_comparison
-from quantbench.util.errors import QuantbenchError
-from quantbench.run.recipe import departures, load_recipe
 from quantbench.run.config import load_run_config
+from quantbench.run.recipe import departures, load_recipe
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))

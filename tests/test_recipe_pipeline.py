@@ -15,14 +15,14 @@ from torch import nn
 
 from quantbench.calibration.samples import Calibration, tokenize_calibration
 from quantbench.calibration.stream import StreamSpec
-from quantbench.util.errors import QuantbenchError
 from quantbench.model.experts import ExpertList, unfuse_experts
 from quantbench.quant import qdq
+from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.gptq import gptq_solve
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.quantize import quantize_model
-from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.schemes import CalibrationParams, QuantArgs, Scheme, load_schemes
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")

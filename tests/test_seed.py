@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from seed_results import PUBLISHED, published_cells, true_benchmarks
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.run.recipe import departures, load_recipe
 from quantbench.run.config import load_run_config
+from quantbench.run.recipe import departures, load_recipe
+from quantbench.util.errors import QuantbenchError
+from seed_results import PUBLISHED, published_cells, true_benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantbench.calibration.samples import tokenize_calibration
-from quantbench.util.errors import QuantbenchError
 from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.load import load_model
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.quantize import quantize_model
-from quantbench.checkpoint.load import load_model
 from quantbench.quant.schemes import QuantArgs, load_schemes, parse_scheme
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")

@@ -15,8 +15,6 @@ import pytest
 import yaml
 from docutils import nodes
 
-from quantbench.util.errors import QuantbenchError
-from quantbench.run.config import load_run_config
 from quantbench.report.tables import (
     TableSpec,
     load_long_csv,
@@ -25,6 +23,8 @@ from quantbench.report.tables import (
     wide_table,
     write_tables,
 )
+from quantbench.run.config import load_run_config
+from quantbench.util.errors import QuantbenchError
 
 SEED_NAMES = [
     "table-Hunyuan-Instruct-performance",

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+from transformers import (
+    AutoConfig,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+)
 
 from quantbench.model.vlm import image_only_processor_class
 

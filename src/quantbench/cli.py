@@ -74,8 +74,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from quantbench.evaluate.benchmarks import get_benchmark, load_benchmarks
     from quantbench.evaluate.backend import Backend
+    from quantbench.evaluate.benchmarks import get_benchmark, load_benchmarks
     from quantbench.evaluate.runner import evaluate_benchmark
 
     spec = get_benchmark(load_benchmarks(args.benchmarks), args.benchmark)
@@ -173,9 +173,9 @@ def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from quantbench.calibration.samples import calibrate_model
-    from quantbench.quant.sequential import PipelineOptions
     from quantbench.quant.quantize import quantize_checkpoint
     from quantbench.quant.schemes import get_scheme, load_schemes
+    from quantbench.quant.sequential import PipelineOptions
 
     scheme = get_scheme(load_schemes(args.schemes), args.scheme)
     calibration = args.calib

@@ -2,8 +2,8 @@
 
 from quantbench.report.cells import collect_cells, collect_filter_scores
 from quantbench.report.compare import write_comparison
-from quantbench.util.joblog import job_log
 from quantbench.report.tables import load_long_csv
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

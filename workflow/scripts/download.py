@@ -1,8 +1,7 @@
 """Snakemake entry point of rule download: fetch one model into results/models/{model}."""
 
-from quantbench.checkpoint.download import fetch_model
+from quantbench.checkpoint.download import ModelSource, fetch_model
 from quantbench.util.joblog import job_log
-from quantbench.checkpoint.download import ModelSource
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

@@ -1,9 +1,9 @@
 """Snakemake entry point of rule quantize: one compressed-tensors checkpoint for (model, scheme)."""
 
-from quantbench.util.joblog import job_log
 from quantbench.quant.quantize import quantize_checkpoint
 from quantbench.quant.schemes import scheme_from_dict
 from quantbench.run.config import preflight_of
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from quantbench.report.cells import collect_cells
-from quantbench.util.joblog import job_log
 from quantbench.report.tables import TableSpec, write_tables
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

@@ -40,13 +40,13 @@ from safetensors import safe_open
 from safetensors.torch import save
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from quantbench.calibration.stream import StreamSpec
-from quantbench.util.errors import QuantbenchError
 from quantbench.calibration.hubsets import HubImageSet, hub_image_records
+from quantbench.calibration.stream import StreamSpec
+from quantbench.model.vlm import image_text_inputs, load_processor, read_image_records
+from quantbench.util.errors import QuantbenchError
 from quantbench.util.io import atomic_write_bytes
 from quantbench.util.jsonl import iter_jsonl
 from quantbench.util.provenance import sha256_file
-from quantbench.model.vlm import image_text_inputs, load_processor, read_image_records
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantbench.checkpoint.weightfiles import model_tensors, verify_hub_blobs
 from quantbench.util.errors import QuantbenchError
 from quantbench.util.io import atomic_dir
-from quantbench.checkpoint.weightfiles import model_tensors, verify_hub_blobs
 
 log = logging.getLogger(__name__)
 

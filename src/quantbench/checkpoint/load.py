@@ -38,20 +38,20 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from quantbench.model.architectures import block_list, experts_paths, replace_module, stacks_of
-from quantbench.util.errors import QuantbenchError
-from quantbench.model.experts import unfuse_experts
 from quantbench.checkpoint.export import (
     QUANT_METHOD,
     checkpoint_format,
     decompress_quantized_linear,
     stored_linear_layout,
 )
+from quantbench.checkpoint.serving import check_fused_moe
+from quantbench.checkpoint.weightfiles import TensorEntry, model_tensors
+from quantbench.model.architectures import block_list, experts_paths, replace_module, stacks_of
+from quantbench.model.experts import unfuse_experts
+from quantbench.model.vlm import is_image_text_model
 from quantbench.quant.linear import QuantLinear, share_input_quantization
 from quantbench.quant.schemes import QuantArgs
-from quantbench.checkpoint.serving import check_fused_moe
-from quantbench.model.vlm import is_image_text_model
-from quantbench.checkpoint.weightfiles import TensorEntry, model_tensors
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

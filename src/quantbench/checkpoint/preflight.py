@@ -28,9 +28,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantbench.util.errors import QuantbenchError
-from quantbench.quant.schemes import Scheme
 from quantbench.checkpoint.weightfiles import DTYPE_BYTES, TensorEntry, model_tensors
+from quantbench.quant.schemes import Scheme
+from quantbench.util.errors import QuantbenchError
 
 GIB = 2**30
 RESULT_BYTES = 2**20  # an evaluation's result JSON, generously
@@ -197,8 +197,8 @@ def evaluate_requirements(
 
 def _w8a8_int(model_dir: Path) -> bool:
     """Whether every config group of a quantized checkpoint runs W8A8 integer matmuls (int8 weights and inputs)."""
-    from quantbench.quant.linear import is_w8a8_int
     from quantbench.checkpoint.load import parse_config_groups
+    from quantbench.quant.linear import is_w8a8_int
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     qconfig = config.get("quantization_config")

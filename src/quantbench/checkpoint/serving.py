@@ -33,8 +33,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.quant.schemes import QuantArgs
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from quantbench.util.errors import QuantbenchError
 from quantbench.util.specfile import build_spec, read_section
 

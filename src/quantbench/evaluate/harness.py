@@ -27,13 +27,13 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from lm_eval.tasks import TaskManager
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate import sandbox
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import BenchmarkSpec, LmEvalSettings
 from quantbench.evaluate.generation import GreedyDecoder, merged_generation_config
 from quantbench.evaluate.results import Outcome
 from quantbench.evaluate.tasks import builtin_task_manager, leaf_tasks, task_name, task_version
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

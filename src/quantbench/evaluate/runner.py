@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from quantbench import __version__
-from quantbench.util.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import BenchmarkSpec
+from quantbench.checkpoint.preflight import Headroom, check_requirements, evaluate_requirements
 from quantbench.evaluate.backend import Backend
+from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.evaluate.perplexity import read_rows, wikitext_perplexity
 from quantbench.evaluate.results import Outcome, checkpoint_hash, file_sha256, reproduce_command, versions
+from quantbench.util.errors import QuantbenchError
 from quantbench.util.io import atomic_write_json
-from quantbench.checkpoint.preflight import Headroom, check_requirements, evaluate_requirements
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from quantbench.model.architectures import replace_module
-from quantbench.util.errors import QuantbenchError
-from quantbench.quant.qdq import FP8_MAX
 from quantbench.checkpoint.serving import moe_input_args
+from quantbench.model.architectures import replace_module
+from quantbench.quant.qdq import FP8_MAX
+from quantbench.util.errors import QuantbenchError
 
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")
 

@@ -60,12 +60,12 @@ import torch
 from torch import nn
 
 from quantbench.model.architectures import BlockStack, SmoothMapping
-from quantbench.util.errors import QuantbenchError
 from quantbench.quant import qdq
+from quantbench.quant.algorithms import AWQParams
 from quantbench.quant.capture import ModuleCall, replay, to_device
 from quantbench.quant.linear import QuantLinear
-from quantbench.quant.algorithms import AWQParams
 from quantbench.quant.schemes import QuantArgs, Rounding, Scheme
+from quantbench.util.errors import QuantbenchError
 
 if TYPE_CHECKING:
     from quantbench.quant.sequential import Group

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.quant import gptq_kernel, qdq
-from quantbench.quant.linear import QuantLinear
 from quantbench.quant.algorithms import GPTQParams
+from quantbench.quant.linear import QuantLinear
 from quantbench.quant.schemes import QuantArgs, Scheme
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

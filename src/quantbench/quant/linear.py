@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantbench.checkpoint.serving import served_input_args
 from quantbench.quant import qdq, qdq_kernel
 from quantbench.quant.schemes import QuantArgs
-from quantbench.checkpoint.serving import served_input_args
 
 
 def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> torch.Tensor:

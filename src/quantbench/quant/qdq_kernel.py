@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from quantbench.quant.qdq import FP8_MAX
-from quantbench.quant.triton_support import available, tl, triton
 from quantbench.quant.schemes import QuantArgs
+from quantbench.quant.triton_support import available, tl, triton
 
 __all__ = ["available", "fake_quantize_activation", "int_activation_codes", "supports"]
 

@@ -19,21 +19,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantbench.model.architectures import experts_paths, get_architecture
 from quantbench.calibration.samples import Calibration, load_calibration
-from quantbench.util.errors import QuantbenchError
-from quantbench.model.experts import unfuse_experts
 from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.load import load_model
 from quantbench.checkpoint.preflight import Headroom, check_requirements, quantize_requirements
-from quantbench.util.provenance import sha256_file
+from quantbench.checkpoint.serving import check_fused_moe
+from quantbench.model.architectures import experts_paths, get_architecture
+from quantbench.model.experts import unfuse_experts
+from quantbench.model.vlm import is_image_text_model, load_processor
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.resume import LayerProgress, partial_dir, run_identity
+from quantbench.quant.schemes import Scheme
 from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
 from quantbench.quant.stats import QuantStats
-from quantbench.checkpoint.load import load_model
-from quantbench.quant.schemes import Scheme
-from quantbench.checkpoint.serving import check_fused_moe
-from quantbench.model.vlm import is_image_text_model, load_processor
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 

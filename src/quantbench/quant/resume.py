@@ -40,16 +40,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from quantbench.model.architectures import BlockStack, replace_module
 from quantbench.calibration.samples import Calibration
-from quantbench.util.errors import QuantbenchError
 from quantbench.checkpoint.export import decompress_quantized_linear, module_tensors
-from quantbench.util.io import atomic_write_json
-from quantbench.util.provenance import package_versions, sha256_file
+from quantbench.model.architectures import BlockStack, replace_module
 from quantbench.quant.capture import ModuleCall
 from quantbench.quant.linear import QuantLinear
-from quantbench.quant.stats import GroupStats, LayerStats
 from quantbench.quant.schemes import Scheme
+from quantbench.quant.stats import GroupStats, LayerStats
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_write_json
+from quantbench.util.provenance import package_versions, sha256_file
 
 log = logging.getLogger(__name__)
 

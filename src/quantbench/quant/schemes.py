@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.quant.algorithms import ALGORITHMS, get_algorithm
+from quantbench.util.errors import QuantbenchError
 from quantbench.util.specfile import build_spec, check_choice, read_section
 
 QUANT_TYPES = ("int", "float")

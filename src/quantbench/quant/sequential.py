@@ -54,9 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.model.architectures import BlockStack, block_list, check_block, replace_module, stacks_of
 from quantbench.calibration.samples import Calibration
-from quantbench.util.errors import QuantbenchError
+from quantbench.model.architectures import BlockStack, block_list, check_block, replace_module, stacks_of
 from quantbench.model.experts import ExpertList, calibrate_all_experts, per_expert_groups
 from quantbench.quant import qdq
 from quantbench.quant.algorithms import Algorithm, get_algorithm
@@ -67,8 +66,9 @@ from quantbench.quant.observers import InputStats
 from quantbench.quant.prefetch import BlockPrefetcher
 from quantbench.quant.resume import LayerProgress
 from quantbench.quant.rtn import rtn_quantize_linear
-from quantbench.quant.stats import GroupStats, LayerStats
 from quantbench.quant.schemes import Scheme
+from quantbench.quant.stats import GroupStats, LayerStats
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from quantbench.report.tables import MISSING
 from quantbench.util.errors import QuantbenchError
 from quantbench.util.io import atomic_write_bytes, atomic_write_text
-from quantbench.report.tables import MISSING
 
 log = logging.getLogger(__name__)
 

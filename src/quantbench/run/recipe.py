@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.run.config import CalibrationSet, RunConfig, TableConfig
+from quantbench.util.errors import QuantbenchError
 
 EXPERTS_KEY = "calibration.experts"  # a scheme field that matters for mixture-of-experts models only
 

@@ -46,10 +46,10 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantbench.util.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.quant.algorithms import get_algorithm
 from quantbench.quant.schemes import Scheme
+from quantbench.util.errors import QuantbenchError
 from quantbench.util.specfile import build_spec, read_section
 
 STEPS = ("calibrate", "quantize", "evaluate")

@@ -7,8 +7,8 @@ the same whatever algorithm chose them; a fixed static input scale for FP8-Stati
 fixture's (8192 tokens; ids beyond it decode to nothing), so prompts are real benchmark text in that
 tokenizer. Per scheme it measures:
 
-Linears sharing an input (q/k/v, gate/up) share its quantize-dequantize, as :func:`quantbench.runtime.load_model`
-sets them up (:func:`quantbench.runtime.share_input_quantizations`).
+Linears sharing an input (q/k/v, gate/up) share its quantize-dequantize, as :func:`quantbench.checkpoint.load.load_model`
+sets them up (:func:`quantbench.checkpoint.load.share_input_quantizations`).
 
 - decode: greedy generation of ``--decode-tokens`` tokens for ``--batch-sizes`` prompts of ``--prompt-len``
   random tokens, through :class:`GreedyDecoder` and (``--baseline``) transformers' ``generate``; decode rate =
@@ -22,7 +22,7 @@ sets them up (:func:`quantbench.runtime.share_input_quantizations`).
 
 From the measured rates (the schemes' median MMLU prompt rate, BF16's decode rate at ``--eval-batch-size``)
 it projects the GPU hours of every evaluate job of the seed matrix (``config/seed.yaml``) per decode path
-with :func:`quantbench.resources.eval_seconds`, the job-sizing model, from the benchmarks' ``workloads:``.
+with :func:`quantbench.run.sizing.eval_seconds`, the job-sizing model, from the benchmarks' ``workloads:``.
 Writes ``results.json`` and ``results.md``.
 """
 
@@ -81,9 +81,10 @@ def ceilings(device: torch.device) -> dict[str, float]:
 
 def simulate(model: nn.Module, scheme_name: str) -> list[tuple[str, nn.Module]]:
     """Swap every decoder linear for the runtime's QuantLinear under ``scheme_name``; the originals, to put back."""
-    from quantbench.quant.rtn import replace_module, rtn_quantize_linear
-    from quantbench.runtime import share_input_quantizations
-    from quantbench.schemes import load_schemes
+    from quantbench.checkpoint.load import share_input_quantizations
+    from quantbench.model.architectures import replace_module
+    from quantbench.quant.rtn import rtn_quantize_linear
+    from quantbench.quant.schemes import load_schemes
 
     scheme = load_schemes(REPO / "config" / "schemes.yaml")[scheme_name]
     if scheme.weights is None:
@@ -103,7 +104,7 @@ def simulate(model: nn.Module, scheme_name: str) -> list[tuple[str, nn.Module]]:
 
 
 def restore(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
-    from quantbench.quant.rtn import replace_module
+    from quantbench.model.architectures import replace_module
 
     for name, module in originals:
         replace_module(model, name, module)
@@ -249,7 +250,7 @@ def seed_projection(rates: dict[str, Any], generate_rates: dict[str, Any]) -> di
     import yaml
 
     from quantbench.evaluate.benchmarks import load_benchmarks
-    from quantbench.resources import EvalRates, eval_seconds, load_workloads
+    from quantbench.run.sizing import EvalRates, eval_seconds, load_workloads
 
     seed = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
     workloads = load_workloads(REPO / "config" / "benchmarks.yaml")

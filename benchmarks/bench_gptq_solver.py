@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig
 
 from quantbench.quant import gptq, gptq_kernel
-from quantbench.schemes import load_schemes
+from quantbench.quant.schemes import load_schemes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,10 +73,10 @@ def main() -> None:
 
     cholesky = []
     for width, h in hessians.items():
-        _timed(lambda: gptq._inverse_cholesky(h, scheme.gptq.dampening, []))  # warm-up (cuSOLVER handles)
-        _timed(lambda: _textbook_inverse_cholesky(h, scheme.gptq.dampening))
-        new_s, (upper, _) = _timed(lambda: gptq._inverse_cholesky(h, scheme.gptq.dampening, []))
-        old_s, reference = _timed(lambda: _textbook_inverse_cholesky(h, scheme.gptq.dampening))
+        _timed(lambda: gptq._inverse_cholesky(h, scheme.params.dampening, scheme.params.damping_retry, []))  # warm-up (cuSOLVER handles)
+        _timed(lambda: _textbook_inverse_cholesky(h, scheme.params.dampening))
+        new_s, (upper, _) = _timed(lambda: gptq._inverse_cholesky(h, scheme.params.dampening, scheme.params.damping_retry, []))
+        old_s, reference = _timed(lambda: _textbook_inverse_cholesky(h, scheme.params.dampening))
         diff = float((upper - reference).abs().max() / reference.abs().max())
         lower = torch.linalg.cholesky(h)
         identity = torch.eye(width, device="cuda")
@@ -87,7 +87,7 @@ def main() -> None:
         cholesky.append({"width": width, "textbook_s": old_s, "one_factorisation_s": new_s, "max_rel_diff": diff,
                          "triangular_solve_s": solve_s, "by_halves_s": halves_s, "halves_vs_solve_max_rel_diff": tri_diff})
 
-    solve = lambda name: gptq.gptq_solve(weights[name], hessians[groups[name][1]], scheme.weights, scheme.gptq)  # noqa: E731
+    solve = lambda name: gptq.gptq_solve(weights[name], hessians[groups[name][1]], scheme.weights, scheme.params)  # noqa: E731
     for name in groups:
         solve(name)  # warm-up: kernels compiled, allocator primed
     solves = {name: _timed(lambda: solve(name))[0] for name in groups}
@@ -99,7 +99,7 @@ def main() -> None:
 
     lines = [
         f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; config {args.config.name}; "
-        f"scheme {args.scheme} ({scheme.gptq}); Hessians from {args.tokens} random tokens; column kernel "
+        f"scheme {args.scheme} ({scheme.params}); Hessians from {args.tokens} random tokens; column kernel "
         f"{gptq_kernel.BLOCK_ROWS} rows per program.",
         "",
         "| input width | factorise, invert, factorise s | one factorisation + triangular inverse s | max rel. difference "

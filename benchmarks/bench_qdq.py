@@ -17,7 +17,7 @@ import torch
 import triton
 
 from quantbench.quant import qdq, qdq_kernel
-from quantbench.schemes import QuantArgs
+from quantbench.quant.schemes import QuantArgs
 
 SCHEMES = {
     "INT8-Dynamic (int8 token)": QuantArgs(type="int", num_bits=8, strategy="token", symmetric=True, dynamic=True),

@@ -95,7 +95,7 @@ def build_model(config: Any, seed: int) -> nn.Module:
 
 def random_calibration(vocab_size: int, samples: int, seq_len: int, seed: int) -> Any:
     """``samples`` x ``seq_len`` uniformly random token ids, no padding."""
-    from quantbench.calibration import Calibration
+    from quantbench.calibration.samples import Calibration
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(vocab_size, (samples, seq_len), generator=generator)
@@ -181,7 +181,7 @@ def block_errors(pristine: nn.Module, weights: dict[str, torch.Tensor], calibrat
     quantized model before it produced; ``y``: the original block on the same inputs (the engine's
     per-layer error, measured the same way for any tool).
     """
-    from quantbench.architectures import block_list, get_architecture
+    from quantbench.model.architectures import block_list, get_architecture
     from quantbench.quant.capture import ModuleCall, replay
     from quantbench.quant.sequential import PipelineOptions, capture_block_inputs
 
@@ -269,10 +269,10 @@ def bench_in_memory(pristine: nn.Module, name: str, calibration: Any, device: to
     """Quantize a copy of ``pristine`` under scheme ``name`` and export it; timings, memory, errors."""
     from transformers import AutoTokenizer
 
-    from quantbench.export import save_quantized
+    from quantbench.checkpoint.export import save_quantized
+    from quantbench.quant.quantize import quantize_model
+    from quantbench.quant.schemes import load_schemes
     from quantbench.quant.sequential import PipelineOptions
-    from quantbench.quantize import quantize_model
-    from quantbench.schemes import load_schemes
 
     scheme = load_schemes(REPO / "config" / "schemes.yaml")[name]
     options = PipelineOptions(chunk_size=args.chunk_size, offload_activations=args.offload_activations)
@@ -320,8 +320,8 @@ def io_floor(input_dir: Path, output_dir: Path, scratch: Path) -> dict[str, floa
 
 def bench_checkpoint(bf16_dir: Path, name: str, device: torch.device, args: argparse.Namespace) -> dict:
     """``quantize_checkpoint`` from the bf16 checkpoint, against reading the input and writing the output."""
-    from quantbench.quantize import quantize_checkpoint
-    from quantbench.schemes import load_schemes
+    from quantbench.quant.quantize import quantize_checkpoint
+    from quantbench.quant.schemes import load_schemes
 
     scheme = load_schemes(REPO / "config" / "schemes.yaml")[name]
     out_dir = args.work / name
@@ -335,7 +335,7 @@ def bench_checkpoint(bf16_dir: Path, name: str, device: torch.device, args: argp
     result.update(io_floor(bf16_dir, out_dir, args.work / f"{name}-copy"))
     result["vs_io_floor"] = result["total_s"] / result["io_floor_s"]
     if args.throughput:
-        from quantbench.runtime import load_model
+        from quantbench.checkpoint.load import load_model
 
         model, _ = load_model(out_dir, device=str(device))
         result["throughput"] = measure_throughput(model, device, args, keep=False)
@@ -584,7 +584,7 @@ def main() -> None:
         args.result.write_text(json.dumps(run_llmcompressor(args), indent=1), encoding="utf-8")
         return
 
-    from quantbench.quantize import resolve_device
+    from quantbench.quant.quantize import resolve_device
 
     device = resolve_device(args.device)
     names = [n for n in args.schemes.split(",") if n]

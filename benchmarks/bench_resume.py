@@ -35,8 +35,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from quantbench.quant import resume
-    from quantbench.quantize import quantize_checkpoint
-    from quantbench.schemes import load_schemes
+    from quantbench.quant.quantize import quantize_checkpoint
+    from quantbench.quant.schemes import load_schemes
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.kill_after is not None:
@@ -87,12 +87,11 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_quantize import TOKENIZER_DIR, build_model, environment, load_config, random_calibration
+    import torch
     from transformers import AutoTokenizer
 
-    import torch
-
-    from quantbench.calibration import save_calibration
+    from bench_quantize import TOKENIZER_DIR, build_model, environment, load_config, random_calibration
+    from quantbench.calibration.samples import save_calibration
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"

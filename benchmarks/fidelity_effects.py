@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from quantbench.calibration import Calibration, tokenize_calibration
-from quantbench.calibspec import StreamSpec
+from quantbench.calibration.samples import Calibration, tokenize_calibration
+from quantbench.calibration.stream import StreamSpec
 from quantbench.evaluate.perplexity import wikitext_perplexity
+from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.linear import QuantLinear
-from quantbench.quantize import quantize_model
-from quantbench.schemes import CalibrationParams, GPTQParams, Scheme, load_schemes
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import CalibrationParams, Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTBENCH = StreamSpec()
@@ -107,7 +108,7 @@ def main() -> None:
     gptq = {k: run(model_dir, texts, tokenizer, calibs[k], scheme("INT4-GPTQ")) for k in ("quantbench", "angelslim", "padding-only")}
     for key, value in gptq.items():
         report(f"dense/INT4-GPTQ/{key}", {"perplexity": value["perplexity"], "layer_errors": value["layer_errors"]})
-    edges = run(model_dir, texts, tokenizer, calibs["angelslim"], scheme("INT4-GPTQ", gptq=GPTQParams(dead_columns="zero", damping_retry="add")))
+    edges = run(model_dir, texts, tokenizer, calibs["angelslim"], scheme("INT4-GPTQ", params=GPTQParams(dead_columns="zero", damping_retry="add")))
     report("dense/INT4-GPTQ/angelslim+edge-cases", {"perplexity": edges["perplexity"], "fallbacks": edges["fallbacks"],
                                                      "same_layer_errors": edges["layer_errors"] == gptq["angelslim"]["layer_errors"]})
 

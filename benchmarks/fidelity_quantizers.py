@@ -41,11 +41,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quantbench.calibration import tokenize_calibration
+from quantbench.calibration.samples import tokenize_calibration
 from quantbench.evaluate.perplexity import wikitext_perplexity
 from quantbench.quant import awq
-from quantbench.quantize import quantize_model
-from quantbench.schemes import load_schemes, parse_scheme
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import load_schemes, parse_scheme
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -68,7 +68,7 @@ def _unscaled_routers() -> AbstractContextManager:
 
 
 def _experts_on_their_own() -> AbstractContextManager:
-    return mock.patch("quantbench.experts.moe_input_args", lambda _linear: None)
+    return mock.patch("quantbench.model.experts.moe_input_args", lambda _linear: None)
 
 
 def variants(family: str, group_size: int, router_compensation: bool) -> dict[str, Variant]:

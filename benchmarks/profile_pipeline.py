@@ -34,9 +34,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize  # noqa: E402  (a script beside this one, not a package)
-
-from quantbench import export  # noqa: E402
-from quantbench.quant import gptq, gptq_kernel, norm_kernel, prefetch, qdq, sequential  # noqa: E402
+from quantbench.checkpoint import export  # noqa: E402
+from quantbench.quant import awq, gptq, gptq_kernel, norm_kernel, prefetch, qdq, sequential  # noqa: E402
 
 
 class PhaseTimer:
@@ -85,11 +84,11 @@ PHASES: list[tuple[Any, str, str]] = [
     (nn.Module, "to", "module .to() in the main thread (block copy-back)"),
     (sequential, "_quantize_block", "block: rest (hooks setup, masks, python)"),
     (sequential, "replay", "block forward"),
-    (sequential._Group, "observe", "input statistics (Hessian / absmax)"),
+    (sequential.Group, "observe", "input statistics (Hessian / absmax)"),
     (sequential._ErrorMeter, "measure", "error meters: reference linear"),
     (sequential, "_accumulate_error", "error sums"),
     (sequential, "_store", "store activations"),
-    (sequential, "_smooth", "AWQ search"),
+    (awq.Smoothing, "apply", "AWQ search"),
     (sequential, "_quantize_group", "quantize: rest"),
     (gptq, "_inverse_cholesky", "gptq: Cholesky + inverse"),
     (qdq, "weight_qparams", "weight qparams"),

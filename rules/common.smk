@@ -1,19 +1,14 @@
-# Shared state of the workflow: the cross-checked run config, output paths and input functions.
-
-from pathlib import Path
+# Shared state of the workflow: the run config (quantbench.run.config, the one reader of `config`), output
+# paths and input functions. Rules read the config only through RUN.
 
 from snakemake.exceptions import WorkflowError
 
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.resources import Hardware, eval_rates, job_resources, load_workloads, runtime_for_attempt
-from quantbench.runconfig import load_run_config
+from quantbench.run.config import load_run_config
+from quantbench.run.sizing import runtime_for_attempt
+from quantbench.util.errors import QuantbenchError
 
 try:
-    BENCHMARKS = load_benchmarks(config.get("benchmarks_file", "config/benchmarks.yaml"))
-    RUN = load_run_config(config, base_dir=".", benchmarks=BENCHMARKS)
-    HARDWARE = Hardware(**config.get("hardware", {}))
-    WORKLOADS = load_workloads(config.get("benchmarks_file", "config/benchmarks.yaml"))
+    RUN = load_run_config(config, base_dir=".")
 except QuantbenchError as exc:
     raise WorkflowError(f"invalid configuration: {exc}") from None
 
@@ -64,78 +59,47 @@ def evals_of_table(name):
     return [eval_file(m, s, b) for m, s, b in RUN.table_cells(RUN.table(name))]
 
 
-DEVICES = {
-    "calibrate": "cpu",
-    "quantize": config.get("quantization", {}).get("device", "auto"),
-    "evaluate": RUN.evaluation.get("backend", {}).get("device", "cpu"),  # the hf backend's default
-}
-
-
-def sized_resources(step, w):
-    """The quantbench.resources sizing of one job of ``step`` (wildcards ``w``), from its model's params_b
-    (and for evaluate, the benchmark's workload at the configured backend's measured rates)."""
-    scheme = w.get("scheme")
-    benchmark = w.get("benchmark")
-    backend = RUN.evaluation.get("backend", {})
-    return job_resources(
-        step,
-        RUN.models[w.model].params_b,
-        scheme=RUN.schemes[scheme] if scheme else None,
-        device=DEVICES[step],
-        hardware=HARDWARE,
-        model=w.model,
-        workload=WORKLOADS.get(benchmark),
-        rates=eval_rates(BENCHMARKS.get(benchmark)),
-        backend=backend.get("name", "hf"),
-        batch=backend.get("batch_size"),
-    )
-
-
 def resources_of(step):
-    """A step's Snakemake resources (gpu, mem_mb, runtime), functions of the job's wildcards; a retried job
-    (the profile's retries) gets attempt times the wall time."""
+    """A step's Snakemake resources (gpu, mem_mb, runtime; RUN.job_resources), functions of the job's wildcards;
+    a retried job (the profile's retries) gets attempt times the wall time."""
+
+    def sized(w):
+        return RUN.job_resources(step, w.model, w.get("scheme"), w.get("benchmark"))
+
     return {
-        "gpu": lambda w: sized_resources(step, w).gpu,
-        "mem_mb": lambda w: sized_resources(step, w).mem_mb,
-        "runtime": lambda w, attempt: runtime_for_attempt(sized_resources(step, w).runtime, attempt),
+        "gpu": lambda w: sized(w).gpu,
+        "mem_mb": lambda w: sized(w).mem_mb,
+        "runtime": lambda w, attempt: runtime_for_attempt(sized(w).runtime, attempt),
     }
 
 
 def threads_of(step):
-    """A step's CPU threads (a function of the job's wildcards): the sizing rule's, or the hf evaluation
-    backend's configured threads, which is all such an evaluation then uses."""
-    backend = RUN.evaluation.get("backend", {})
-    configured = backend.get("threads") if step == "evaluate" and backend.get("name", "hf") == "hf" else None
-    return lambda w: configured or sized_resources(step, w).threads
+    """A step's CPU threads (a function of the job's wildcards; RUN.threads_of)."""
+    return lambda w: RUN.threads_of(step, w.model, w.get("scheme"), w.get("benchmark"))
 
 
 def report_outputs():
     """The comparison report per table (when `compare` is configured) and the docs page (when `docs` is)."""
     outputs = []
-    if "compare" in config:
+    if RUN.compare:
         outputs += [f"{R}/compare/{t.name}.{ext}" for t in RUN.tables for ext in ("csv", "md", "png")]
-    if "docs" in config:
-        outputs.append(config["docs"]["path"])
+    if RUN.docs:
+        outputs.append(str(RUN.docs.path))
     return outputs
 
 
 # Input and param functions of the rules (rules/*.smk hold rules only).
 
 
-def eval_overrides(benchmark):
-    """This run's settings for ``benchmark``: (limit, spec overrides) from config evaluation.overrides."""
-    overrides = dict(RUN.evaluation.get("overrides", {}).get(benchmark, {}))
-    return overrides.pop("limit", RUN.evaluation.get("limit")), overrides
-
-
 def eval_backend(w):
-    """The run's evaluation backend; vLLM spreads the model over the GPUs the job is sized for (tensor
-    parallelism; computed by the sizing rule itself, not read back from resources, which is far cheaper).
-    A CPU job is sized for no GPU and runs vLLM's CPU build unsplit."""
-    backend = dict(RUN.evaluation.get("backend", {}))
-    if backend.get("name") == "vllm":
-        backend["tensor_parallel_size"] = max(1, sized_resources("evaluate", w).gpu)
-    return backend
+    """The run's evaluation backend for this job; vLLM spreads the model over the GPUs the job is sized for
+    (tensor parallelism, from the sizing rule itself)."""
+    return RUN.evaluation.backend_params(RUN.job_resources("evaluate", w.model, w.scheme, w.benchmark).gpu)
+
+
+def eval_env():
+    """The evaluate jobs' conda environment (--sdm conda): vLLM's for a vLLM backend, else quantbench's."""
+    return "../envs/vllm.yaml" if RUN.evaluation.backend.name == "vllm" else "../envs/quantbench.yaml"
 
 
 def tabulate_params(as_published):

@@ -1,4 +1,5 @@
-# evaluate: one lm-eval (or perplexity) job per (model, scheme, benchmark), writing one result JSON.
+# evaluate: one lm-eval (or perplexity) job per (model, scheme, benchmark), writing one result JSON. vLLM spreads
+# the model over the GPUs the job is sized for (tensor parallelism, from the sizing rule itself).
 
 
 rule evaluate:
@@ -7,12 +8,12 @@ rule evaluate:
     output:
         f"{R}/evals/{{model}}/{{scheme}}/{{benchmark}}.json",
     params:
-        spec=lambda w: BENCHMARKS[w.benchmark].with_overrides(eval_overrides(w.benchmark)[1]).to_dict(),
-        limit=lambda w: eval_overrides(w.benchmark)[0],
-        source=RUN.evaluation.get("source", "local"),
-        data_dir=RUN.evaluation.get("data_dir", "resources/data"),
-        backend=lambda w: eval_backend(w),
-        benchmarks_file=config.get("benchmarks_file", "config/benchmarks.yaml"),
+        spec=lambda w: RUN.benchmark(w.benchmark).to_dict(),
+        limit=lambda w: RUN.evaluation.limit_of(w.benchmark),
+        source=RUN.evaluation.source,
+        data_dir=str(RUN.evaluation.data_dir),
+        backend=eval_backend,
+        benchmarks_file=str(RUN.benchmarks_file),
     log:
         "logs/evaluate/{model}/{scheme}/{benchmark}.log",
     threads: threads_of("evaluate")
@@ -21,6 +22,6 @@ rule evaluate:
     benchmark:
         f"{R}/benchmarks/evaluate/{{model}}/{{scheme}}/{{benchmark}}.tsv"
     conda:
-        "../envs/vllm.yaml" if RUN.evaluation.get("backend", {}).get("name") == "vllm" else "../envs/quantbench.yaml"
+        eval_env()
     script:
         "../workflow/scripts/evaluate.py"

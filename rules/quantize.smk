@@ -10,8 +10,8 @@ rule quantize:
         directory(f"{R}/quantized/{{model}}/{{scheme}}"),
     params:
         scheme=lambda w: RUN.schemes[w.scheme].to_dict(),
-        device=config.get("quantization", {}).get("device", "auto"),
-        seed=config.get("quantization", {}).get("seed", 0),
+        device=RUN.quantization.device,
+        seed=RUN.quantization.seed,
     log:
         "logs/quantize/{model}/{scheme}.log",
     threads: threads_of("quantize")

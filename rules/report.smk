@@ -2,24 +2,24 @@
 # published recipe (compare.recipe), and the docs page, when configured (`compare:` and `docs:` in the
 # config; see config/seed.yaml).
 
-from quantbench.recipe import departures, load_recipe
+from quantbench.run.recipe import departures, load_recipe
 
-if "compare" in config:
+if RUN.compare:
     try:
-        RECIPE = load_recipe(config["compare"]["recipe"]) if "recipe" in config["compare"] else None
+        RECIPE = load_recipe(RUN.compare.recipe) if RUN.compare.recipe else None
     except QuantbenchError as exc:
         raise WorkflowError(f"invalid configuration: {exc}") from None
 
     rule compare:
         input:
             evals=lambda w: evals_of_table(w.table),
-            published=config["compare"]["published"],
+            published=str(RUN.compare.published),
         output:
             csv=compared("csv"),
             md=compared("md"),
             png=compared("png"),
         params:
-            tolerance=config["compare"].get("tolerance", 1.0),
+            tolerance=RUN.compare.tolerance,
             page_labels=lambda w: dict(RUN.table(w.table).published_labels),
             recipe=RECIPE.name if RECIPE else "",
             departures=lambda w: departures(RUN, RUN.table(w.table), RECIPE) if RECIPE else [],
@@ -32,16 +32,16 @@ if "compare" in config:
             "../workflow/scripts/compare.py"
 
 
-if "docs" in config:
+if RUN.docs:
 
     rule docs_page:
         input:
             tables=[f"{R}/tables/{t.name}.rst" for t in RUN.tables],
         output:
-            config["docs"]["path"],
+            str(RUN.docs.path),
         params:
-            title=config["docs"]["title"],
-            notes=config["docs"].get("notes", []),
+            title=RUN.docs.title,
+            notes=list(RUN.docs.notes),
             sections=[
                 {"title": t.options.get("section", t.name), "caption": t.caption, "note": t.options.get("note", "")}
                 for t in RUN.tables

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantbench.calibration import (
+from quantbench.calibration.samples import (
     load_calibration,
     read_records,
     save_calibration,
@@ -16,8 +16,8 @@ from quantbench.calibration import (
     tokenizer_fingerprint,
 )
 from quantbench.cli import main
-from quantbench.errors import QuantbenchError
-from quantbench.provenance import sha256_file
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.provenance import sha256_file
 
 
 @pytest.fixture(scope="module")

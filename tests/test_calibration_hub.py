@@ -21,18 +21,21 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from vlm_fixtures import save_tiny_vlm, tiny_processor, write_benchmark_fixtures
 
-from quantbench.calibration import calibrate_model, load_calibration, process_image_calibration, save_calibration
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.hubsets import HubImageSet, hub_image_records
-from quantbench.runconfig import load_run_config
+from quantbench.calibration.hubsets import HubImageSet, hub_image_records
+from quantbench.calibration.samples import (
+    calibrate_model,
+    load_calibration,
+    process_image_calibration,
+    save_calibration,
+)
+from quantbench.run.config import load_run_config
+from quantbench.util.errors import QuantbenchError
+from vlm_fixtures import save_tiny_vlm, tiny_processor, write_benchmark_fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
-BENCHMARKS = load_benchmarks(REPO / "config" / "benchmarks.yaml")
 COLUMNS = {"image": "image", "question": "query", "answer": "label"}  # ChartQA's column names
 
 
@@ -136,26 +139,26 @@ def config_with(calibration_set: dict) -> dict:
 )
 def test_config_names_a_bad_calibration_source(calibration_set, message):
     config = config_with(calibration_set)
-    jsonschema.validate(config, SCHEMA)  # shapes are fine: these are runconfig's checks, with their clear messages
+    jsonschema.validate(config, SCHEMA)  # shapes are fine: these are the run config's checks, with their clear messages
     with pytest.raises(QuantbenchError, match=message):
-        load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(config, base_dir=REPO)
 
 
 def test_config_reads_hub_sets_and_the_images_of_jsonl_sets(sets, tmp_path):
     hub = {"dataset": "HuggingFaceM4/ChartQA", "split": "train", "revision": "b605b6e08b57faf4359aeb2fe6a3ca595f99b6c5", **COLUMNS}
-    run = load_run_config(config_with({"hub": hub, "num_samples": 8}), base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(config_with({"hub": hub, "num_samples": 8}), base_dir=REPO)
     chart = run.calibration_sets["chart"]
     assert chart.source == HubImageSet(**hub) and chart.path is None and chart.images == () and chart.num_samples == 8
     assert chart.hub.to_dict() == hub
     with pytest.raises(jsonschema.ValidationError, match="'colum' was unexpected"):
         jsonschema.validate(config_with({"hub": {**hub, "colum": "x"}}), SCHEMA)
-    run = load_run_config(config_with({"path": str(sets["jsonl"])}), base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(config_with({"path": str(sets["jsonl"])}), base_dir=REPO)
     images = sets["jsonl"].parent / "images"
     assert run.calibration_sets["chart"].images == (images / "chart2.png", images / "chart3.png")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"image": "nowhere.png", "question": "?"}) + "\n", encoding="utf-8")
     with pytest.raises(QuantbenchError, match=r"calibration_sets\.chart\.path: .*broken\.jsonl names image\(s\) that do not exist: .*nowhere\.png"):
-        load_run_config(config_with({"path": str(broken)}), base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(config_with({"path": str(broken)}), base_dir=REPO)
 
 
 def snakemake(wd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -12,16 +12,14 @@ import pytest
 import torch
 import yaml
 
-from quantbench.calibration import load_calibration, save_calibration, tokenize_calibration
-from quantbench.calibspec import StreamSpec
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.runconfig import load_run_config
+from quantbench.calibration.samples import load_calibration, save_calibration, tokenize_calibration
+from quantbench.calibration.stream import StreamSpec
+from quantbench.run.config import load_run_config
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8"))
-BENCHMARKS = load_benchmarks(REPO / "config" / "benchmarks.yaml")
 ANGELSLIM = StreamSpec(selection="first-n", format="angelslim", padding="max-length-unmasked")
 
 
@@ -137,18 +135,18 @@ def test_a_model_names_a_calibration_set_per_scheme():
     model = dict(CONFIG["models"]["tinyqwen3-dense"], calibration={"FP8-Static": "long", "INT4-GPTQ": "short", "INT4-AWQ": "short"})
     config = _config(calibration_sets=sets, models={"tinyqwen3-dense": model})
     jsonschema.validate(config, SCHEMA)
-    run = load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(config, base_dir=REPO)
     assert run.calibration_of("tinyqwen3-dense", "FP8-Static").stream == StreamSpec("first-n", "angelslim", "max-length-unmasked")
     assert run.calibration_of("tinyqwen3-dense", "INT4-GPTQ").name == "short" and run.calibration_of("tinyqwen3-dense", "FP8-Dynamic") is None
     del model["calibration"]["INT4-AWQ"]
     with pytest.raises(QuantbenchError, match=r"models\.tinyqwen3-dense\.calibration: schemes \['INT4-AWQ'\] need calibration data"):
-        load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(config, base_dir=REPO)
     model["calibration"].update({"INT4-AWQ": "short", "INT4-RTN": "short"})
     with pytest.raises(QuantbenchError, match=r"unknown scheme 'INT4-RTN'"):
-        load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(config, base_dir=REPO)
     model["calibration"] = {"FP8-Static": "long", "INT4-GPTQ": "nowhere", "INT4-AWQ": "short"}
     with pytest.raises(QuantbenchError, match=r"unknown calibration set 'nowhere'"):
-        load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(config, base_dir=REPO)
 
 
 def test_stream_values_and_scheme_overrides_are_checked():
@@ -157,12 +155,12 @@ def test_stream_values_and_scheme_overrides_are_checked():
         jsonschema.validate(bad, SCHEMA)
     bad["models"]["tinyqwen3-dense"]["calibration"] = "g"
     with pytest.raises(QuantbenchError, match=r"calibration_sets\.g: calibration padding 'max-length' is not one of longest, "):
-        load_run_config(bad, base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(bad, base_dir=REPO)
     overrides = {"INT4-GPTQ": {"gptq": {"dead_columns": "zero"}}, "FP8-Static": {"calibration": {"experts": "routed"}}}
-    run = load_run_config(_config(scheme_overrides=overrides), base_dir=REPO, benchmarks=BENCHMARKS)
-    default = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(_config(scheme_overrides=overrides), base_dir=REPO)
+    default = load_run_config(CONFIG, base_dir=REPO)
     gptq, fp8 = run.schemes["INT4-GPTQ"], run.schemes["FP8-Static"]
-    assert gptq.gptq.dead_columns == "zero" and gptq.gptq.dampening == 0.01 and gptq.gptq.damping_retry == "multiply"
+    assert gptq.params.dead_columns == "zero" and gptq.params.dampening == 0.01 and gptq.params.damping_retry == "multiply"
     assert fp8.calibration.experts == "routed" and fp8.calibration.propagation == "quantized"
     assert {n: s for n, s in run.schemes.items() if n not in overrides} == {n: s for n, s in default.schemes.items() if n not in overrides}
     for overrides, message in [
@@ -171,17 +169,17 @@ def test_stream_values_and_scheme_overrides_are_checked():
         ({"FP9": {"algorithm": "rtn"}}, r"scheme_overrides: unknown scheme 'FP9'"),
     ]:
         with pytest.raises(QuantbenchError, match=message):
-            load_run_config(_config(scheme_overrides=overrides), base_dir=REPO, benchmarks=BENCHMARKS)
+            load_run_config(_config(scheme_overrides=overrides), base_dir=REPO)
 
 
 def test_chartqa_test_as_published_first_records_answer_then_generation_prompt_padded(tmp_path, monkeypatch):
     """The published Qwen2.5-VL calibration: ChartQA's test split (the split ChartQA_TEST scores), its first records in
     order, the answer turn followed by the generation prompt, padded to max_seq_len with every position counted."""
     import datasets
-    from vlm_fixtures import tiny_processor, write_benchmark_fixtures
 
-    from quantbench.calibration import process_image_calibration
-    from quantbench.hubsets import HubImageSet
+    from quantbench.calibration.hubsets import HubImageSet
+    from quantbench.calibration.samples import process_image_calibration
+    from vlm_fixtures import tiny_processor, write_benchmark_fixtures
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     jsonl = write_benchmark_fixtures(tmp_path / "files")["chartqa"]  # ChartQA test-style records

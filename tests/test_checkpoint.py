@@ -22,8 +22,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-from quantbench.errors import QuantbenchError
-from quantbench.export import (
+from quantbench.checkpoint.export import (
     PROVENANCE_FILE,
     WEIGHTS_INDEX_FILE,
     checkpoint_format,
@@ -32,12 +31,14 @@ from quantbench.export import (
     save_quantized,
     unpack_int4,
 )
-from quantbench.provenance import sha256_file
+from quantbench.checkpoint.load import load_model
+from quantbench.model.architectures import replace_module
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
-from quantbench.quant.rtn import replace_module, rtn_quantize_linear
-from quantbench.runtime import load_model
-from quantbench.schemes import Scheme, load_schemes
+from quantbench.quant.rtn import rtn_quantize_linear
+from quantbench.quant.schemes import Scheme, load_schemes
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.provenance import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")

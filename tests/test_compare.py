@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from quantbench.cells import collect_filter_scores
-from quantbench.compare import compare_cells, compare_filters, render_markdown, render_plot, write_comparison
-from quantbench.errors import QuantbenchError
-from quantbench.tables import load_long_csv
+from quantbench.report.cells import collect_filter_scores
+from quantbench.report.compare import compare_cells, compare_filters, render_markdown, render_plot, write_comparison
+from quantbench.report.tables import load_long_csv
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 T = "table-x"

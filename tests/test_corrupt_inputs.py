@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.download import fetch_model
-from quantbench.errors import QuantbenchError
+from quantbench.checkpoint.download import ModelSource, fetch_model
+from quantbench.checkpoint.load import load_model
+from quantbench.checkpoint.weightfiles import read_header
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.runner import evaluate_benchmark
+from quantbench.quant.quantize import quantize_checkpoint
 from quantbench.quant.resume import partial_dir
-from quantbench.quantize import quantize_checkpoint
-from quantbench.runconfig import ModelSource
-from quantbench.runtime import load_model
-from quantbench.schemes import load_schemes
-from quantbench.weightfiles import read_header
+from quantbench.quant.schemes import load_schemes
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "resources" / "models" / "tinyqwen3-dense"
@@ -157,8 +156,8 @@ def test_a_hub_revision_that_does_not_exist(tmp_path, monkeypatch, revision):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """The demo model quantized to INT4 (RTN: no data), as a checkpoint of several shards."""
-    from quantbench.export import save_quantized
-    from quantbench.quantize import quantize_model
+    from quantbench.checkpoint.export import save_quantized
+    from quantbench.quant.quantize import quantize_model
 
     model, tokenizer = load_model(DEMO)
     quantize_model(model, SCHEMES["INT4-RTN"], device="cpu")

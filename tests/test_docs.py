@@ -19,10 +19,10 @@ import docutils.core
 import docutils.nodes
 import pandas as pd
 import pytest
-from seed_results import published_cells, seed_workdir, true_benchmarks
 
-from quantbench.docs_page import PageSection, render_page
-from quantbench.errors import QuantbenchError
+from quantbench.report.docs_page import PageSection, render_page
+from quantbench.util.errors import QuantbenchError
+from seed_results import published_cells, seed_workdir, true_benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]

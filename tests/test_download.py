@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.download import fetch_model
-from quantbench.errors import QuantbenchError
-from quantbench.runconfig import ModelSource
+from quantbench.checkpoint.download import ModelSource, fetch_model
+from quantbench.util.errors import QuantbenchError
 
 DEMO = Path(__file__).resolve().parents[1] / "resources" / "models" / "tinyqwen3-dense"
 REV = "0123456789abcdef0123456789abcdef01234567"

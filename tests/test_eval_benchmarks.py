@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import get_benchmark, load_benchmarks, parse_benchmark
 from quantbench.evaluate.tasks import TEMPLATES_DIR, load_template
+from quantbench.util.errors import QuantbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = load_benchmarks(ROOT / "config" / "benchmarks.yaml")

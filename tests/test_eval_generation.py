@@ -14,12 +14,13 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from quantbench.checkpoint.load import share_input_quantizations
 from quantbench.evaluate.generation import GreedyDecoder, merged_generation_config
 from quantbench.evaluate.harness import QuantbenchHFLM
+from quantbench.model.architectures import replace_module
 from quantbench.quant import linear as quant_linear
-from quantbench.quant.rtn import replace_module, rtn_quantize_linear
-from quantbench.runtime import share_input_quantizations
-from quantbench.schemes import load_schemes
+from quantbench.quant.rtn import rtn_quantize_linear
+from quantbench.quant.schemes import load_schemes
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "resources" / "models" / "tinyqwen3-dense"

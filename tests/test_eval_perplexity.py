@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantbench.errors import QuantbenchError
+from quantbench.checkpoint.load import load_model
 from quantbench.evaluate.perplexity import read_rows, wikitext_perplexity
-from quantbench.runtime import load_model
+from quantbench.util.errors import QuantbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ROWS = ROOT / "resources" / "data" / "wikitext2" / "test.jsonl"

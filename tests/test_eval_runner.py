@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantbench.checkpoint import load as checkpoint_load
+from quantbench.checkpoint.load import load_model
 from quantbench.cli import main
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate import backend, harness
-from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.evaluate import harness
 from quantbench.evaluate.backend import Backend
+from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.results import checkpoint_hash, file_sha256
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.runtime import load_model
+from quantbench.util.errors import QuantbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "resources" / "data"
@@ -143,7 +144,7 @@ def _crashing_model(path, *, device="cpu", dtype=torch.float32):
 def test_crashing_model_is_a_clear_error_and_writes_nothing(
     name: str, dense_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backend, "load_model", _crashing_model)
+    monkeypatch.setattr(checkpoint_load, "load_model", _crashing_model)  # what Backend.load loads through
     out = tmp_path / f"{name}.json"
     with pytest.raises(QuantbenchError, match=rf"benchmark {name}: .*simulated kernel failure in layer 0"):
         run(dense_model_dir, name, out)

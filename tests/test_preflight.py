@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.export import save_quantized
-from quantbench.preflight import (
+from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.load import load_model
+from quantbench.checkpoint.preflight import (
     GIB,
     Headroom,
     Requirement,
@@ -25,11 +23,13 @@ from quantbench.preflight import (
     free_disk,
     quantize_requirements,
 )
+from quantbench.checkpoint.weightfiles import model_tensors
+from quantbench.evaluate.benchmarks import load_benchmarks
+from quantbench.evaluate.runner import evaluate_benchmark
+from quantbench.quant.quantize import quantize_checkpoint, quantize_model
 from quantbench.quant.resume import partial_dir
-from quantbench.quantize import quantize_checkpoint, quantize_model
-from quantbench.runtime import load_model
-from quantbench.schemes import load_schemes
-from quantbench.weightfiles import model_tensors
+from quantbench.quant.schemes import load_schemes
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "resources" / "models" / "tinyqwen3-dense"

@@ -9,17 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
-from quantbench.architectures import ARCHITECTURES
-from quantbench.calibration import Calibration
-from quantbench.errors import QuantbenchError
-from quantbench.export import save_quantized
-from quantbench.quant import sequential
+from quantbench.calibration.samples import Calibration
+from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.load import load_model
+from quantbench.model.architectures import ARCHITECTURES
+from quantbench.quant import gptq
 from quantbench.quant.linear import QuantLinear
-from quantbench.quantize import quantize_model
-from quantbench.runtime import load_model
-from quantbench.schemes import load_schemes
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import load_schemes
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")
@@ -116,11 +122,11 @@ def test_moe_layers_quantize_every_expert_and_reload(model_type: str, scheme: st
 
 @pytest.mark.slow
 def test_gptq_solves_experts_in_row_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The experts' shared-input group is solved in chunks of at most GPTQ_MAX_ROWS rows: same codes."""
+    """The experts' shared-input group is solved in chunks of at most gptq.MAX_ROWS rows: same codes."""
     config = AutoConfig.for_model("qwen3_moe", **TEXT, **MOE["qwen3_moe"])
     results = []
-    for max_rows in (sequential.GPTQ_MAX_ROWS, 200):  # 200 rows: q+k | v, one 128-row expert linear a chunk
-        monkeypatch.setattr(sequential, "GPTQ_MAX_ROWS", max_rows)
+    for max_rows in (gptq.MAX_ROWS, 200):  # 200 rows: q+k | v, one 128-row expert linear a chunk
+        monkeypatch.setattr(gptq, "MAX_ROWS", max_rows)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).eval()
         quantize_model(model, SCHEMES["INT4-GPTQ"], _calibration(256), device="cpu")

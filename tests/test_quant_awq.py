@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from quantbench.errors import QuantbenchError
 from quantbench.quant import awq, qdq
-from quantbench.schemes import AWQParams, QuantArgs
+from quantbench.quant.algorithms import AWQParams
+from quantbench.quant.schemes import QuantArgs
+from quantbench.util.errors import QuantbenchError
 
 INT4_ASYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=False)
 
@@ -141,7 +142,7 @@ def test_angelslim_search_picks_the_grid_point_with_least_attention_output_error
     import copy
 
     from quantbench.quant.capture import ModuleCall
-    from quantbench.schemes import parse_scheme
+    from quantbench.quant.schemes import parse_scheme
 
     layer, x, position_embeddings = _tiny_qwen3_layer()
     scheme = parse_scheme("A", {"weights": INT4_ASYM.to_dict(), "algorithm": "awq", "awq": {"style": "angelslim"}})
@@ -176,7 +177,7 @@ def test_angelslim_search_picks_the_grid_point_with_least_attention_output_error
 
 
 def test_angelslim_mappings_keep_norms_and_split_routed_experts_from_the_shared_mlp() -> None:
-    from quantbench.architectures import ARCHITECTURES
+    from quantbench.model.architectures import ARCHITECTURES
 
     stack = ARCHITECTURES["hunyuan_v1_moe"].language  # templated names suffice: prev types and the experts path matter
     prevs = [nn.Linear(4, 4) if m.prev.endswith("_proj") else Qwen3RMSNorm(4) for m in stack.smooth]

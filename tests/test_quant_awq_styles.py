@@ -21,13 +21,13 @@ import torch
 import yaml
 from torch import nn
 
-from quantbench.calibration import tokenize_calibration
-from quantbench.export import save_quantized
+from quantbench.calibration.samples import tokenize_calibration
+from quantbench.checkpoint.export import save_quantized
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
+from quantbench.quant.quantize import quantize_model
 from quantbench.quant.rtn import rtn_quantize_linear
-from quantbench.quantize import quantize_model
-from quantbench.schemes import Scheme, load_schemes, parse_scheme
+from quantbench.quant.schemes import Scheme, load_schemes, parse_scheme
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB_SAMPLES, CALIB_TOKENS = 8, 128
@@ -146,7 +146,7 @@ def test_moe_router_reads_the_folded_norm_only_in_the_angelslim_style(env: dict,
     """quantbench scales the router's input columns with the norm it folds into (routing kept up to rounding).
     AngelSlim leaves the router alone, so a folded scale reaches its logits, and its search scores that: on this
     fixture every smoothing candidate then loses to s = 1 and the experts are not smoothed at all."""
-    from quantbench.experts import unfuse_experts
+    from quantbench.model.experts import unfuse_experts
     from quantbench.quant.capture import capture_call
 
     model = _fresh(env, "tinyqwen3-moe")
@@ -187,7 +187,7 @@ def test_moe_router_reads_the_folded_norm_only_in_the_angelslim_style(env: dict,
 def test_seed_awq_writes_fp16_and_angelslim_minmax_parameters(env: dict, tmp_path: Path) -> None:
     seed = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
     scheme = load_schemes(REPO / "config" / "schemes.yaml", seed["scheme_overrides"])["INT4-AWQ"]
-    assert scheme.awq.style == "angelslim" and scheme.dtype == "float16"
+    assert scheme.params.style == "angelslim" and scheme.dtype == "float16"
     fixture = env["tinyqwen3-dense"]
     model, original = _fresh(env, "tinyqwen3-dense"), _fresh(env, "tinyqwen3-dense")
     model.model.layers = model.model.layers[:1]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from quantbench.cli import main
-from quantbench.provenance import sha256_file
+from quantbench.util.provenance import sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.errors import QuantbenchError
 from quantbench.quant import qdq
+from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.gptq import gptq_quantize_linears, gptq_solve
-from quantbench.schemes import GPTQParams, QuantArgs, Scheme
+from quantbench.quant.schemes import QuantArgs, Scheme
+from quantbench.util.errors import QuantbenchError
 
 INT4_SYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=True)
 INT4_ASYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=False)
@@ -99,11 +100,11 @@ def test_shared_hessian_group_solves_like_separate_modules() -> None:
     linears = [nn.Linear(128, rows, bias=False) for rows in (32, 16)]
     for linear in linears:
         linear.weight.data = torch.randn(linear.weight.shape, generator=gen)
-    scheme = Scheme(name="t", weights=INT4_SYM, algorithm="gptq", gptq=GPTQParams())
+    scheme = Scheme(name="t", weights=INT4_SYM, algorithm="gptq", params=GPTQParams())
     h = x.T @ x
     modules, notes = gptq_quantize_linears(linears, h, scheme)
     assert notes == []
     for linear, module in zip(linears, modules):
-        alone = gptq_solve(linear.weight.data, h, INT4_SYM, scheme.gptq)
+        alone = gptq_solve(linear.weight.data, h, INT4_SYM, scheme.params)
         assert torch.equal(module.weight_codes, alone.codes)
         assert torch.equal(module.weight_scale, alone.scale)

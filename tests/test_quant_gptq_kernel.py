@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from quantbench.quant import gptq, gptq_kernel
-from quantbench.schemes import GPTQParams, QuantArgs
+from quantbench.quant.algorithms import GPTQParams
+from quantbench.quant.schemes import QuantArgs
 
 pytestmark = pytest.mark.kernel
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ else "cpu")

@@ -19,15 +19,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quantbench.calibration import tokenize_calibration
+from quantbench.calibration.samples import tokenize_calibration
+from quantbench.checkpoint.export import WEIGHTS_FILE, checkpoint_format, quantized_modules, save_quantized
+from quantbench.checkpoint.load import load_model
 from quantbench.evaluate.perplexity import wikitext_perplexity
-from quantbench.experts import ExpertList, calibrate_all_experts, unfuse_experts
-from quantbench.export import WEIGHTS_FILE, checkpoint_format, quantized_modules, save_quantized
+from quantbench.model.experts import ExpertList, calibrate_all_experts, unfuse_experts
 from quantbench.quant.linear import QuantLinear
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import Scheme, load_schemes
 from quantbench.quant.stats import QuantStats
-from quantbench.quantize import quantize_model
-from quantbench.runtime import load_model
-from quantbench.schemes import Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, EXPERTS, TOP_K = 6, 8, 2
@@ -199,8 +199,8 @@ def test_transformers_loads_the_per_expert_checkpoint_into_fused_experts(env: di
 
 def test_checkpoint_provenance_reports_the_routed_tokens(env: dict, tmp_path: Path) -> None:
     """`quantbench_provenance.json` of a quantized MoE checkpoint holds each layer's routed-token counts."""
-    from quantbench.export import PROVENANCE_FILE
-    from quantbench.quantize import quantize_checkpoint
+    from quantbench.checkpoint.export import PROVENANCE_FILE
+    from quantbench.quant.quantize import quantize_checkpoint
 
     out = quantize_checkpoint(env["model_dir"], _scheme("FP8-Static"), tmp_path / "ckpt", calibration=env["calibration"], device="cpu")
     layers = json.loads((out / PROVENANCE_FILE).read_text())["quantization"]["layers"]

@@ -19,14 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.calibration import Calibration, tokenize_calibration
-from quantbench.errors import QuantbenchError
+from quantbench.calibration.samples import Calibration, tokenize_calibration
 from quantbench.evaluate.perplexity import read_rows, wikitext_perplexity
 from quantbench.quant.linear import QuantLinear
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import Scheme, load_schemes
 from quantbench.quant.sequential import PipelineOptions
 from quantbench.quant.stats import QuantStats
-from quantbench.quantize import quantize_model
-from quantbench.schemes import Scheme, load_schemes
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB_SAMPLES, CALIB_TOKENS = 16, 256
@@ -225,16 +225,16 @@ def test_activations_that_overflow_or_never_come_are_reported(env: dict) -> None
 )
 def test_a_group_that_saw_no_tokens_falls_back_and_says_so(env: dict, name: str, fallback: str) -> None:
     """A group no token reached (an MoE expert the router never chose) gets round-to-nearest, counted."""
-    from quantbench.architectures import get_architecture
+    from quantbench.model.architectures import get_architecture
     from quantbench.quant.observers import InputStats
-    from quantbench.quant.sequential import _Group, _quantize_group
+    from quantbench.quant.sequential import Group, _quantize_group
     from quantbench.quant.stats import GroupStats
 
     model, scheme = _fresh_model(env, 1), env["schemes"][name]
     block, stack = model.model.layers[0], get_architecture(model.config).language
     names = stack.groups[2]  # gate/up
     stats = InputStats.create(384, torch.device("cpu"), hessian=True, absmax=True, abs_sum=True)
-    group = _Group(names, stats, GroupStats(names))
+    group = Group(names, stats, GroupStats(names))
     modules = _quantize_group(block, group, stack, scheme)
     assert sorted(modules) == sorted(names)
     for module in modules.values():

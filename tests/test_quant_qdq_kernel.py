@@ -14,7 +14,7 @@ import torch
 
 from quantbench.quant import qdq, qdq_kernel
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import QuantArgs
+from quantbench.quant.schemes import QuantArgs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ else "cpu")
 pytestmark = pytest.mark.kernel

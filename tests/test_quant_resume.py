@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.calibration import load_calibration, save_calibration, tokenize_calibration
+from quantbench.calibration.samples import load_calibration, save_calibration, tokenize_calibration
 from quantbench.quant.resume import IDENTITY_FILE, LayerProgress, partial_dir, run_identity
+from quantbench.quant.schemes import Scheme, load_schemes
 from quantbench.quant.sequential import PipelineOptions
-from quantbench.schemes import Scheme, load_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")
@@ -38,8 +38,8 @@ import torch
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 from quantbench.quant import resume, sequential
-from quantbench.quantize import quantize_checkpoint
-from quantbench.schemes import scheme_from_dict
+from quantbench.quant.quantize import quantize_checkpoint
+from quantbench.quant.schemes import scheme_from_dict
 
 model, scheme, calib, out, kill = sys.argv[1:6]
 if kill != "-":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantbench.errors import QuantbenchError
 from quantbench.quant import qdq
-from quantbench.schemes import QuantArgs, Rounding, parse_scheme
+from quantbench.quant.schemes import QuantArgs, Rounding, parse_scheme
+from quantbench.util.errors import QuantbenchError
 
 INT8_CHANNEL = QuantArgs(type="int", num_bits=8, strategy="channel", symmetric=True)
 INT4_ASYM = QuantArgs(type="int", num_bits=4, strategy="group", group_size=32, symmetric=False)

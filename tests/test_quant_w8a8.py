@@ -13,7 +13,7 @@ import torch
 
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear, is_w8a8_int
-from quantbench.schemes import QuantArgs
+from quantbench.quant.schemes import QuantArgs
 
 INT8_TOKEN = QuantArgs(type="int", num_bits=8, strategy="token", symmetric=True, dynamic=True)
 INT8_CHANNEL = QuantArgs(type="int", num_bits=8, strategy="channel", symmetric=True)

@@ -9,20 +9,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from quantbench.compare import write_comparison
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.recipe import departures, load_recipe
-from quantbench.runconfig import load_run_config
+from quantbench.report.compare import write_comparison
+from quantbench.run.config import load_run_config
+from quantbench.run.recipe import departures, load_recipe
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
-BENCHMARKS = load_benchmarks(REPO / "config" / "benchmarks.yaml")
 RECIPE = load_recipe(REPO / SEED["compare"]["recipe"])
 
 
 def _departures(config: dict, table: str) -> list[str]:
-    run = load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(config, base_dir=REPO)
     return departures(run, run.table(table), RECIPE)
 
 

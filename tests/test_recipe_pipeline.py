@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.calibration import Calibration, tokenize_calibration
-from quantbench.calibspec import StreamSpec
-from quantbench.errors import QuantbenchError
-from quantbench.experts import ExpertList, unfuse_experts
+from quantbench.calibration.samples import Calibration, tokenize_calibration
+from quantbench.calibration.stream import StreamSpec
+from quantbench.model.experts import ExpertList, unfuse_experts
 from quantbench.quant import qdq
+from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.gptq import gptq_solve
 from quantbench.quant.linear import QuantLinear
-from quantbench.quantize import quantize_model
-from quantbench.schemes import CalibrationParams, GPTQParams, QuantArgs, Scheme, load_schemes
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import CalibrationParams, QuantArgs, Scheme, load_schemes
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")
@@ -213,8 +214,8 @@ def test_routed_gptq_solves_each_expert_on_its_own_tokens(moe, shared_dir):
     x = torch.cat(rows)
     assert x.shape[0] == stats.layers[0].expert_tokens["model.layers.0.mlp.experts"][3]
     weight = torch.cat([experts[3].gate_proj.weight, experts[3].up_proj.weight])
-    solved = gptq_solve(weight, x.T @ x, gptq.weights, gptq.gptq)
-    every = gptq_solve(weight, _all_rows_hessian(reference, moe), gptq.weights, gptq.gptq)
+    solved = gptq_solve(weight, x.T @ x, gptq.weights, gptq.params)
+    every = gptq_solve(weight, _all_rows_hessian(reference, moe), gptq.weights, gptq.params)
     got = torch.cat([model.get_submodule(f"model.layers.0.mlp.experts.3.{n}").weight_codes for n in ("gate_proj", "up_proj")])
     agree, agree_all = (float((got == r.codes).float().mean()) for r in (solved, every))
     print(f"\nrouted GPTQ codes agree with the routed-Hessian solve {agree:.4f}, with the all-token one {agree_all:.4f}")
@@ -302,7 +303,7 @@ def test_routed_calibration_runs_each_expert_on_its_real_tokens_only():
         module.weight.data = torch.randn(n_out, n_in, generator=gen)
         return module
 
-    from quantbench.experts import ExpertMLP
+    from quantbench.model.experts import ExpertMLP
 
     experts = ExpertList([ExpertMLP(linear(8, 6), linear(8, 6), linear(6, 8), nn.SiLU()) for _ in range(4)])
     hidden = torch.randn(10, 8, generator=gen)

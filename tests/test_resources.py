@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.resources import (
+from quantbench.quant.schemes import load_schemes
+from quantbench.run.sizing import (
     HF_GENERATE_RATES,
     HF_RATES,
     EvalRates,
@@ -23,7 +23,7 @@ from quantbench.resources import (
     load_workloads,
     runtime_for_attempt,
 )
-from quantbench.schemes import load_schemes
+from quantbench.util.errors import QuantbenchError
 
 SCHEMES = load_schemes(Path(__file__).resolve().parents[1] / "config" / "schemes.yaml")
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from seed_results import PUBLISHED, published_cells, true_benchmarks
 
-from quantbench.errors import QuantbenchError
+from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.recipe import departures, load_recipe
-from quantbench.runconfig import load_run_config
+from quantbench.run.config import load_run_config
+from quantbench.run.recipe import departures, load_recipe
+from quantbench.util.errors import QuantbenchError
+from seed_results import PUBLISHED, published_cells, true_benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8"))
@@ -30,14 +31,16 @@ HEAVY = ("torch", "transformers", "lm_eval", "vllm", "matplotlib", "datasets")
 
 
 def test_seed_config_is_the_published_page():
-    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(CONFIG, base_dir=REPO)
     assert len(run.models) == 25 and [t.name for t in run.tables] == list(dict.fromkeys(c["table"] for c in CELLS))
     for table in run.tables:
         cells = [c for c in CELLS if c["table"] == table.name]
         assert run.table_rows(table) == tuple(dict.fromkeys((c["model"], c["scheme"]) for c in cells))
         assert table.benchmarks == tuple(dict.fromkeys(c["benchmark"] for c in cells))
         assert run.table_cells(table) == [(c["model"], c["scheme"], c["benchmark"]) for c in cells]
-    assert run.evaluation == {"source": "hub", "limit": None, "backend": {"name": "vllm", "device": "cuda", "dtype": "auto"}}
+    evaluation = run.evaluation
+    assert (evaluation.source, evaluation.limit, evaluation.overrides) == ("hub", None, {})
+    assert evaluation.backend == Backend(name="vllm", device="cuda", dtype="auto")
 
 
 def test_seed_tables_have_the_pages_captions(shared_dir):
@@ -49,7 +52,7 @@ def test_seed_tables_have_the_pages_captions(shared_dir):
 
 def test_hunyuan_table_runs_the_benchmarks_its_numbers_came_from():
     """The page's CEVAL/MMLU/GSM8K/HUMANEVAL labels stay for the as-published rendering only."""
-    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(CONFIG, base_dir=REPO)
     hunyuan = run.table("table-Hunyuan-Instruct-performance")
     page = [c["benchmark"] for c in published_cells() if c["table"] == hunyuan.name]
     assert hunyuan.benchmarks == ("OlympiadBench", "AIME2024", "DROP", "GPQA-Diamond")
@@ -74,23 +77,23 @@ def test_labels_must_name_the_tables_benchmarks():
     config["tables"][0]["published_labels"]["CEVAL"] = "X"
     with pytest.raises(QuantbenchError, match=r"tables\[0\] \(table-Hunyuan-Instruct-performance\)\.published_labels: "
                                               r"unknown benchmark 'CEVAL'"):
-        load_run_config(config, base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(config, base_dir=REPO)
 
 
 def test_seed_schemes_are_angelslims_where_the_page_ran_otherwise():
     """seed.yaml's scheme_overrides select AngelSlim's AWQ and INT8 weight rounding; the others stay the file's."""
-    from quantbench.schemes import load_schemes, scheme_from_dict
+    from quantbench.quant.schemes import load_schemes, scheme_from_dict
 
-    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(CONFIG, base_dir=REPO)
     shared = load_schemes(REPO / "config" / "schemes.yaml")
     awq, int8 = run.schemes["INT4-AWQ"], run.schemes["INT8-Dynamic"]
-    assert (awq.awq.style, awq.awq.duo_scaling, awq.dtype) == ("angelslim", False, "float16")
+    assert (awq.params.style, awq.params.duo_scaling, awq.dtype) == ("angelslim", False, "float16")
     assert awq.calibration.propagation == "full-precision"
     assert (awq.rounding.asymmetric_range, awq.rounding.divide_in) == ("minmax", "weight_dtype")
     assert (int8.rounding.symmetric_scale, int8.rounding.divide_in) == ("qmax", "weight_dtype")
     assert run.schemes["INT8-Dynamic-ViT"].targets == ("language", "vision")
     assert all(scheme_from_dict(s.to_dict()) == s for s in (awq, int8))  # as the quantize rule receives them
-    assert shared["INT4-AWQ"].awq.style == "quantbench" and shared["INT8-Dynamic"].rounding.is_default
+    assert shared["INT4-AWQ"].params.style == "quantbench" and shared["INT8-Dynamic"].rounding.is_default
     assert {n for n in run.schemes if run.schemes[n] != shared.get(n)} == {
         "INT4-AWQ", "INT8-Dynamic", "INT8-Dynamic-ViT", "FP8-Static", "FP8-Static-ViT", "INT4-GPTQ"
     }
@@ -99,11 +102,11 @@ def test_seed_schemes_are_angelslims_where_the_page_ran_otherwise():
     broken = copy.deepcopy(CONFIG)
     broken["scheme_overrides"]["INT4-AWQ"]["awq"]["style"] = "autoawq"
     with pytest.raises(QuantbenchError, match="scheme 'INT4-AWQ'.awq: style must be one of"):
-        load_run_config(broken, base_dir=REPO, benchmarks=BENCHMARKS)
+        load_run_config(broken, base_dir=REPO)
 
 
 def test_models_are_pinned_hub_snapshots_where_a_revision_is_known():
-    sources = {name: entry.source for name, entry in load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS).models.items()}
+    sources = {name: entry.source for name, entry in load_run_config(CONFIG, base_dir=REPO).models.items()}
     assert sources["Qwen3-235B-A22B"].repo == "Qwen/Qwen3-235B-A22B"
     assert sources["Qwen2.5VL-7B"].repo == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert sources["DeepSeek-R1-Distill-Qwen-7B"].repo == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
@@ -121,7 +124,7 @@ def test_published_calibration_sets_are_shipped_byte_for_byte():
     }
     for name, digest in digests.items():
         assert hashlib.sha256((REPO / sets[name]["path"]).read_bytes()).hexdigest() == digest
-    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(CONFIG, base_dir=REPO)
     files = {(model, calib.path.name if calib.path else calib.hub.describe()) for model, entry in run.models.items()
              for calib in map(run.calibration_sets.get, entry.calibration.values())}
     assert {m for m, f in files if f == "sharegpt_gpt4_256.jsonl"} == {m for m in run.models if m.startswith("Hunyuan")}
@@ -130,7 +133,7 @@ def test_published_calibration_sets_are_shipped_byte_for_byte():
 
 
 def test_seed_config_departs_from_the_published_recipe_only_where_no_option_selects_it():
-    run = load_run_config(CONFIG, base_dir=REPO, benchmarks=BENCHMARKS)
+    run = load_run_config(CONFIG, base_dir=REPO)
     recipe = load_recipe(REPO / CONFIG["compare"]["recipe"])
     for table in run.tables:
         assert departures(run, table, recipe) == [f.text for f in recipe.fixed if f.concerns(table.name, run.table_rows(table))]

@@ -1,4 +1,4 @@
-"""FP8 checkpoints as vLLM serves them (quantbench.serving): AngelSlim's FP8-Dynamic layout written, dense
+"""FP8 checkpoints as vLLM serves them (quantbench.checkpoint.serving): AngelSlim's FP8-Dynamic layout written, dense
 inputs quantized per token, MoE experts sharing per-tensor input scales, and the MoE layouts vLLM refuses.
 
 The references are written out by hand here (fp8 quantize-dequantize as ``clamp(x / s) -> e4m3 -> * s``),
@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantbench.calibration import tokenize_calibration
-from quantbench.errors import QuantbenchError
-from quantbench.export import save_quantized
+from quantbench.calibration.samples import tokenize_calibration
+from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.load import load_model
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
-from quantbench.quantize import quantize_model
-from quantbench.runtime import load_model
-from quantbench.schemes import QuantArgs, load_schemes, parse_scheme
+from quantbench.quant.quantize import quantize_model
+from quantbench.quant.schemes import QuantArgs, load_schemes, parse_scheme
+from quantbench.util.errors import QuantbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMES = load_schemes(REPO / "config" / "schemes.yaml")

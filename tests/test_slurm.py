@@ -259,7 +259,7 @@ def test_a_job_that_outlives_its_time_limit_is_retried_with_more_time(slurm_clus
     """The first attempt gets 1 minute and is killed at its limit; the profile's retry gets 2 (the rules'
     runtime_for_attempt) and finishes. SLURM enforces limits in whole minutes, checked every ~30 s."""
     write_snakefile(tmp_path, """
-        from quantbench.resources import runtime_for_attempt
+        from quantbench.run.sizing import runtime_for_attempt
 
         rule quantize:
             output: "quantized.txt"
@@ -309,8 +309,8 @@ if os.environ.get("QB_PAUSE_AFTER_LAYER"):
 
 REFERENCE_QUANTIZE = """
 import sys
-from quantbench.quantize import quantize_checkpoint
-from quantbench.schemes import load_schemes
+from quantbench.quant.quantize import quantize_checkpoint
+from quantbench.quant.schemes import load_schemes
 model, scheme, calib, out = sys.argv[1:5]
 quantize_checkpoint(f"results/models/{model}", load_schemes("config/schemes.yaml")[scheme], out, calibration=calib,
                     device="cpu", seed=0)

@@ -15,10 +15,7 @@ import pytest
 import yaml
 from docutils import nodes
 
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import load_benchmarks
-from quantbench.runconfig import load_run_config
-from quantbench.tables import (
+from quantbench.report.tables import (
     TableSpec,
     load_long_csv,
     render_rst_table,
@@ -26,6 +23,8 @@ from quantbench.tables import (
     wide_table,
     write_tables,
 )
+from quantbench.run.config import load_run_config
+from quantbench.util.errors import QuantbenchError
 
 SEED_NAMES = [
     "table-Hunyuan-Instruct-performance",
@@ -172,8 +171,7 @@ def test_hunyuan_table_as_published_and_with_its_true_benchmarks(seed):
     workflow's results are): with the page's labels it is the page's block byte for byte; with its own labels
     the same cells sit under the true benchmarks' headers."""
     frame, _, page = seed
-    run = load_run_config(yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8")), base_dir=REPO,
-                          benchmarks=load_benchmarks(REPO / "config" / "benchmarks.yaml"))
+    run = load_run_config(yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8")), base_dir=REPO)
     table = run.table(HUNYUAN)
     benchmark_of = {label: benchmark for benchmark, label in table.published_labels.items()}
     results = frame.assign(benchmark=[benchmark_of.get(b, b) if t == HUNYUAN else b

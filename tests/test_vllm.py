@@ -32,12 +32,12 @@ import pytest
 import torch
 import yaml
 
+from quantbench.checkpoint.load import load_model
 from quantbench.cli import main
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import load_benchmarks
 from quantbench.evaluate.runner import evaluate_benchmark
 from quantbench.quant import qdq
-from quantbench.runtime import load_model
 from vlm_fixtures import save_tiny_vlm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantbench.cells import collect_cells
 from quantbench.cli import main
-from quantbench.errors import QuantbenchError
+from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import benchmark_from_dict, load_benchmarks, parse_benchmark
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.vlm_eval import lmms_eval_device, lmms_eval_model, question_prompt
 from quantbench.evaluate.vqa_metrics import MMMU_SEED, anls, mmmu_score, relaxed_correctness
-from quantbench.quantize import quantize_checkpoint
-from quantbench.schemes import load_schemes
-from quantbench.tables import TableSpec, write_tables
+from quantbench.quant.quantize import quantize_checkpoint
+from quantbench.quant.schemes import load_schemes
+from quantbench.report.cells import collect_cells
+from quantbench.report.tables import TableSpec, write_tables
+from quantbench.util.errors import QuantbenchError
 from vlm_fixtures import save_tiny_vlm, write_benchmark_fixtures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

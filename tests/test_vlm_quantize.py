@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from quantbench.calibration import Calibration, load_calibration, process_image_calibration
+from quantbench.calibration.samples import Calibration, load_calibration, process_image_calibration
+from quantbench.checkpoint.load import load_model
 from quantbench.cli import main
-from quantbench.errors import QuantbenchError
+from quantbench.model.vlm import image_text_inputs, load_processor, read_image_records
 from quantbench.quant.linear import QuantLinear
+from quantbench.quant.quantize import quantize_checkpoint, quantize_model
+from quantbench.quant.schemes import load_schemes
 from quantbench.quant.sequential import PipelineOptions, capture_packed_inputs
-from quantbench.quantize import quantize_checkpoint, quantize_model
-from quantbench.runtime import load_model
-from quantbench.schemes import load_schemes
-from quantbench.vlm import image_text_inputs, load_processor, read_image_records
+from quantbench.util.errors import QuantbenchError
 from vlm_fixtures import save_tiny_vlm, write_benchmark_fixtures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

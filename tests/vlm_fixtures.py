@@ -15,9 +15,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+from transformers import (
+    AutoConfig,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+)
 
-from quantbench.vlm import image_only_processor_class
+from quantbench.model.vlm import image_only_processor_class
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = (

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from quantbench import __version__
-from quantbench.calibspec import FORMATS, PADDINGS, SELECTIONS, StreamSpec
-from quantbench.errors import QuantbenchError
+from quantbench.calibration.stream import FORMATS, PADDINGS, SELECTIONS, StreamSpec
+from quantbench.util.errors import QuantbenchError
 
 
 def _add_tabulate(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def _add_tabulate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_tabulate(args: argparse.Namespace) -> int:
-    from quantbench.tables import load_long_csv, write_tables
+    from quantbench.report.tables import load_long_csv, write_tables
 
     for path in write_tables(load_long_csv(args.from_csv), args.out):
         print(path)
@@ -74,8 +74,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from quantbench.evaluate.benchmarks import get_benchmark, load_benchmarks
     from quantbench.evaluate.backend import Backend
+    from quantbench.evaluate.benchmarks import get_benchmark, load_benchmarks
     from quantbench.evaluate.runner import evaluate_benchmark
 
     spec = get_benchmark(load_benchmarks(args.benchmarks), args.benchmark)
@@ -140,7 +140,7 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from quantbench.calibration import calibrate_model, save_calibration
+    from quantbench.calibration.samples import calibrate_model, save_calibration
 
     calibration = calibrate_model(args.model, args.data, args.num_samples, args.max_seq_len, seed=args.seed, stream=_stream(args))
     save_calibration(calibration, args.out)
@@ -172,10 +172,10 @@ def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from quantbench.calibration import calibrate_model
+    from quantbench.calibration.samples import calibrate_model
+    from quantbench.quant.quantize import quantize_checkpoint
+    from quantbench.quant.schemes import get_scheme, load_schemes
     from quantbench.quant.sequential import PipelineOptions
-    from quantbench.quantize import quantize_checkpoint
-    from quantbench.schemes import get_scheme, load_schemes
 
     scheme = get_scheme(load_schemes(args.schemes), args.scheme)
     calibration = args.calib

@@ -1,9 +1,9 @@
 """Snakemake entry point of rule calibrate: a calibration set (JSONL or Hub split) through the model's tokenizer or processor."""
 
-from quantbench.calibration import calibrate_model, save_calibration
-from quantbench.calibspec import StreamSpec
-from quantbench.hubsets import HubImageSet
-from quantbench.joblog import job_log
+from quantbench.calibration.hubsets import HubImageSet
+from quantbench.calibration.samples import calibrate_model, save_calibration
+from quantbench.calibration.stream import StreamSpec
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

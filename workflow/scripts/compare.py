@@ -1,9 +1,9 @@
 """Snakemake entry point of rule compare: one table's reproduced cells against the published ones."""
 
-from quantbench.cells import collect_cells, collect_filter_scores
-from quantbench.compare import write_comparison
-from quantbench.joblog import job_log
-from quantbench.tables import load_long_csv
+from quantbench.report.cells import collect_cells, collect_filter_scores
+from quantbench.report.compare import write_comparison
+from quantbench.report.tables import load_long_csv
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from quantbench.docs_page import PageSection, write_page
-from quantbench.joblog import job_log
+from quantbench.report.docs_page import PageSection, write_page
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

@@ -1,8 +1,7 @@
 """Snakemake entry point of rule download: fetch one model into results/models/{model}."""
 
-from quantbench.download import fetch_model
-from quantbench.joblog import job_log
-from quantbench.runconfig import ModelSource
+from quantbench.checkpoint.download import ModelSource, fetch_model
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

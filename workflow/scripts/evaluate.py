@@ -6,8 +6,8 @@ this script again (as ``__mp_main__``, without Snakemake's ``snakemake`` object)
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import benchmark_from_dict
 from quantbench.evaluate.runner import evaluate_benchmark
-from quantbench.joblog import job_log
-from quantbench.preflight import headroom_from
+from quantbench.run.config import preflight_of
+from quantbench.util.joblog import job_log
 
 if __name__ == "__main__":
     smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
@@ -23,5 +23,5 @@ if __name__ == "__main__":
             backend=Backend(**smk.params.backend),
             limit=smk.params.limit,
             benchmarks_file=smk.params.benchmarks_file,
-            headroom=headroom_from(**smk.config.get("preflight", {})),  # not a param: editing it reruns nothing
+            headroom=preflight_of(smk.config).headroom,  # not a param: editing it reruns nothing
         )

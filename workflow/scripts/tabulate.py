@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from quantbench.cells import collect_cells
-from quantbench.joblog import job_log
-from quantbench.tables import TableSpec, write_tables
+from quantbench.report.cells import collect_cells
+from quantbench.report.tables import TableSpec, write_tables
+from quantbench.util.joblog import job_log
 
 smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 

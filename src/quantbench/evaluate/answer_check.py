@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 
 DEFAULT_TOLERANCE = 1e-8
 _MARGIN = 1.01  # the authors compare |difference| <= tolerance * 1.01

@@ -1,15 +1,20 @@
-"""Where and how a model runs for evaluation: backend (hf or vllm), device, dtype, batch size, threads."""
+"""Where and how a model runs for evaluation: backend (hf or vllm), device, dtype, batch size, threads.
+
+Plain data at import (torch loads when a model does), so the run config holds a :class:`Backend` (the
+``evaluation.backend`` section) and the workflow's DAG build reads it cheaply.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from quantbench.util.errors import QuantbenchError
 
-from quantbench.errors import QuantbenchError
-from quantbench.runtime import load_model
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BACKENDS = ("hf", "vllm")
 
@@ -34,6 +39,10 @@ class Backend:
 
     def load(self, model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The model and tokenizer of ``model_dir`` through quantbench's runtime, with ``threads`` applied."""
+        import torch
+
+        from quantbench.checkpoint.load import load_model
+
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         return load_model(model_dir, device=self.device, dtype=self.torch_dtype)
@@ -46,6 +55,8 @@ class Backend:
     @property
     def torch_dtype(self) -> torch.dtype:
         """``auto``: float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""
+        import torch
+
         if self.dtype == "auto":
             return torch.float32 if self.device == "cpu" else torch.bfloat16
         value = getattr(torch, self.dtype, None)

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from quantbench.errors import QuantbenchError
-from quantbench.specfile import build_spec, read_section
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.specfile import build_spec, read_section
 
 SCORERS = ("lm_eval", "sandbox")
 VLM_SCORERS = ("anls", "relaxed", "mmmu")

@@ -1,7 +1,7 @@
 """Score one benchmark through lm-eval's Python API: the lm-eval model for a backend, ``simple_evaluate``,
 the configured metric (or the generated programs scored in the sandbox).
 
-Backends: ``hf`` wraps the model object of :func:`quantbench.runtime.load_model` (plain or simulated-
+Backends: ``hf`` wraps the model object of :func:`quantbench.checkpoint.load.load_model` (plain or simulated-
 quantization checkpoints) in lm-eval's HFLM, whose greedy generations run through
 :class:`quantbench.evaluate.generation.GreedyDecoder` (the tokens ``generate`` gives, several times faster
 on a GPU); ``vllm`` is lm-eval's vLLM backend on the checkpoint path, where the vllm package is installed.
@@ -27,13 +27,13 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from lm_eval.tasks import TaskManager
 
-from quantbench.errors import QuantbenchError
 from quantbench.evaluate import sandbox
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import BenchmarkSpec, LmEvalSettings
 from quantbench.evaluate.generation import GreedyDecoder, merged_generation_config
 from quantbench.evaluate.results import Outcome
 from quantbench.evaluate.tasks import builtin_task_manager, leaf_tasks, task_name, task_version
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from quantbench.errors import QuantbenchError
 from quantbench.evaluate.answer_check import DEFAULT_TOLERANCE, answers_match
+from quantbench.util.errors import QuantbenchError
 
 SUBJECTS = {"math": "Math", "phys": "Physics"}  # the record's subject, by its lower-case start -> the prompt's
 ANSWER_TYPES = {

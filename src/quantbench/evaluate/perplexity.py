@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 
 
 def read_rows(path: str | Path, field: str = "text") -> list[str]:

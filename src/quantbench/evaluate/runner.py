@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from quantbench import __version__
-from quantbench.errors import QuantbenchError
-from quantbench.evaluate.benchmarks import BenchmarkSpec
+from quantbench.checkpoint.preflight import Headroom, check_requirements, evaluate_requirements
 from quantbench.evaluate.backend import Backend
+from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.evaluate.perplexity import read_rows, wikitext_perplexity
 from quantbench.evaluate.results import Outcome, checkpoint_hash, file_sha256, reproduce_command, versions
-from quantbench.io import atomic_write_json
-from quantbench.preflight import Headroom, check_requirements, evaluate_requirements
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +34,27 @@ def evaluate_benchmark(
     model_name: str,
     scheme_name: str | None = None,
     source: str = "local",
-    data_dir: str | Path = "resources/data",
+    data_dir: str | Path | None = None,
     backend: Backend | None = None,
     limit: int | None = None,
-    benchmarks_file: str | Path = "config/benchmarks.yaml",
+    benchmarks_file: str | Path | None = None,
     headroom: Headroom = Headroom(),
 ) -> dict[str, Any]:
     """Score ``model_dir`` on ``spec`` and write the result JSON to ``out_path``; return the result.
 
-    ``source``: ``local`` (the project's tasks over the JSONL files in ``data_dir``) or ``hub``
+    ``source``: ``local`` (the project's tasks over the JSONL files in ``data_dir``, which it needs) or ``hub``
     (lm-eval's built-in task and dataset). ``limit``: score only the first N items of each lm-eval task
-    (per subject for grouped benchmarks; perplexity: the first N windows). ``benchmarks_file`` is only
-    recorded, in the command that reproduces the result. Before the model is loaded, free disk and host memory
-    are checked (:mod:`quantbench.preflight`; ``headroom``: what must stay free beyond the need).
+    (per subject for grouped benchmarks; perplexity: the first N windows). ``benchmarks_file`` (the file
+    ``spec`` came from) is only recorded, in the command that reproduces the result. Before the model is loaded, free disk and host memory
+    are checked (:mod:`quantbench.checkpoint.preflight`; ``headroom``: what must stay free beyond the need).
     """
     started = time.perf_counter()
     backend = backend or Backend()
     model_dir = Path(model_dir)
     if source not in SOURCES:
         raise QuantbenchError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
+    if source == "local" and data_dir is None:
+        raise QuantbenchError(f"benchmark {spec.name}: the local data source reads JSONL files; pass their folder (--data-dir)")
     if limit is not None and limit < 1:
         raise QuantbenchError(f"limit must be a positive number of items, got {limit}")
     if not (model_dir / "config.json").is_file():
@@ -131,7 +133,7 @@ def evaluate_benchmark(
     return result
 
 
-def _data_provenance(spec: BenchmarkSpec, source: str, data_dir: str | Path) -> dict[str, Any]:
+def _data_provenance(spec: BenchmarkSpec, source: str, data_dir: str | Path | None) -> dict[str, Any]:
     if source == "hub":
         if spec.lm_eval is not None and spec.lm_eval.hub_task is None:
             return {"source": "hub", "datasets": {split: dict(kw) for split, kw in spec.lm_eval.hub_data.items()}}
@@ -162,7 +164,7 @@ def _backend_record(backend: Backend) -> dict[str, Any]:
 
 
 def _perplexity(
-    model_dir: Path, spec: BenchmarkSpec, source: str, data_dir: str | Path, backend: Backend, limit: int | None
+    model_dir: Path, spec: BenchmarkSpec, source: str, data_dir: str | Path | None, backend: Backend, limit: int | None
 ) -> Outcome:
     settings = spec.perplexity
     if source == "local":

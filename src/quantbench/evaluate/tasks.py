@@ -36,8 +36,8 @@ from lm_eval.api.samplers import ContextSampler
 from lm_eval.api.task import ConfigurableTask, Task
 from lm_eval.tasks import TaskManager
 
-from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

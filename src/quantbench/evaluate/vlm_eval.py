@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from quantbench import __version__
-from quantbench.errors import QuantbenchError
+from quantbench.checkpoint.load import load_model
 from quantbench.evaluate.backend import Backend
 from quantbench.evaluate.benchmarks import BenchmarkSpec
 from quantbench.evaluate.results import Outcome
 from quantbench.evaluate.vqa_metrics import MMMU_SEED, anls, mmmu_score, option_letters, relaxed_correctness
-from quantbench.runtime import load_model
-from quantbench.vlm import image_text_inputs, load_processor, read_image_records
+from quantbench.model.vlm import image_text_inputs, load_processor, read_image_records
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

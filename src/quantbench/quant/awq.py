@@ -50,19 +50,25 @@ Norms must compute ``weight * f(x)`` (Qwen, Llama); others (Gemma's ``1 + weight
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from quantbench.architectures import SmoothMapping
-from quantbench.errors import QuantbenchError
+from quantbench.model.architectures import BlockStack, SmoothMapping
 from quantbench.quant import qdq
+from quantbench.quant.algorithms import AWQParams
 from quantbench.quant.capture import ModuleCall, replay, to_device
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import AWQParams, QuantArgs, Rounding, Scheme
+from quantbench.quant.schemes import QuantArgs, Rounding, Scheme
+from quantbench.util.errors import QuantbenchError
+
+if TYPE_CHECKING:
+    from quantbench.quant.sequential import Group
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +186,7 @@ def angelslim_mappings(mappings: Sequence[SmoothMapping], prevs: Sequence[nn.Mod
             continue
         if mapping.block is None:
             raise QuantbenchError(f"AWQ mapping {mapping.prev} -> {mapping.linears} names no block for AngelSlim's "
-                                  "block-output loss; set its block in quantbench.architectures")
+                                  "block-output loss; set its block in quantbench.model.architectures")
         routed = tuple(n for n in mapping.linears if experts is not None and n.startswith(f"{experts}."))
         others = tuple(n for n in mapping.linears if n not in routed)
         kept += [replace(mapping, linears=part) for part in (others, routed) if part]
@@ -223,7 +229,7 @@ def search_block_scales(
     ref_norm = float(sum(_squared_error(y, torch.zeros_like(y), call.mask) for y, call in zip(reference, calls)))
     best_loss, best = float("inf"), torch.ones_like(x_mean)
     try:
-        for scales in candidate_scales(x_mean, None, scheme.awq):
+        for scales in candidate_scales(x_mean, None, scheme.params):
             for linear, weight in zip(linears, originals):
                 linear.weight.data = _fake_quant_scaled(weight, scales, scheme.weights, scheme.rounding)
             errors = [_squared_error(replay(block, _divided_call(call, scales, device), device), y, call.mask)
@@ -294,7 +300,7 @@ def awq_quantize_linear(
         raise ValueError(f"scheme {scheme.name} quantizes no weights")
     weight = linear.weight.data
     if hessian is not None and args.strategy in ("channel", "group"):
-        scale, zero_point = clip_qparams(weight, hessian, args, scheme.awq, scheme.rounding)
+        scale, zero_point = clip_qparams(weight, hessian, args, scheme.params, scheme.rounding)
     else:
         scale, zero_point = qdq.weight_qparams(weight, args, rounding=scheme.rounding)
     return QuantLinear.from_weight(
@@ -307,3 +313,71 @@ def awq_quantize_linear(
         input_scale=input_scale,
         bias=None if linear.bias is None else linear.bias.data,
     )
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """AWQ's smoothing of one block (the sequential pipeline's step b): the mappings it searches and folds."""
+
+    mappings: tuple[SmoothMapping, ...]
+    block_loss: bool  # the ``angelslim`` style: candidates scored on the output of each mapping's ``block``
+
+    @classmethod
+    def for_block(cls, block: nn.Module, name: str, stack: BlockStack, scheme: Scheme) -> Smoothing:
+        """The stack's mappings that apply to ``block`` (a linear ``prev`` must match the inputs' width), or, for
+        the ``angelslim`` style, those AngelSlim applies (:func:`angelslim_mappings`)."""
+        mappings = []
+        for mapping in stack.smooth:
+            prev = block.get_submodule(mapping.prev)
+            width = block.get_submodule(mapping.linears[0]).in_features
+            if isinstance(prev, nn.Linear) and prev.out_features != width:
+                log.debug("%s: skip AWQ mapping %s -> %s (%d outputs feed %d inputs)", name, mapping.prev, mapping.linears, prev.out_features, width)
+                continue
+            check_foldable(prev, f"{name}.{mapping.prev}")
+            mappings.append(mapping)
+        block_loss = scheme.params.style == "angelslim"
+        if block_loss:
+            mappings = angelslim_mappings(mappings, [block.get_submodule(m.prev) for m in mappings], stack.experts)
+        return cls(tuple(mappings), block_loss)
+
+    @property
+    def linears(self) -> set[str]:
+        """The linears whose input the scales divide (their groups need the input's mean ``|x|``)."""
+        return {n for m in self.mappings for n in m.linears}
+
+    @property
+    def recorded(self) -> list[str]:
+        """The modules whose calls the block's calibration pass records for the search (the block-output loss)."""
+        return list(dict.fromkeys(m.block for m in self.mappings)) if self.block_loss else []
+
+    def apply(
+        self, block: nn.Module, groups: Sequence[Group], scheme: Scheme, recorded: dict[str, list[ModuleCall]], device: torch.device
+    ) -> None:
+        """Search, fold and record the scales of each mapping, in order (``block_loss``: every mapping searched on
+        the original weights, on the ``recorded`` calls of its block, then all folded)."""
+        group_of = {n: g for g in groups for n in g.names}
+        searched = []
+        for mapping in self.mappings:
+            group = group_of[mapping.linears[0]]
+            if group.stats.tokens == 0:
+                group.report.fallbacks.append("no calibration tokens: AWQ smoothing skipped (plain round-to-nearest)")
+                continue
+            start = time.perf_counter()
+            linears = [block.get_submodule(n) for n in mapping.linears]
+            if self.block_loss:
+                found, error = search_block_scales(
+                    block.get_submodule(mapping.block), recorded[mapping.block], linears, group.stats.mean_abs(), scheme, device
+                )
+                searched.append((mapping, group, found))
+            else:
+                found, error = search_scales(
+                    linears, group.stats.mean_abs(), group.stats.hessian, scheme.weights, scheme.params, scheme.rounding
+                )
+                routers = [block.get_submodule(n) for n in mapping.unquantized]
+                apply_scales(block.get_submodule(mapping.prev), linears, found, routers)
+                group.stats.divide(found)
+            group.report.search_error = max(error, group.report.search_error or 0.0)  # a group's worst mapping
+            group.report.seconds += time.perf_counter() - start
+        for mapping, group, found in searched:  # AngelSlim folds after all searches, routers left as they are
+            apply_scales(block.get_submodule(mapping.prev), [block.get_submodule(n) for n in mapping.linears], found)
+            group.stats.divide(found)

@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantbench.errors import QuantbenchError
 from quantbench.quant import gptq_kernel, qdq
+from quantbench.quant.algorithms import GPTQParams
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import GPTQParams, QuantArgs, Scheme
+from quantbench.quant.schemes import QuantArgs, Scheme
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 
 MAX_DAMPENING = 1.0  # the largest damping (fraction of mean(diag(H))) tried before giving up
 TRIANGULAR_BLOCK = 1024  # widths up to this are inverted by one triangular solve, wider ones by halves
+MAX_ROWS = 32768  # weight rows solved in one call (the experts of a MoE layer share one Hessian)
 
 
 @dataclass
@@ -210,11 +212,39 @@ def gptq_quantize_linears(
     """Solve linears that share one input (and so one Hessian); return their QuantLinear replacements and notes.
 
     With channel or group parameters the weights are stacked row-wise and solved once (rows are independent
-    given H); a per-tensor scale belongs to each weight, so those are solved one by one.
+    given H), in runs of at most :data:`MAX_ROWS` rows; a per-tensor scale belongs to each weight, so those are
+    solved one by one.
     """
-    args, params = scheme.weights, scheme.gptq
-    if args is None:
+    if scheme.weights is None:
         raise ValueError(f"scheme {scheme.name} quantizes no weights")
+    modules: list[QuantLinear] = []
+    notes: list[str] = []
+    for chunk in _row_chunks(linears, MAX_ROWS):
+        solved, found = _solve_linears(chunk, hessian, scheme, input_scale)
+        modules += solved
+        notes += [note for note in found if note not in notes]
+    return modules, notes
+
+
+def _row_chunks(linears: Sequence[nn.Linear], max_rows: int) -> Iterator[list[nn.Linear]]:
+    """Consecutive runs of ``linears`` of at most ``max_rows`` output rows (a single larger linear alone)."""
+    chunk: list[nn.Linear] = []
+    rows = 0
+    for linear in linears:
+        if chunk and rows + linear.out_features > max_rows:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(linear)
+        rows += linear.out_features
+    if chunk:
+        yield chunk
+
+
+def _solve_linears(
+    linears: Sequence[nn.Linear], hessian: torch.Tensor, scheme: Scheme, input_scale: torch.Tensor | None
+) -> tuple[list[QuantLinear], list[str]]:
+    """:func:`gptq_quantize_linears` for one run of rows."""
+    args, params = scheme.weights, scheme.params
     if args.strategy == "tensor":
         parts = [(linear, gptq_solve(linear.weight.data, hessian, args, params), slice(None)) for linear in linears]
         scale_rows = False

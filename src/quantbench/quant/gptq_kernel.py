@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from quantbench.quant.schemes import QuantArgs
 from quantbench.quant.triton_support import available, tl, triton
-from quantbench.schemes import QuantArgs
 
 __all__ = ["BLOCK_ROWS", "available", "quantize_columns"]
 

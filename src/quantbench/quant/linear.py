@@ -7,7 +7,7 @@ runtime rebuilds it from a checkpoint, so the weights a test evaluates are the w
 It computes as vLLM's kernels do: int8 weights with int8 inputs (W8A8) multiply the integer codes exactly and
 apply the scales in float32 (:func:`qdq.scaled_int_matmul`); every other scheme computes
 ``linear(qdq(x), dequant(codes))``, with ``qdq`` as vLLM runs the stored config
-(:func:`quantbench.serving.served_input_args`: dynamic fp8 inputs per token) or with a per-tensor scale the
+(:func:`quantbench.checkpoint.serving.served_input_args`: dynamic fp8 inputs per token) or with a per-tensor scale the
 caller gives (vLLM's fused MoE shares one across experts). On CUDA the inputs' quantization runs as one
 fused kernel (:mod:`quant.qdq_kernel`, bit-identical to :mod:`quant.qdq`'s torch code), and linears that
 read one input tensor with the same activation args (q/k/v; gate/up) can share its quantize-dequantize
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantbench.checkpoint.serving import served_input_args
 from quantbench.quant import qdq, qdq_kernel
-from quantbench.schemes import QuantArgs
-from quantbench.serving import served_input_args
+from quantbench.quant.schemes import QuantArgs
 
 
 def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> torch.Tensor:

@@ -6,7 +6,7 @@ Conventions follow compressed-tensors so that exported checkpoints mean what thi
   an asymmetric zero point lives in that same signed range. ``dequant = (q - zero_point) * scale``.
 - Weight scales: symmetric ``amax / ((qmax - qmin) / 2)``; asymmetric ``(max - min) / (qmax - qmin)`` with
   the range widened to include 0. A zero range gives scale 1 (never 0, NaN or Inf). A scheme's
-  :class:`~quantbench.schemes.Rounding` can pick AngelSlim's formulas instead (``amax / qmax``; the raw
+  :class:`~quantbench.quant.schemes.Rounding` can pick AngelSlim's formulas instead (``amax / qmax``; the raw
   ``[min, max]`` range; codes from the quotient rounded to the weight's dtype).
 - Scales are rounded to their storage dtype *before* the codes are computed, so that dequantizing the stored
   tensors reproduces the simulated weights exactly: int scales use the model dtype, fp8 scales float32.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantbench.schemes import QuantArgs, Rounding
+from quantbench.quant.schemes import QuantArgs, Rounding
 
 COMPRESSED_TENSORS = Rounding()  # the default rounding: compressed-tensors' conventions
 

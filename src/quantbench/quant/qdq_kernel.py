@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 
 from quantbench.quant.qdq import FP8_MAX
+from quantbench.quant.schemes import QuantArgs
 from quantbench.quant.triton_support import available, tl, triton
-from quantbench.schemes import QuantArgs
 
 __all__ = ["available", "fake_quantize_activation", "int_activation_codes", "scale_int_sums", "supports"]
 

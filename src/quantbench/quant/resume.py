@@ -1,7 +1,7 @@
 """Per-layer progress of a quantization run, kept beside its output so that a killed run resumes.
 
 A run that writes its checkpoint to ``out`` keeps its progress in ``out.partial/`` (:func:`partial_dir`),
-a sibling: ``out`` itself appears only once complete (:func:`quantbench.io.atomic_dir`), and a workflow
+a sibling: ``out`` itself appears only once complete (:func:`quantbench.util.io.atomic_dir`), and a workflow
 manager that deletes the outputs of a failed job leaves the sibling alone. The directory holds
 
 - ``identity.json``: what the run quantizes (:func:`run_identity`: the model's files, the scheme, the
@@ -9,7 +9,7 @@ manager that deletes the outputs of a failed job leaves the sibling alone. The d
   whose identity differs from the new run's is discarded, with a log line naming what changed;
 - ``<stack>.<index:05d>.safetensors`` per finished block, written atomically once the block is
   quantized (in a background thread, so that the next block does not wait for the disk): the block's
-  tensors, its quantized linears in the checkpoint layout of :mod:`quantbench.export` (int4 packed),
+  tensors, its quantized linears in the checkpoint layout of :mod:`quantbench.checkpoint.export` (int4 packed),
   and as metadata the block's statistics, the names of its quantized linears and a checksum of the
   calibration activations it passed on to the next block.
 
@@ -40,17 +40,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from quantbench.architectures import BlockStack
-from quantbench.calibration import Calibration
-from quantbench.errors import QuantbenchError
-from quantbench.export import decompress_quantized_linear, module_tensors
-from quantbench.io import atomic_write_json
-from quantbench.provenance import package_versions, sha256_file
+from quantbench.calibration.samples import Calibration
+from quantbench.checkpoint.export import decompress_quantized_linear, module_tensors
+from quantbench.model.architectures import BlockStack, replace_module
 from quantbench.quant.capture import ModuleCall
 from quantbench.quant.linear import QuantLinear
-from quantbench.quant.rtn import replace_module
+from quantbench.quant.schemes import Scheme
 from quantbench.quant.stats import GroupStats, LayerStats
-from quantbench.schemes import Scheme
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_write_json
+from quantbench.util.provenance import package_versions, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import Scheme
+from quantbench.quant.schemes import Scheme
 
 
 def rtn_quantize_linear(
@@ -33,9 +33,3 @@ def rtn_quantize_linear(
         bias=None if linear.bias is None else linear.bias.data,
     )
 
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Swap the submodule at dotted path ``name`` of ``root`` for ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

@@ -9,10 +9,12 @@
 2. For each block i, on the compute device (the rest of the model stays where it was; block i+1 is
    copied there meanwhile, :mod:`quant.prefetch`):
    a. run the unquantized block on every chunk, keeping its outputs (the reference) while hooks feed one
-      :class:`InputStats` per shared-input group (Hessian, |x| sums, ranges; padding never counted), and,
-      for AWQ's ``angelslim`` style, record the calls of the modules its block-output loss replays;
-   b. AWQ only: search and fold smoothing scales, mapping by mapping (:mod:`quant.awq`);
-   c. quantize every target (RTN, GPTQ per group, AWQ's rounding) and swap it for a QuantLinear;
+      :class:`InputStats` per shared-input group (what the scheme's algorithm asks for, :mod:`quant.algorithms`:
+      Hessian, |x| sums; ranges for static input scales; padding never counted), and record the calls of the
+      modules the algorithm's smoothing replays (AWQ's ``angelslim`` style: its block-output loss);
+   b. the algorithm's smoothing, if it has one (AWQ: search and fold scales, mapping by mapping, :mod:`quant.awq`);
+   c. quantize every group with the algorithm (RTN, GPTQ per group, AWQ's rounding) and swap each target for
+      its QuantLinear;
    d. run the quantized block on the same inputs: its outputs become block i+1's inputs (or, with the
       scheme's ``calibration.propagation: full-precision``, the unquantized outputs of step a do, as one
       unquantized forward of the whole model would give, and as AngelSlim's AWQ propagated), and the
@@ -23,11 +25,11 @@
 tokens, or every position when the calibration stream counts pads.
 
 Mixture-of-experts blocks run their experts in calibration mode during steps a and d
-(:func:`quantbench.experts.calibrate_all_experts`): every expert sees every calibration token, so each one
+(:func:`quantbench.model.experts.calibrate_all_experts`): every expert sees every calibration token, so each one
 gets statistics (and an error) on all of them, while the block's output keeps the router's choices; the
 real tokens the router sent to each expert are reported per layer. With ``calibration.experts: routed``
 each expert sees only the tokens routed to it, its linears get statistics of their own
-(:func:`quantbench.experts.per_expert_groups`), and an expert linear that saw none takes the largest input
+(:func:`quantbench.model.experts.per_expert_groups`), and an expert linear that saw none takes the largest input
 absmax of the same linear of the layer's other experts (static input scales; GPTQ falls back to RTN).
 
 On CUDA the blocks' RMSNorms run as one fused kernel during these passes (:mod:`quant.norm_kernel`).
@@ -52,26 +54,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.architectures import BlockStack, SmoothMapping, block_list, check_block, stacks_of
-from quantbench.calibration import Calibration
-from quantbench.errors import QuantbenchError
-from quantbench.experts import ExpertList, calibrate_all_experts, per_expert_groups
-from quantbench.quant import awq, qdq
+from quantbench.calibration.samples import Calibration
+from quantbench.model.architectures import BlockStack, block_list, check_block, replace_module, stacks_of
+from quantbench.model.experts import ExpertList, calibrate_all_experts, per_expert_groups
+from quantbench.quant import qdq
+from quantbench.quant.algorithms import Algorithm, get_algorithm
 from quantbench.quant.capture import ModuleCall, capture_call, capture_calls, replay, to_device
-from quantbench.quant.gptq import gptq_quantize_linears
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.norm_kernel import fused_rms_norms
 from quantbench.quant.observers import InputStats
 from quantbench.quant.prefetch import BlockPrefetcher
 from quantbench.quant.resume import LayerProgress
-from quantbench.quant.rtn import replace_module, rtn_quantize_linear
+from quantbench.quant.rtn import rtn_quantize_linear
+from quantbench.quant.schemes import Scheme
 from quantbench.quant.stats import GroupStats, LayerStats
-from quantbench.schemes import Scheme
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
-
-GPTQ_MAX_ROWS = 32768  # weight rows solved in one GPTQ call (the experts of a MoE layer share one Hessian)
-
 
 @dataclass(frozen=True)
 class PipelineOptions:
@@ -83,7 +82,7 @@ class PipelineOptions:
 
 
 @dataclass
-class _Group:
+class Group:
     """One shared-input group of a block during its quantization."""
 
     names: tuple[str, ...]
@@ -284,7 +283,7 @@ def _check_weights(block: nn.Module, name: str, stack: BlockStack, scheme: Schem
             raise QuantbenchError(f"{name}.{target}.weight holds NaN/Inf; the checkpoint is damaged")
 
 
-def _check_finite(group: _Group) -> None:
+def _check_finite(group: Group) -> None:
     stats = group.stats
     for value in (stats.hessian, stats.absmax, stats.abs_sum):
         if value is not None and not torch.isfinite(value).all():
@@ -294,7 +293,7 @@ def _check_finite(group: _Group) -> None:
             )
 
 
-def _static_input_scale(group: _Group, scheme: Scheme) -> torch.Tensor | None:
+def _static_input_scale(group: Group, scheme: Scheme) -> torch.Tensor | None:
     inputs = scheme.input_activations
     if inputs is None or inputs.dynamic:
         return None
@@ -308,33 +307,29 @@ def _plan_groups(
     name: str,
     stack: BlockStack,
     scheme: Scheme,
-    mappings: list[SmoothMapping],
+    algorithm: Algorithm,
+    smoothed: set[str],
     device: torch.device,
     routed: bool,
-) -> list[_Group]:
-    """One :class:`_Group` per shared-input group (with ``routed``, per expert), collecting what the scheme's algorithm needs."""
+) -> list[Group]:
+    """One :class:`Group` per shared-input group (with ``routed``, per expert), collecting what the scheme's
+    algorithm needs (``smoothed``: the linears its smoothing scales) and, for static input scales, the ranges."""
     static = scheme.input_activations is not None and not scheme.input_activations.dynamic
-    smoothed = {n for m in mappings for n in m.linears}
-    quadratic = scheme.algorithm == "awq" and scheme.awq.style == "quantbench"  # AWQ losses from the Hessian
-    clip = scheme.algorithm == "awq" and scheme.awq.clip_search
     planned = per_expert_groups(stack.groups, stack.experts) if routed else [(names, None) for names in stack.groups]
     groups = []
     for names, parent in planned:
+        needs = algorithm.statistics(scheme, smoothed=names[0] in smoothed)
         stats = InputStats.create(
-            block.get_submodule(names[0]).in_features,
-            device,
-            hessian=scheme.algorithm == "gptq" or (quadratic and names[0] in smoothed) or clip,
-            absmax=static,
-            abs_sum=names[0] in smoothed,
+            block.get_submodule(names[0]).in_features, device, hessian=needs.hessian, absmax=static, abs_sum=needs.abs_sum
         )
-        groups.append(_Group(names, stats, GroupStats(tuple(f"{name}.{n}" for n in names)), parent))
+        groups.append(Group(names, stats, GroupStats(tuple(f"{name}.{n}" for n in names)), parent))
     return groups
 
 
-def _adopt_parent_maxima(groups: list[_Group]) -> None:
+def _adopt_parent_maxima(groups: list[Group]) -> None:
     """Routed expert statistics: an expert group that saw no token takes the largest input absmax of its
     siblings (the same linears of the layer's other experts), as the published recipe's parent observer gives."""
-    families: dict[tuple[str, ...], list[_Group]] = {}
+    families: dict[tuple[str, ...], list[Group]] = {}
     for group in groups:
         if group.parent is not None and group.stats.absmax is not None:
             families.setdefault(group.parent, []).append(group)
@@ -349,105 +344,16 @@ def _adopt_parent_maxima(groups: list[_Group]) -> None:
                 group.report.fallbacks.append("the router sent it no calibration token: static input scale from the other experts' maximum")
 
 
-def _awq_mappings(block: nn.Module, name: str, stack: BlockStack, scheme: Scheme) -> list[SmoothMapping]:
-    """The stack's smoothing mappings that apply to this block (a linear ``prev`` must match the inputs' width),
-    or, for the ``angelslim`` style, those AngelSlim applies (:func:`awq.angelslim_mappings`)."""
-    mappings = []
-    for mapping in stack.smooth:
-        prev = block.get_submodule(mapping.prev)
-        width = block.get_submodule(mapping.linears[0]).in_features
-        if isinstance(prev, nn.Linear) and prev.out_features != width:
-            log.debug("%s: skip AWQ mapping %s -> %s (%d outputs feed %d inputs)", name, mapping.prev, mapping.linears, prev.out_features, width)
-            continue
-        awq.check_foldable(prev, f"{name}.{mapping.prev}")
-        mappings.append(mapping)
-    if scheme.awq.style == "angelslim":
-        mappings = awq.angelslim_mappings(mappings, [block.get_submodule(m.prev) for m in mappings], stack.experts)
-    return mappings
-
-
-def _smooth(
-    block: nn.Module,
-    mappings: list[SmoothMapping],
-    groups: list[_Group],
-    scheme: Scheme,
-    recorded: dict[str, list[ModuleCall]],
-    device: torch.device,
-) -> None:
-    """AWQ: search, fold and record the smoothing scales of each mapping, in order (style ``angelslim``: every
-    mapping searched on the original weights, on the ``recorded`` calls of its block, then all folded)."""
-    group_of = {n: g for g in groups for n in g.names}
-    block_loss = scheme.awq.style == "angelslim"
-    searched = []
-    for mapping in mappings:
-        group = group_of[mapping.linears[0]]
-        if group.stats.tokens == 0:
-            group.report.fallbacks.append("no calibration tokens: AWQ smoothing skipped (plain round-to-nearest)")
-            continue
-        start = time.perf_counter()
-        linears = [block.get_submodule(n) for n in mapping.linears]
-        if block_loss:
-            found, error = awq.search_block_scales(
-                block.get_submodule(mapping.block), recorded[mapping.block], linears, group.stats.mean_abs(), scheme, device
-            )
-            searched.append((mapping, group, found))
-        else:
-            found, error = awq.search_scales(
-                linears, group.stats.mean_abs(), group.stats.hessian, scheme.weights, scheme.awq, scheme.rounding
-            )
-            routers = [block.get_submodule(n) for n in mapping.unquantized]
-            awq.apply_scales(block.get_submodule(mapping.prev), linears, found, routers)
-            group.stats.divide(found)
-        group.report.search_error = max(error, group.report.search_error or 0.0)  # a group's worst mapping
-        group.report.seconds += time.perf_counter() - start
-    for mapping, group, found in searched:  # AngelSlim folds after all searches, routers left as they are
-        awq.apply_scales(block.get_submodule(mapping.prev), [block.get_submodule(n) for n in mapping.linears], found)
-        group.stats.divide(found)
-
-
-def _quantize_group(block: nn.Module, group: _Group, stack: BlockStack, scheme: Scheme) -> dict[str, QuantLinear]:
-    """Quantize one group's linears with the scheme's algorithm; fall back to RTN when it saw no tokens."""
+def _quantize_group(block: nn.Module, group: Group, stack: BlockStack, scheme: Scheme) -> dict[str, QuantLinear]:
+    """Quantize one group's linears with the scheme's algorithm (which may fall back, e.g. when it saw no tokens)."""
     start = time.perf_counter()
     linears = [block.get_submodule(n) for n in group.names]
-    input_scale = _static_input_scale(group, scheme)
-    if scheme.algorithm == "gptq" and group.stats.tokens == 0:
-        group.report.fallbacks.append("no calibration tokens: GPTQ replaced by round-to-nearest")
-        modules = [rtn_quantize_linear(linear, scheme, input_scale=input_scale) for linear in linears]
-    elif scheme.algorithm == "gptq":
-        modules = []
-        for chunk in _row_chunks(linears, GPTQ_MAX_ROWS):
-            solved, notes = gptq_quantize_linears(chunk, group.stats.hessian, scheme, input_scale=input_scale)
-            modules += solved
-            group.report.fallbacks.extend(n for n in notes if n not in group.report.fallbacks)
-    elif scheme.algorithm == "awq":
-        clip = scheme.awq.clip_search and group.stats.tokens > 0
-        modules = [
-            awq.awq_quantize_linear(
-                linear, scheme, hessian=group.stats.hessian if clip and n not in stack.clip_skip else None, input_scale=input_scale
-            )
-            for n, linear in zip(group.names, linears)
-        ]
-    else:
-        modules = [rtn_quantize_linear(linear, scheme, input_scale=input_scale) for linear in linears]
+    modules = get_algorithm(scheme.algorithm).quantize_group(group, linears, scheme, stack, _static_input_scale(group, scheme))
     group.report.seconds += time.perf_counter() - start
     group.report.tokens = group.stats.tokens
     for note in group.report.fallbacks:
         log.warning("%s: %s", ", ".join(group.report.linears), note)
     return dict(zip(group.names, modules))
-
-
-def _row_chunks(linears: list[nn.Linear], max_rows: int) -> Iterator[list[nn.Linear]]:
-    """Consecutive runs of ``linears`` of at most ``max_rows`` output rows (a single larger linear alone)."""
-    chunk: list[nn.Linear] = []
-    rows = 0
-    for linear in linears:
-        if chunk and rows + linear.out_features > max_rows:
-            yield chunk
-            chunk, rows = [], 0
-        chunk.append(linear)
-        rows += linear.out_features
-    if chunk:
-        yield chunk
 
 
 def _quantize_block(
@@ -459,19 +365,15 @@ def _quantize_block(
     _check_weights(block, name, stack, scheme)
     experts: list[ExpertList] = [] if stack.experts is None else [block.get_submodule(stack.experts)]
     routed = bool(experts) and scheme.calibration.experts == "routed"
-    if routed and scheme.algorithm == "awq":
-        raise QuantbenchError(
-            f"scheme {scheme.name}: calibration.experts 'routed' applies to static input scales and GPTQ; AWQ's smoothing "
-            "of the experts reads their shared input on every token (drop the key for AWQ schemes)"
-        )
+    algorithm = get_algorithm(scheme.algorithm)
+    smoothing = algorithm.smoothing(block, name, stack, scheme, routed=routed)
     for module in experts:
         module.routed = torch.zeros(len(module), dtype=torch.long)
         module.routed_only = routed
-    mappings = _awq_mappings(block, name, stack, scheme) if scheme.algorithm == "awq" else []
-    groups = _plan_groups(block, name, stack, scheme, mappings, device, routed)
+    groups = _plan_groups(block, name, stack, scheme, algorithm, smoothing.linears if smoothing else set(), device, routed)
 
     handles = [block.get_submodule(n).register_forward_pre_hook(g.observe) for g in groups for n in g.names]
-    recorded: dict[str, list] = {m.block: [] for m in mappings if scheme.awq.style == "angelslim"}
+    recorded: dict[str, list] = {path: [] for path in (smoothing.recorded if smoothing else ())}
     for path, calls_of in recorded.items():
         handles.append(block.get_submodule(path).register_forward_pre_hook(_recorder(calls_of, storage), with_kwargs=True))
     reference = []
@@ -497,8 +399,8 @@ def _quantize_block(
         _adopt_parent_maxima(groups)
 
     recorded = {path: [ModuleCall(*c, call.mask) for c, call in zip(got, calls)] for path, got in recorded.items()}
-    if mappings:
-        _smooth(block, mappings, groups, scheme, recorded, device)
+    if smoothing:
+        smoothing.apply(block, groups, scheme, recorded, device)
     del recorded
     meters: dict[str, _ErrorMeter] = {}
     for group in groups:

@@ -9,7 +9,8 @@ checkpoint the job reads:
 * ``quantize`` runs the sequential pipeline: the BF16 model stays in host memory and one decoder layer at
   a time goes to one GPU, so it takes one whole GPU and host memory of 1.25 x the BF16 weights plus room
   for the cached calibration activations (2 GiB + 1 GiB per billion parameters, at most 32 GiB). Wall
-  time is 10 minutes plus, per billion parameters, 1 (RTN), 4 (GPTQ) or 6 (AWQ, its scale grid) minutes;
+  time is 10 minutes plus, per billion parameters, the algorithm's minutes (``minutes_per_b`` of
+  :mod:`quantbench.quant.algorithms`: 1 for RTN, 4 for GPTQ, 6 for AWQ and its scale grid);
   four times that on a CPU. Eight threads: the export packs and hashes on as many threads as it gets,
   and on a CPU they run the layers.
 * ``evaluate`` loads the whole checkpoint on its GPUs (vLLM tensor parallelism): the weights
@@ -45,13 +46,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantbench.errors import QuantbenchError
 from quantbench.evaluate.benchmarks import BenchmarkSpec
-from quantbench.schemes import Scheme
-from quantbench.specfile import build_spec, read_section
+from quantbench.quant.algorithms import get_algorithm
+from quantbench.quant.schemes import Scheme
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.specfile import build_spec, read_section
 
 STEPS = ("calibrate", "quantize", "evaluate")
-QUANTIZE_MIN_PER_B = {"rtn": 1.0, "gptq": 4.0, "awq": 6.0}
 CPU_SLOWDOWN = 4.0
 GPU_USABLE_FRACTION = 0.9
 GPU_OVERHEAD_GB = 6.0
@@ -228,10 +229,8 @@ def job_resources(
     if step == "calibrate":
         return JobResources(gpu=0, threads=1, mem_mb=_mib(4), runtime=30)
     if step == "quantize":
-        algorithm = "rtn" if scheme is None else scheme.algorithm
-        if algorithm not in QUANTIZE_MIN_PER_B:
-            raise QuantbenchError(f"no quantize time rule for algorithm {algorithm!r}; known: {sorted(QUANTIZE_MIN_PER_B)}")
-        minutes = (10 + QUANTIZE_MIN_PER_B[algorithm] * params_b) * (1 if gpu else CPU_SLOWDOWN)
+        per_b = get_algorithm("rtn" if scheme is None else scheme.algorithm).minutes_per_b
+        minutes = (10 + per_b * params_b) * (1 if gpu else CPU_SLOWDOWN)
         activations = min(32.0, 2 + params_b)
         return JobResources(
             gpu=int(gpu),

@@ -2,7 +2,7 @@
 
 Records are ``{"text": ...}``, ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT
 ``{"conversations": [{"from", "value"}, ...]}``. How they become samples is a
-:class:`~quantbench.calibspec.StreamSpec`. By default (quantbench's stream) samples are chosen by a seeded
+:class:`~quantbench.calibration.stream.StreamSpec`. By default (quantbench's stream) samples are chosen by a seeded
 shuffle of the records; chats go through the tokenizer's chat template when it has one (otherwise their
 contents are joined by blank lines); each sample is truncated to ``max_seq_len`` tokens and right-padded to
 the longest chosen sample; the attention mask marks real tokens, and every statistic downstream counts only
@@ -12,7 +12,7 @@ padded to ``max_seq_len``, pads in the statistics) is the spec's other values.
 Image-text sets (vision-language models, :func:`process_image_calibration`; :func:`calibrate_model`
 picks by the records) go through the model's processor: each record's image and question (and answer) as
 one chat, truncated only after its last image token. They come from a JSONL with image files, or from a
-split of a Hugging Face dataset (:class:`quantbench.hubsets.HubImageSet`); the same records give the same
+split of a Hugging Face dataset (:class:`quantbench.calibration.hubsets.HubImageSet`); the same records give the same
 samples either way. Their samples carry the images' patches too: ``pixel_values`` [patches, C] of every
 image in sample order, ``image_grid_thw`` [images, 3] and ``images_per_sample`` [N], so any run of
 samples (:meth:`Calibration.model_inputs`) has its own images.
@@ -40,13 +40,13 @@ from safetensors import safe_open
 from safetensors.torch import save
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from quantbench.calibspec import StreamSpec
-from quantbench.errors import QuantbenchError
-from quantbench.hubsets import HubImageSet, hub_image_records
-from quantbench.io import atomic_write_bytes
-from quantbench.jsonl import iter_jsonl
-from quantbench.provenance import sha256_file
-from quantbench.vlm import image_text_inputs, load_processor, read_image_records
+from quantbench.calibration.hubsets import HubImageSet, hub_image_records
+from quantbench.calibration.stream import StreamSpec
+from quantbench.model.vlm import image_text_inputs, load_processor, read_image_records
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_write_bytes
+from quantbench.util.jsonl import iter_jsonl
+from quantbench.util.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -320,9 +320,9 @@ def process_image_calibration(
 ) -> Calibration:
     """Take ``num_samples`` image-text records of ``source`` as ``stream`` says and run them through ``processor``.
 
-    ``source`` is a JSONL of :func:`quantbench.vlm.read_image_records` objects (``image``, ``question``,
+    ``source`` is a JSONL of :func:`quantbench.model.vlm.read_image_records` objects (``image``, ``question``,
     optional ``answer`` or ``answers``, whose first one is used) or a Hub set, whose rows
-    :func:`quantbench.hubsets.hub_image_records` gives in the same form. The ``angelslim`` format ends each
+    :func:`quantbench.calibration.hubsets.hub_image_records` gives in the same form. The ``angelslim`` format ends each
     chat with a generation prompt after the answer. A sample is cut to ``max_seq_len`` tokens only after its
     last image token; a record whose image tokens alone exceed ``max_seq_len`` is skipped (logged), and too
     few usable records is an error.

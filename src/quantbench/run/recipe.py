@@ -3,7 +3,7 @@
 A recipe file (``resources/published/angelslim-recipe.yaml``: AngelSlim at 4cc21d9, ``docs/fidelity.md``
 gives each value's source) holds what quantbench can select: the calibration stream of text and of
 image-text sets, per model and scheme the calibration samples, tokens and data, scheme fields (dotted
-keys of :meth:`quantbench.schemes.Scheme.to_dict`), and the departures that no option selects, with the
+keys of :meth:`quantbench.quant.schemes.Scheme.to_dict`), and the departures that no option selects, with the
 tables and schemes they concern. :func:`departures` compares a run config's table with it, for the comparison report.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from quantbench.errors import QuantbenchError
-from quantbench.runconfig import CalibrationSet, RunConfig, TableConfig
+from quantbench.run.config import CalibrationSet, RunConfig, TableConfig
+from quantbench.util.errors import QuantbenchError
 
 EXPERTS_KEY = "calibration.experts"  # a scheme field that matters for mixture-of-experts models only
 

@@ -16,7 +16,7 @@ statistics), calibration mode runs each expert on the real tokens the router sen
 the routed forward does; :func:`per_expert_groups` then gives each expert's linears their own statistics.
 
 Experts quantized with per-tensor fp8 inputs run as vLLM's fused MoE runs them
-(:func:`quantbench.serving.moe_input_args`): one input scale for the gate/up projections of every expert
+(:func:`quantbench.checkpoint.serving.moe_input_args`): one input scale for the gate/up projections of every expert
 (dynamic: the largest ``|x|`` over all the layer's tokens; static: the largest stored scale), one for
 every down_proj (over all routed rows, or the largest stored scale). The calibration mode keeps each
 expert's own scales.
@@ -30,9 +30,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from quantbench.errors import QuantbenchError
+from quantbench.checkpoint.serving import moe_input_args
+from quantbench.model.architectures import replace_module
 from quantbench.quant.qdq import FP8_MAX
-from quantbench.serving import moe_input_args
+from quantbench.util.errors import QuantbenchError
 
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")
 
@@ -160,8 +161,7 @@ def unfuse_experts(model: nn.Module, paths: list[str]) -> int:
         module = model.get_submodule(path)
         if isinstance(module, ExpertList):
             continue
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, ExpertList.from_fused(module, path))
+        replace_module(model, path, ExpertList.from_fused(module, path))
         replaced += 1
     return replaced
 

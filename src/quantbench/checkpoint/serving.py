@@ -16,7 +16,7 @@ quantbench's runtime simulates the served model, not the letter of the config. R
   (``moe_kernel_quantize_input`` in the prepare step), one over every routed (token, expert) row for
   down_proj (``ops.scaled_fp8_quant(c2, ...)`` in ``fused_moe/cutlass_moe.py``). Static inputs use the largest
   stored scale over the layer's experts, for gate/up and for down separately (``process_weights_after_loading``).
-  :func:`moe_input_args` says when an expert linear is served so; :mod:`quantbench.experts` runs it.
+  :func:`moe_input_args` says when an expert linear is served so; :mod:`quantbench.model.experts` runs it.
 - Int8 W8A8 experts (``CompressedTensorsW8A8Int8MoEMethod``): channel weights with dynamic token inputs only.
 - Int4 weight-only experts (``CompressedTensorsWNA16(Marlin)MoEMethod``): vLLM 0.10.0 asserts symmetric
   weights; main serves zero points through Marlin. quantbench warns (:func:`check_fused_moe`).
@@ -33,8 +33,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from quantbench.errors import QuantbenchError
-from quantbench.schemes import QuantArgs
+from quantbench.quant.schemes import QuantArgs
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 

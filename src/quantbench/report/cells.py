@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from quantbench.errors import QuantbenchError
-from quantbench.tables import LONG_COLUMNS
+from quantbench.report.tables import LONG_COLUMNS
+from quantbench.util.errors import QuantbenchError
 
 FILTER_SCORE_COLUMNS = ("table", "model", "scheme", "benchmark", "filter", "reported", "value")
 

@@ -13,7 +13,7 @@ tower's blocks) a :class:`BlockStack` names the ``nn.ModuleList`` of blocks and,
 - ``keep``: modules a block holds that stay unquantized (MoE routers); the checkpoint's ``ignore`` names
   them, since vLLM builds them as linears.
 - ``experts``: a mixture-of-experts block's experts module, unfused to one linear per expert
-  (:mod:`quantbench.experts`). Names may then hold ``*`` (every expert, in one group or mapping: the
+  (:mod:`quantbench.model.experts`). Names may then hold ``*`` (every expert, in one group or mapping: the
   experts' gate/up read the same input) or ``{e}`` (one group or mapping per expert: its down_proj);
   :meth:`BlockStack.for_block` expands them for a block's number of experts.
 - ``packed``: the blocks take every image's tokens packed into ``[tokens, hidden]`` (no padding) and
@@ -22,6 +22,7 @@ tower's blocks) a :class:`BlockStack` names the ``nn.ModuleList`` of blocks and,
 
 Every other ``nn.Linear`` found in a block is an error, so a new architecture variant never silently
 keeps linears in BF16. lm_head, embeddings and norms live outside the blocks and are never targets.
+The functions below find a model's stacks, blocks, experts and kept modules, and swap a module by name.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 from transformers import PretrainedConfig
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class BlockStack:
         except (AttributeError, TypeError):
             raise QuantbenchError(
                 f"{block_name}.{self.experts} is not a list of experts (mixed dense/MoE layers, or fused experts "
-                "not unfused by quantbench.experts.unfuse_experts)"
+                "not unfused by quantbench.model.experts.unfuse_experts)"
             ) from None
         experts = range(num)
         return replace(
@@ -185,7 +186,7 @@ def get_architecture(config: PretrainedConfig) -> Architecture:
     except KeyError:
         raise QuantbenchError(
             f"model type {model_type!r} has no architecture mapping; supported: {', '.join(sorted(ARCHITECTURES))} "
-            "(add one to quantbench.architectures.ARCHITECTURES)"
+            "(add one to quantbench.model.architectures.ARCHITECTURES)"
         ) from None
 
 
@@ -198,6 +199,13 @@ def block_list(model: nn.Module, stack: BlockStack) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise QuantbenchError(f"{stack.path!r} in {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList")
     return blocks
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap the submodule at dotted path ``name`` of ``root`` for ``new`` (a linear for its quantized twin)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
 
 
 def stacks_of(model: nn.Module) -> list[BlockStack]:
@@ -253,7 +261,7 @@ def check_block(block: nn.Module, stack: BlockStack, block_name: str) -> None:
     if stray:
         raise QuantbenchError(
             f"{block_name} holds linear(s) {stray} that the architecture mapping neither quantizes nor keeps; "
-            "extend quantbench.architectures"
+            "extend quantbench.model.architectures"
         )
     fused = [name for name, param in block.named_parameters() if param.dim() > 2]
     if fused:

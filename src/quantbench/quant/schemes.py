@@ -1,8 +1,9 @@
 """Quantization schemes as data: parse and validate `config/schemes.yaml` into frozen dataclasses.
 
 A scheme says how weights and input activations are quantized (mirroring compressed-tensors'
-``QuantizationArgs`` field for field), which algorithm chooses the weights (rtn, gptq, awq) and
-with which parameters, how its calibration pass gathers statistics, how min-max parameters and codes are
+``QuantizationArgs`` field for field), which algorithm chooses the weights (rtn, gptq, awq:
+:mod:`quantbench.quant.algorithms`) with its parameters (``params``, the YAML's section named after the
+algorithm), how its calibration pass gathers statistics, how min-max parameters and codes are
 rounded (``rounding``), the dtype the model is quantized and written in (``dtype``), and which module groups
 it targets. Code asks a scheme questions (``scheme.weights.strategy``, ``scheme.needs_calibration``); it
 never tests scheme names. A run config may override fields of the file's schemes (:func:`load_schemes`).
@@ -15,14 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantbench.errors import QuantbenchError
-from quantbench.specfile import build_spec, read_section
+from quantbench.quant.algorithms import ALGORITHMS, get_algorithm
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.specfile import build_spec, check_choice, read_section
 
 QUANT_TYPES = ("int", "float")
 STRATEGIES = ("tensor", "channel", "group", "token")
-ALGORITHMS = ("rtn", "gptq", "awq")
 TARGET_GROUPS = ("language", "vision")
-AWQ_STYLES = ("quantbench", "angelslim")
 DTYPES = ("float16", "bfloat16", "float32")
 ROUNDING_CHOICES = {"symmetric_scale": ("half_range", "qmax"), "asymmetric_range": ("with_zero", "minmax"),
                     "divide_in": ("float32", "weight_dtype")}  # the first of each is compressed-tensors' convention
@@ -68,37 +68,8 @@ class QuantArgs:
         return asdict(self)
 
 
-DEAD_COLUMNS = ("round", "zero")
-DAMPING_RETRIES = ("multiply", "add")
 PROPAGATIONS = ("quantized", "full-precision")
 EXPERT_STATISTICS = ("all-tokens", "routed")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class GPTQParams:
-    """GPTQ solver settings: damping is a fraction of mean(diag(H)); act_order processes columns by descending
-    diag(H) (the group parameters stay those of the original contiguous groups, as llm-compressor's ``static``).
-
-    Edge cases, quantbench's way first (the published recipe's second; docs/fidelity.md):
-    ``dead_columns`` (inputs never active, ``diag(H) == 0``): ``round`` them to nearest, or ``zero`` those
-    weight columns before the group parameters are taken. ``damping_retry`` after a failed Cholesky:
-    ``multiply`` the damping by 10, or ``add`` 0.01 to the fraction and damp the already damped matrix again.
-    """
-
-    dampening: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
-    dead_columns: str = "round"
-    damping_retry: str = "multiply"
-
-    def __post_init__(self) -> None:
-        _check_choice("dead_columns", self.dead_columns, DEAD_COLUMNS)
-        _check_choice("damping_retry", self.damping_retry, DAMPING_RETRIES)
 
 
 @dataclass(frozen=True)
@@ -116,37 +87,8 @@ class CalibrationParams:
     experts: str = "all-tokens"
 
     def __post_init__(self) -> None:
-        _check_choice("propagation", self.propagation, PROPAGATIONS)
-        _check_choice("experts", self.experts, EXPERT_STATISTICS)
-
-
-@dataclass(frozen=True)
-class AWQParams:
-    """AWQ search settings: ``grid_size`` points of the scale exponent in [0, 1); optional clipping search.
-
-    ``style`` picks the algorithm (module docstring of :mod:`quantbench.quant.awq`): ``quantbench`` (each
-    mapping's linear outputs as the loss, every mapping folded) or ``angelslim`` (AngelSlim 4cc21d9's: the
-    attention / MLP block output as the loss, only the norm mappings folded; AngelSlim also propagated
-    full-precision outputs, which ``calibration.propagation`` selects for any scheme). ``duo_scaling`` divides the activation term by a weight-magnitude
-    term (AutoAWQ's and llm-compressor's default); unset, it is on for ``quantbench`` and off for
-    ``angelslim``, whose candidates have no weight term.
-    """
-
-    style: str = "quantbench"
-    grid_size: int = 20
-    duo_scaling: bool | None = None
-    clip_search: bool = False
-    clip_grid: int = 20
-    clip_max_shrink: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.style not in AWQ_STYLES:
-            raise ValueError(f"style must be one of {AWQ_STYLES}, got {self.style!r}")
-        if self.duo_scaling is None:
-            object.__setattr__(self, "duo_scaling", self.style == "quantbench")
-        if self.style == "angelslim" and (self.duo_scaling or self.clip_search):
-            raise ValueError("style 'angelslim' searches x_mean^r without a weight term and without clipping; "
-                             "leave duo_scaling and clip_search unset or false")
+        check_choice("propagation", self.propagation, PROPAGATIONS)
+        check_choice("experts", self.experts, EXPERT_STATISTICS)
 
 
 @dataclass(frozen=True)
@@ -185,12 +127,18 @@ class Scheme:
     weights: QuantArgs | None = None
     input_activations: QuantArgs | None = None
     algorithm: str = "rtn"
-    gptq: GPTQParams = field(default_factory=GPTQParams)
-    awq: AWQParams = field(default_factory=AWQParams)
+    params: Any = None  # the algorithm's parameters (its ``params`` dataclass; None: its defaults, or none for rtn)
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
     rounding: Rounding = field(default_factory=Rounding)
     dtype: str | None = None  # the dtype the model is quantized and written in (None: the model's own)
     targets: tuple[str, ...] = ("language",)
+
+    def __post_init__(self) -> None:
+        expected = get_algorithm(self.algorithm).params
+        if self.params is None and expected is not None:
+            object.__setattr__(self, "params", expected())
+        elif not (self.params is None if expected is None else isinstance(self.params, expected)):
+            raise ValueError(f"scheme {self.name}: algorithm {self.algorithm} takes {expected and expected.__name__}, got {self.params!r}")
 
     @property
     def is_baseline(self) -> bool:
@@ -201,17 +149,15 @@ class Scheme:
     def needs_calibration(self) -> bool:
         """True when calibration data is required (data-aware algorithm or static activation scales)."""
         static_inputs = self.input_activations is not None and not self.input_activations.dynamic
-        return not self.is_baseline and (self.algorithm != "rtn" or static_inputs)
+        return not self.is_baseline and (get_algorithm(self.algorithm).needs_data or static_inputs)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain-data form of the scheme, for provenance and Snakemake ``params:``."""
         out: dict[str, Any] = {"name": self.name, "algorithm": self.algorithm, "targets": list(self.targets)}
         out["weights"] = self.weights.to_dict() if self.weights else None
         out["input_activations"] = self.input_activations.to_dict() if self.input_activations else None
-        if self.algorithm == "gptq":
-            out["gptq"] = asdict(self.gptq)
-        if self.algorithm == "awq":
-            out["awq"] = asdict(self.awq)
+        if self.params is not None:
+            out[self.algorithm] = asdict(self.params)
         if self.needs_calibration:
             out["calibration"] = asdict(self.calibration)
         if not self.rounding.is_default:
@@ -234,7 +180,8 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     """Build a :class:`Scheme` from its YAML mapping, with errors that name the scheme and key."""
     raw = dict(raw or {})
     where = f"scheme {name!r}"
-    allowed = {"weights", "input_activations", "algorithm", "gptq", "awq", "calibration", "rounding", "dtype", "targets"}
+    sections = {key for key, algorithm in ALGORITHMS.items() if algorithm.params is not None}  # gptq:, awq:
+    allowed = {"weights", "input_activations", "algorithm", "calibration", "rounding", "dtype", "targets"} | sections
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise QuantbenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -243,7 +190,12 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     input_args = build_spec(QuantArgs, inputs, f"{where}.input_activations") if inputs else None
     algorithm = raw.get("algorithm", "rtn")
     if algorithm not in ALGORITHMS:
-        raise QuantbenchError(f"{where}.algorithm: {algorithm!r} is not one of {ALGORITHMS}")
+        raise QuantbenchError(f"{where}.algorithm: {algorithm!r} is not one of {tuple(ALGORITHMS)}")
+    spec = ALGORITHMS[algorithm]
+    stray = sorted(sections & set(raw) - {algorithm})
+    if stray:
+        raise QuantbenchError(f"{where}.{stray[0]}: parameters of algorithm {stray[0]}, but the scheme's algorithm is "
+                              f"{algorithm}; remove the key or set algorithm: {stray[0]}")
     if weights is None and (input_args is not None or "algorithm" in raw):
         raise QuantbenchError(f"{where}: input_activations/algorithm given without weights")
     if input_args is not None and input_args.strategy == "group":
@@ -252,11 +204,12 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
         raise QuantbenchError(f"{where}.weights: strategy 'token' applies to activations only")
     if input_args is not None and input_args.strategy == "token" and not input_args.dynamic:
         raise QuantbenchError(f"{where}.input_activations: per-token scales must be dynamic")
-    if algorithm in ("gptq", "awq") and (weights is None or weights.type != "int"):
+    if spec.integer_weights and (weights is None or weights.type != "int"):
         raise QuantbenchError(f"{where}: algorithm {algorithm} needs integer weights")
     rounding = build_spec(Rounding, raw.get("rounding", {}), f"{where}.rounding")
-    if not rounding.is_default and (algorithm == "gptq" or weights is None or weights.type != "int"):
-        raise QuantbenchError(f"{where}.rounding: applies to integer weights rounded by rtn or awq; remove it")
+    if not rounding.is_default and (not spec.follows_rounding or weights is None or weights.type != "int"):
+        rounders = " or ".join(key for key, a in ALGORITHMS.items() if a.follows_rounding)
+        raise QuantbenchError(f"{where}.rounding: applies to integer weights rounded by {rounders}; remove it")
     dtype = raw.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise QuantbenchError(f"{where}.dtype: {dtype!r} is not one of {DTYPES}")
@@ -269,8 +222,7 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
         weights=weights,
         input_activations=input_args,
         algorithm=algorithm,
-        gptq=build_spec(GPTQParams, raw.get("gptq", {}), f"{where}.gptq"),
-        awq=build_spec(AWQParams, raw.get("awq", {}), f"{where}.awq"),
+        params=build_spec(spec.params, raw.get(algorithm, {}), f"{where}.{algorithm}") if spec.params else None,
         calibration=build_spec(CalibrationParams, raw.get("calibration", {}), f"{where}.calibration"),
         rounding=rounding,
         dtype=dtype,

@@ -3,8 +3,8 @@
 After :func:`quantize_model` every target linear of the scheme's module groups is a
 :class:`~quantbench.quant.linear.QuantLinear` and every other module is untouched (lm_head, embeddings,
 norms, routers) but for the scheme's ``dtype``, which the whole model is cast to first; fused MoE experts
-are first split into one linear per expert (:mod:`quantbench.experts`), after checking that vLLM serves the
-scheme on experts (:func:`quantbench.serving.check_fused_moe`). Data-free schemes (round-to-nearest weights,
+are first split into one linear per expert (:mod:`quantbench.model.experts`), after checking that vLLM serves the
+scheme on experts (:func:`quantbench.checkpoint.serving.check_fused_moe`). Data-free schemes (round-to-nearest weights,
 dynamic activations) never look at calibration data; the others run the sequential pipeline of
 :mod:`quantbench.quant.sequential`.
 """
@@ -19,21 +19,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantbench.architectures import experts_paths, get_architecture
-from quantbench.calibration import Calibration, load_calibration
-from quantbench.errors import QuantbenchError
-from quantbench.experts import unfuse_experts
-from quantbench.export import save_quantized
-from quantbench.preflight import Headroom, check_requirements, quantize_requirements
-from quantbench.provenance import sha256_file
+from quantbench.calibration.samples import Calibration, load_calibration
+from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.load import load_model
+from quantbench.checkpoint.preflight import Headroom, check_requirements, quantize_requirements
+from quantbench.checkpoint.serving import check_fused_moe
+from quantbench.model.architectures import experts_paths, get_architecture
+from quantbench.model.experts import unfuse_experts
+from quantbench.model.vlm import is_image_text_model, load_processor
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.resume import LayerProgress, partial_dir, run_identity
+from quantbench.quant.schemes import Scheme
 from quantbench.quant.sequential import PipelineOptions, quantize_blocks_data_free, quantize_blocks_sequential
 from quantbench.quant.stats import QuantStats
-from quantbench.runtime import load_model
-from quantbench.schemes import Scheme
-from quantbench.serving import check_fused_moe
-from quantbench.vlm import is_image_text_model, load_processor
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def quantize_checkpoint(
     """Load ``model_dir``, quantize it under ``scheme`` and write the compressed-tensors checkpoint to ``out_dir``.
 
     ``calibration`` is a :class:`Calibration` or the path of a file written by ``quantbench calibrate``.
-    Before the model is loaded, free disk and host memory are checked (:mod:`quantbench.preflight`; ``headroom``:
+    Before the model is loaded, free disk and host memory are checked (:mod:`quantbench.checkpoint.preflight`; ``headroom``:
     what must stay free beyond the need). With ``resume``, every quantized layer is saved in
     ``<out_dir>.partial`` as it is finished, a rerun after an interruption continues from the last saved layer
     (to the same bytes), and the directory is removed once the checkpoint is written (:mod:`quantbench.quant.resume`).

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quantbench.errors import QuantbenchError
-from quantbench.provenance import sha256_file
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Preflight of a quantize or evaluate job: before it loads the model, check free disk for its output and
 host memory for the model, and stop naming what is short and by how much.
 
-Needs come from the model's safetensors headers (:mod:`quantbench.weightfiles`; no tensor is read, and a
+Needs come from the model's safetensors headers (:mod:`quantbench.checkpoint.weightfiles`; no tensor is read, and a
 corrupt file fails here already), measured against what the machine has now (:func:`free_disk`,
 :func:`available_memory`, which honours a cgroup limit such as a SLURM job's). The needs, estimates:
 
@@ -28,9 +28,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantbench.errors import QuantbenchError
-from quantbench.schemes import Scheme
-from quantbench.weightfiles import DTYPE_BYTES, TensorEntry, model_tensors
+from quantbench.checkpoint.weightfiles import DTYPE_BYTES, TensorEntry, model_tensors
+from quantbench.quant.schemes import Scheme
+from quantbench.util.errors import QuantbenchError
 
 GIB = 2**30
 RESULT_BYTES = 2**20  # an evaluation's result JSON, generously
@@ -197,17 +197,12 @@ def evaluate_requirements(
 
 def _w8a8_int(model_dir: Path) -> bool:
     """Whether every config group of a quantized checkpoint runs W8A8 integer matmuls (int8 weights and inputs)."""
+    from quantbench.checkpoint.load import parse_config_groups
     from quantbench.quant.linear import is_w8a8_int
-    from quantbench.runtime import parse_config_groups
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     qconfig = config.get("quantization_config")
     if qconfig is None:
         return False
     return all(is_w8a8_int(weights, inputs) for _, weights, inputs in parse_config_groups(qconfig, model_dir))
-
-
-def headroom_from(disk_gb: float = 0.0, memory_gb: float = 0.0) -> Headroom:
-    """A :class:`Headroom` from gigabytes (the workflow config's ``preflight`` section)."""
-    return Headroom(disk_bytes=int(disk_gb * GIB), memory_bytes=int(memory_gb * GIB))
 

@@ -3,7 +3,7 @@
 The page has the published page's structure (``../shared/seed/000_*.txt``): a ``#`` title, then per
 table a ``##`` section with its caption and the table in an ``{eval-rst}`` fence. A table's note, if
 any, follows its fence as a ``{note}`` admonition, and page-wide notes close the page under
-``## Notes``. The tables are the ``<table>.rst`` files :func:`quantbench.tables.write_tables` writes,
+``## Notes``. The tables are the ``<table>.rst`` files :func:`quantbench.report.tables.write_tables` writes,
 embedded byte for byte, so the page shows exactly what the workflow rendered.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantbench.errors import QuantbenchError
-from quantbench.io import atomic_write_text
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_write_text
 
 FENCE = "```"
 
@@ -32,7 +32,7 @@ class PageSection:
         if not self.table_rst.startswith(".. table::"):
             raise QuantbenchError(
                 f"section {self.title!r}: the table is not an eval-rst '.. table::' block; "
-                "pass the text of a <table>.rst file written by quantbench.tables"
+                "pass the text of a <table>.rst file written by quantbench.report.tables"
             )
         if FENCE in self.table_rst or FENCE in self.note:
             raise QuantbenchError(f"section {self.title!r}: a table or note may not contain {FENCE}")

@@ -1,6 +1,6 @@
 """How calibration samples are made from records: which records, how a chat is rendered, how samples are padded.
 
-Plain data without heavy imports, so the workflow's DAG build and :mod:`quantbench.runconfig` read it. Each
+Plain data without heavy imports, so the workflow's DAG build and :mod:`quantbench.run.config` read it. Each
 field has quantbench's choice as its default and names the published recipe's (AngelSlim at 4cc21d9) as
 its other value; ``docs/fidelity.md`` says what each changes.
 
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 
 SELECTIONS = ("shuffle", "first-n")
 FORMATS = ("quantbench", "angelslim")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 
 
 def read_section(path: str | Path, key: str) -> Mapping[str, Any]:
@@ -35,3 +35,10 @@ def build_spec(cls: type, raw: Any, where: str) -> Any:
         return cls(**raw)
     except (TypeError, ValueError) as exc:
         raise QuantbenchError(f"{where}: {exc}") from exc
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A spec field's check (in ``__post_init__``): ``value`` must be one of ``allowed`` (:func:`build_spec`
+    reports the ValueError under the field's key)."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

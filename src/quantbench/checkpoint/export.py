@@ -48,14 +48,14 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from quantbench.architectures import kept_modules
-from quantbench.errors import QuantbenchError
-from quantbench.io import atomic_dir, atomic_write_json
-from quantbench.provenance import package_versions, sha256_file, sha256_stream
+from quantbench.checkpoint.weightfiles import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from quantbench.model.architectures import kept_modules
 from quantbench.quant import qdq
 from quantbench.quant.linear import QuantLinear
-from quantbench.schemes import QuantArgs, Scheme
-from quantbench.weightfiles import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from quantbench.quant.schemes import QuantArgs, Scheme
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_dir, atomic_write_json
+from quantbench.util.provenance import package_versions, sha256_file, sha256_stream
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A :class:`HubImageSet` is plain data, so the workflow plans with it without importing ``datasets``.
 :func:`hub_image_records` loads the split with ``datasets.load_dataset`` (``dataset`` is a Hub id, or a
 local folder of data files that ``load_dataset`` reads the same way) and returns it with its columns
-renamed to the image-text record keys of :func:`quantbench.vlm.read_image_records`: ``image`` (decoded
+renamed to the image-text record keys of :func:`quantbench.model.vlm.read_image_records`: ``image`` (decoded
 to a PIL image when a row is read), ``question``, and ``answer``, or ``answers`` when the answer column
 holds lists (ChartQA's ``label``), of which calibration uses the first. Rows are decoded one at a time
 as they are indexed, so a large split costs only the rows calibration takes.
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from quantbench.errors import QuantbenchError
+from quantbench.util.errors import QuantbenchError
 
 if TYPE_CHECKING:
     import datasets

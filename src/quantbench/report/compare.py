@@ -1,7 +1,7 @@
 """Compare reproduced cells with published ones: per cell the published value, the reproduced value, their
 difference and a flag beyond a tolerance; written as CSV, Markdown and a plot per table.
 
-Both sides are long frames (``table, model, scheme, benchmark, value``; :mod:`quantbench.tables`). Every
+Both sides are long frames (``table, model, scheme, benchmark, value``; :mod:`quantbench.report.tables`). Every
 published cell with a number is one row of the comparison, in the published order. Its status is
 
 * ``ok``: reproduced, and ``|reproduced - published| <= tolerance``;
@@ -21,7 +21,7 @@ Where a benchmark's results record several filters of its metric (GSM8K: strict-
 Markdown report lists it under the comparison.
 
 The Markdown report also lists the settings of the run that depart from the recipe that made the
-published cells (:func:`quantbench.recipe.departures`), when given.
+published cells (:func:`quantbench.run.recipe.departures`), when given.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from quantbench.errors import QuantbenchError
-from quantbench.io import atomic_write_bytes, atomic_write_text
-from quantbench.tables import MISSING
+from quantbench.report.tables import MISSING
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def compare_cells(
 
 def compare_filters(comparison: pd.DataFrame, filters: pd.DataFrame) -> pd.DataFrame:
     """Per compared cell whose result records several filters (``filters``: rows of
-    :data:`quantbench.cells.FILTER_SCORE_COLUMNS`): each filter's score, which one the table reports, and
+    :data:`quantbench.report.cells.FILTER_SCORE_COLUMNS`): each filter's score, which one the table reports, and
     the filter closer to the published number (``tie`` when equally close).
 
     Columns: model, scheme, benchmark, published, reported (the table's filter), one per filter, closer.
@@ -261,7 +261,7 @@ def write_comparison(
     """Compare ``table`` and write its CSV, Markdown and PNG (atomically); return the comparison.
 
     ``page_labels``: see :func:`compare_cells`; ``filter_scores``: every filter's score of the reproduced
-    cells (:func:`quantbench.cells.collect_filter_scores`), for the Markdown's filter section; ``recipe``,
+    cells (:func:`quantbench.report.cells.collect_filter_scores`), for the Markdown's filter section; ``recipe``,
     ``departures``: the recipe that made the published cells and the run's settings that depart from it.
     """
     comparison = compare_cells(published, reproduced, table=table, tolerance=tolerance, page_labels=page_labels)

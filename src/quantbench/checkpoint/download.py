@@ -5,7 +5,7 @@ The Hub path is ``huggingface_hub.snapshot_download`` into the Hugging Face cach
 environment or the cached login, never from arguments, so no token lands in Snakemake params or logs.
 ``results/models/{model}/`` then holds links to the cached files, so a 470 GB model is stored once.
 
-Weights are checked before the output appears (:mod:`quantbench.weightfiles`): every safetensors header
+Weights are checked before the output appears (:mod:`quantbench.checkpoint.weightfiles`): every safetensors header
 and index of a local copy or a snapshot, and every cached weight file against the SHA-256 the Hub
 recorded for it (a full read, about as long as copying the files once). A revision the Hub does not
 have fails naming the repo and the revision.
@@ -15,17 +15,43 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from quantbench.errors import QuantbenchError
-from quantbench.io import atomic_dir
-from quantbench.runconfig import ModelSource
-from quantbench.weightfiles import model_tensors, verify_hub_blobs
+from quantbench.checkpoint.weightfiles import model_tensors, verify_hub_blobs
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
 # Files a causal LM checkpoint needs; other repo content (e.g. original/ consolidated weights) is skipped.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a local directory, or a Hub repository at a pinned revision."""
+
+    path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, str]) -> ModelSource:
+        """Inverse of :meth:`to_dict`."""
+        if "path" in raw:
+            return cls(path=Path(raw["path"]))
+        return cls(repo=raw["repo"], revision=raw.get("revision"))
+
+    def to_dict(self) -> dict[str, str]:
+        """Plain form for Snakemake ``params:`` and provenance."""
+        if self.path is not None:
+            return {"path": str(self.path)}
+        out = {"repo": str(self.repo)}
+        if self.revision:
+            out["revision"] = self.revision
+        return out
 
 
 def fetch_model(source: ModelSource, out_dir: str | Path) -> Path:

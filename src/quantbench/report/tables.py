@@ -46,8 +46,8 @@ from pathlib import Path
 import pandas as pd
 from docutils.utils import column_width
 
-from quantbench.errors import QuantbenchError
-from quantbench.io import atomic_write_text
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Load a model directory (plain Hugging Face or quantbench's compressed-tensors export) for evaluation.
 
 A compressed-tensors checkpoint (config.json carries a ``quantization_config``) is rebuilt as a model
-that simulates its scheme as vLLM serves it (:mod:`quantbench.serving`): the skeleton is built from the
+that simulates its scheme as vLLM serves it (:mod:`quantbench.checkpoint.serving`): the skeleton is built from the
 config with parameters on the meta device, every module the config groups target (their ``targets`` minus
 ``ignore``, matched with compressed-tensors' own rules) becomes a :class:`QuantLinear` holding the stored
 codes, scales, zero points and static input scales (int4 unpacked), and the remaining tensors are loaded as
 stored. Each tensor is read once, straight onto ``device``. A MoE checkpoint whose expert quantization
 vLLM refuses is refused here too.
 
-Before any tensor is read, every weight file's header is checked (:mod:`quantbench.weightfiles`: a
+Before any tensor is read, every weight file's header is checked (:mod:`quantbench.checkpoint.weightfiles`: a
 truncated or corrupt shard fails naming the file), and the tensors stored for each quantized module are
 checked against what its config group's args store (names, dtypes, shapes), so a ``quantization_config``
 that disagrees with its tensors fails naming the file and the tensor.
@@ -38,21 +38,20 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from quantbench.architectures import block_list, experts_paths, stacks_of
-from quantbench.errors import QuantbenchError
-from quantbench.experts import unfuse_experts
-from quantbench.export import (
+from quantbench.checkpoint.export import (
     QUANT_METHOD,
     checkpoint_format,
     decompress_quantized_linear,
     stored_linear_layout,
 )
+from quantbench.checkpoint.serving import check_fused_moe
+from quantbench.checkpoint.weightfiles import TensorEntry, model_tensors
+from quantbench.model.architectures import block_list, experts_paths, replace_module, stacks_of
+from quantbench.model.experts import unfuse_experts
+from quantbench.model.vlm import is_image_text_model
 from quantbench.quant.linear import QuantLinear, share_input_quantization
-from quantbench.quant.rtn import replace_module
-from quantbench.schemes import QuantArgs
-from quantbench.serving import check_fused_moe
-from quantbench.vlm import is_image_text_model
-from quantbench.weightfiles import TensorEntry, model_tensors
+from quantbench.quant.schemes import QuantArgs
+from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def load_model(
 
     ``dtype`` is the dtype of unquantized tensors and of computation; quantized modules keep their
     stored codes and scales and dequantize to the input's dtype. Vision-language models load as
-    transformers' image-text-to-text class; their processor comes from :func:`quantbench.vlm.load_processor`.
+    transformers' image-text-to-text class; their processor comes from :func:`quantbench.model.vlm.load_processor`.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -126,7 +125,7 @@ def parse_config_groups(qconfig: dict[str, Any], path: Path) -> list[tuple[list[
 
 
 def _read_checkpoint(entries: dict[str, TensorEntry], device: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a checked checkpoint (:func:`quantbench.weightfiles.model_tensors`), on ``device``."""
+    """Every tensor of a checked checkpoint (:func:`quantbench.checkpoint.weightfiles.model_tensors`), on ``device``."""
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted({entry.file for entry in entries.values()}):
         with safe_open(file, framework="pt", device=str(device)) as handle:

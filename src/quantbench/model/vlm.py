@@ -24,8 +24,8 @@ from transformers import AutoProcessor, PretrainedConfig, ProcessorMixin
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
-from quantbench.errors import QuantbenchError
-from quantbench.jsonl import iter_jsonl
+from quantbench.util.errors import QuantbenchError
+from quantbench.util.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -142,7 +142,9 @@ def decode_rates(model: nn.Module, args: argparse.Namespace, bandwidth: float | 
 
         def run_generate(new: int) -> torch.Tensor:
             with torch.no_grad():
-                return model.generate(ids, attention_mask=mask, max_length=args.prompt_len + new, generation_config=config)
+                return model.generate(
+                    ids, attention_mask=mask, max_length=args.prompt_len + new, generation_config=config
+                )
 
         paths = {"GreedyDecoder (static cache, CUDA graphs)": run_decoder}
         if baseline and batch == args.eval_batch_size:
@@ -300,7 +302,9 @@ def markdown(report: dict) -> str:
         "| scheme | path | batch | decode tokens/s | roofline tokens/s | of roofline | vs BF16 (same path, batch) |",
         "|---|---|---|---|---|---|---|",
     ]
-    base = {(r["path"], r["batch"]): r["decode_tokens_per_s"] for r in report["schemes"].get("BF16", {}).get("decode", [])}
+    base = {
+        (r["path"], r["batch"]): r["decode_tokens_per_s"] for r in report["schemes"].get("BF16", {}).get("decode", [])
+    }
     for scheme, result in report["schemes"].items():
         for r in result.get("decode", []):
             ref = base.get((r["path"], r["batch"]))
@@ -316,7 +320,9 @@ def markdown(report: dict) -> str:
             tokens = r["generated_tokens"] or r["forward_tokens"]
             rate = r.get("generated_tokens_per_s") or r.get("forward_tokens_per_s")
             kind = "generated" if r["generated_tokens"] else "scored"
-            lines.append(f"| {scheme} | {r['benchmark']} | {r['hflm']} | {r['items']} | {r['seconds']:.1f} | {tokens} {kind} | {rate:.0f} |")
+            lines.append(
+                f"| {scheme} | {r['benchmark']} | {r['hflm']} | {r['items']} | {r['seconds']:.1f} | {tokens} {kind} | {rate:.0f} |"
+            )
     if report.get("projection"):
         lines += ["", "## Seed matrix (config/seed.yaml), projected GPU hours per backend", ""]
         for label, p in report["projection"].items():
@@ -330,7 +336,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "benchmarks" / "configs" / "qwen3-8b.json")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--schemes", default="BF16,FP8-Static,FP8-Dynamic,INT8-Dynamic,INT4-GPTQ")
-    parser.add_argument("--baseline-schemes", default="BF16,FP8-Dynamic", help="schemes also run through generate / HFLM")
+    parser.add_argument(
+        "--baseline-schemes", default="BF16,FP8-Dynamic", help="schemes also run through generate / HFLM"
+    )
     parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -387,13 +395,17 @@ def main() -> None:
     bf16 = report["schemes"].get("BF16", {})
     paths = {}
     for path in ("GreedyDecoder (static cache, CUDA graphs)", "transformers generate (dynamic cache)"):
-        decode = next((r for r in bf16.get("decode", []) if r["path"] == path and r["batch"] == args.eval_batch_size), None)
+        decode = next(
+            (r for r in bf16.get("decode", []) if r["path"] == path and r["batch"] == args.eval_batch_size), None
+        )
         if scored and decode:
             paths[path] = {"params_b": bench_quantize.parameter_count(model) / 1e9, "prompt_tokens_per_s": scored[len(scored) // 2],
                            "decode_steps_per_s": decode["decode_tokens_per_s"] / decode["batch"], "batch": decode["batch"]}  # fmt: skip
     generate = paths.get("transformers generate (dynamic cache)")
     for path, rates in paths.items():
-        report.setdefault("projection", {})[f"hf backend, lm-eval through {path}"] = seed_projection(rates, generate or rates) | {"rates": rates}
+        report.setdefault("projection", {})[f"hf backend, lm-eval through {path}"] = seed_projection(
+            rates, generate or rates
+        ) | {"rates": rates}
     save()
     print(markdown(report))
 

@@ -69,13 +69,20 @@ def main() -> None:
     groups = {"q/k/v": (q + 2 * kv, hidden), "o": (hidden, q), "gate/up": (2 * inter, hidden), "down": (hidden, inter)}
     g = torch.Generator(device="cuda").manual_seed(0)
     hessians = {width: _hessian(width, args.tokens, g) for width in sorted({w for _, w in groups.values()})}
-    weights = {name: (torch.randn(rows, width, device="cuda", generator=g) * 0.02).to(torch.bfloat16) for name, (rows, width) in groups.items()}
+    weights = {
+        name: (torch.randn(rows, width, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        for name, (rows, width) in groups.items()
+    }
 
     cholesky = []
     for width, h in hessians.items():
-        _timed(lambda: gptq._inverse_cholesky(h, scheme.params.dampening, scheme.params.damping_retry, []))  # warm-up (cuSOLVER handles)
+        _timed(
+            lambda: gptq._inverse_cholesky(h, scheme.params.dampening, scheme.params.damping_retry, [])
+        )  # warm-up (cuSOLVER handles)
         _timed(lambda: _textbook_inverse_cholesky(h, scheme.params.dampening))
-        new_s, (upper, _) = _timed(lambda: gptq._inverse_cholesky(h, scheme.params.dampening, scheme.params.damping_retry, []))
+        new_s, (upper, _) = _timed(
+            lambda: gptq._inverse_cholesky(h, scheme.params.dampening, scheme.params.damping_retry, [])
+        )
         old_s, reference = _timed(lambda: _textbook_inverse_cholesky(h, scheme.params.dampening))
         diff = float((upper - reference).abs().max() / reference.abs().max())
         lower = torch.linalg.cholesky(h)
@@ -84,8 +91,17 @@ def main() -> None:
         solve_s, by_solve = _timed(lambda: torch.linalg.solve_triangular(lower, identity, upper=False))
         halves_s, by_halves = _timed(lambda: gptq._inverse_lower(lower))
         tri_diff = float((by_halves - by_solve).abs().max() / by_solve.abs().max())
-        cholesky.append({"width": width, "textbook_s": old_s, "one_factorisation_s": new_s, "max_rel_diff": diff,
-                         "triangular_solve_s": solve_s, "by_halves_s": halves_s, "halves_vs_solve_max_rel_diff": tri_diff})
+        cholesky.append(
+            {
+                "width": width,
+                "textbook_s": old_s,
+                "one_factorisation_s": new_s,
+                "max_rel_diff": diff,
+                "triangular_solve_s": solve_s,
+                "by_halves_s": halves_s,
+                "halves_vs_solve_max_rel_diff": tri_diff,
+            }
+        )
 
     solve = lambda name: gptq.gptq_solve(weights[name], hessians[groups[name][1]], scheme.weights, scheme.params)  # noqa: E731
     for name in groups:
@@ -105,8 +121,11 @@ def main() -> None:
         "| input width | factorise, invert, factorise s | one factorisation + triangular inverse s | max rel. difference "
         "| triangular inverse: one solve s | by halves s | max rel. difference |",
         "|---|---|---|---|---|---|---|",
-        *(f"| {c['width']} | {c['textbook_s']:.4f} | {c['one_factorisation_s']:.4f} | {c['max_rel_diff']:.1e} "
-          f"| {c['triangular_solve_s']:.4f} | {c['by_halves_s']:.4f} | {c['halves_vs_solve_max_rel_diff']:.1e} |" for c in cholesky),
+        *(
+            f"| {c['width']} | {c['textbook_s']:.4f} | {c['one_factorisation_s']:.4f} | {c['max_rel_diff']:.1e} "
+            f"| {c['triangular_solve_s']:.4f} | {c['by_halves_s']:.4f} | {c['halves_vs_solve_max_rel_diff']:.1e} |"
+            for c in cholesky
+        ),
         "",
         "| group | weight | solve s |",
         "|---|---|---|",

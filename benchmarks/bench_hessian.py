@@ -40,7 +40,9 @@ def main() -> None:
         scales = torch.exp(torch.randn(width, device="cuda", generator=g))
         rows = (torch.randn(args.rows, width, device="cuda", generator=g) * scales).to(torch.bfloat16)
         full = torch.zeros(width, width, device="cuda")
-        full_ms = triton.testing.do_bench(lambda: full.add_(torch.mm(rows.t(), rows, out_dtype=torch.float32)), return_mode="median")
+        full_ms = triton.testing.do_bench(
+            lambda: full.add_(torch.mm(rows.t(), rows, out_dtype=torch.float32)), return_mode="median"
+        )
         whole = torch.mm(rows.t(), rows, out_dtype=torch.float32)
         symmetric = bool(torch.equal(whole, whole.t()))
         for tiles in (int(t) for t in args.tiles.split(",")):

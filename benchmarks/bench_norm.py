@@ -47,7 +47,9 @@ def main() -> None:
         x = (torch.randn(shape, device="cuda", generator=g) * 3).to(torch.bfloat16)
         expected, got = norm(x), norm_kernel.rms_norm(x, norm.weight, norm.variance_epsilon)
         own_ms = triton.testing.do_bench(lambda: norm(x), return_mode="median")
-        fused_ms = triton.testing.do_bench(lambda: norm_kernel.rms_norm(x, norm.weight, norm.variance_epsilon), return_mode="median")
+        fused_ms = triton.testing.do_bench(
+            lambda: norm_kernel.rms_norm(x, norm.weight, norm.variance_epsilon), return_mode="median"
+        )
         rows.append({"what": f"RMSNorm {name} {tuple(shape)}", "own_ms": own_ms, "fused_ms": fused_ms,
                      "differing": int((expected != got).sum()), "values": x.numel(),
                      "max_rel_diff": float(((expected.float() - got.float()).abs() / expected.float().abs().clamp(min=1e-30)).max())})  # fmt: skip

@@ -52,10 +52,18 @@ def main() -> None:
                     got = qdq_kernel.fake_quantize_activation(x, qargs, scale)
                     mismatched += int((ref.view(torch.int16) != got.view(torch.int16)).sum())
                 else:
-                    (ref, ref_scales), (got, got_scales) = qdq.int_activation_codes(x, qargs), qdq_kernel.int_activation_codes(x, qargs)
-                    mismatched += int((ref != got.float()).sum()) + int((ref_scales.view(torch.int32) != got_scales.view(torch.int32)).sum())
-            torch_fn, kernel_fn = ((qdq.quantize_dequantize_activation, qdq_kernel.fake_quantize_activation) if qargs.type == "float"
-                                   else (qdq.int_activation_codes, qdq_kernel.int_activation_codes))
+                    (ref, ref_scales), (got, got_scales) = (
+                        qdq.int_activation_codes(x, qargs),
+                        qdq_kernel.int_activation_codes(x, qargs),
+                    )
+                    mismatched += int((ref != got.float()).sum()) + int(
+                        (ref_scales.view(torch.int32) != got_scales.view(torch.int32)).sum()
+                    )
+            torch_fn, kernel_fn = (
+                (qdq.quantize_dequantize_activation, qdq_kernel.fake_quantize_activation)
+                if qargs.type == "float"
+                else (qdq.int_activation_codes, qdq_kernel.int_activation_codes)
+            )
             torch_ms = triton.testing.do_bench(lambda: torch_fn(x, qargs, scale), return_mode="median")
             kernel_ms = triton.testing.do_bench(lambda: kernel_fn(x, qargs, scale), return_mode="median")
             written = x.element_size() if qargs.type == "float" else 1

@@ -174,7 +174,9 @@ def dir_bytes(path: Path) -> int:
 # --- per-layer error, one evaluator for every tool ---------------------------------------------------
 
 
-def block_errors(pristine: nn.Module, weights: dict[str, torch.Tensor], calibration: Any, device: torch.device) -> list[float]:
+def block_errors(
+    pristine: nn.Module, weights: dict[str, torch.Tensor], calibration: Any, device: torch.device
+) -> list[float]:
     """Per block, ``sum |y_q - y|^2 / sum |y|^2`` over the calibration tokens.
 
     ``y_q``: the block with ``weights`` (fake-quantized linear weights by module name) on the inputs the
@@ -214,13 +216,17 @@ def dequantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> the bf16 weight each QuantLinear computes with."""
     from quantbench.quant.linear import QuantLinear
 
-    return {n: m.dequantized_weight(torch.bfloat16).cpu() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {
+        n: m.dequantized_weight(torch.bfloat16).cpu() for n, m in model.named_modules() if isinstance(m, QuantLinear)
+    }
 
 
 # --- throughput -------------------------------------------------------------------------------------
 
 
-def throughput(model: nn.Module, device: torch.device, batch: int, seq_len: int, decode_tokens: int) -> dict[str, float]:
+def throughput(
+    model: nn.Module, device: torch.device, batch: int, seq_len: int, decode_tokens: int
+) -> dict[str, float]:
     """tokens/s of a full-logits forward (``batch`` x ``seq_len``, as lm-eval scores loglikelihoods) and of
     greedy decoding ``decode_tokens`` tokens for ``batch`` prompts of 128 tokens (KV cache); each the best
     of two timed runs after a full warm-up run."""
@@ -248,7 +254,9 @@ def throughput(model: nn.Module, device: torch.device, batch: int, seq_len: int,
         }
 
 
-def measure_throughput(model: nn.Module, device: torch.device, args: argparse.Namespace, *, keep: bool) -> dict[str, float]:
+def measure_throughput(
+    model: nn.Module, device: torch.device, args: argparse.Namespace, *, keep: bool
+) -> dict[str, float]:
     """:func:`throughput` of ``model`` moved to ``device``; moved back to the CPU after if ``keep``, else left
     for the caller to drop (saves copying 16 GB back)."""
     model.to(device)
@@ -265,7 +273,9 @@ def measure_throughput(model: nn.Module, device: torch.device, args: argparse.Na
 # --- quantbench -------------------------------------------------------------------------------------
 
 
-def bench_in_memory(pristine: nn.Module, name: str, calibration: Any, device: torch.device, args: argparse.Namespace) -> tuple[dict, nn.Module]:
+def bench_in_memory(
+    pristine: nn.Module, name: str, calibration: Any, device: torch.device, args: argparse.Namespace
+) -> tuple[dict, nn.Module]:
     """Quantize a copy of ``pristine`` under scheme ``name`` and export it; timings, memory, errors."""
     from transformers import AutoTokenizer
 
@@ -362,11 +372,18 @@ def run_llmcompressor(args: argparse.Namespace) -> dict:
     model.config.save_pretrained(config_dir)
     model.config.name_or_path = str(config_dir)
     calibration = random_calibration(config.vocab_size, args.samples, args.seq_len, args.seed)
-    rows = [{"input_ids": ids[None], "attention_mask": mask[None]} for ids, mask in zip(calibration.input_ids, calibration.attention_mask)]
+    rows = [
+        {"input_ids": ids[None], "attention_mask": mask[None]}
+        for ids, mask in zip(calibration.input_ids, calibration.attention_mask)
+    ]
     loader = torch.utils.data.DataLoader(rows, batch_size=None)
     recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    result: dict[str, Any] = {"tool": "llm-compressor", "version": llmcompressor.__version__, "layers": config.num_hidden_layers}
+    result: dict[str, Any] = {
+        "tool": "llm-compressor",
+        "version": llmcompressor.__version__,
+        "layers": config.num_hidden_layers,
+    }
     out_dir = args.work / "llmcompressor-W4A16"
     with PeakRSS() as rss, gpu_peak(device, result):
         start = time.perf_counter()
@@ -375,12 +392,20 @@ def run_llmcompressor(args: argparse.Namespace) -> dict:
         sync(device)
         result["oneshot_s"] = time.perf_counter() - start
         # saving compresses the modules in place: take the fake-quantized weights first (not timed)
-        weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+        weights = {
+            n: m.weight.detach().to("cpu", copy=True)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n != "lm_head"
+        }
         result["on_grid"] = on_grid_fraction(model)
         start = time.perf_counter()
         model.save_pretrained(out_dir, save_compressed=True)
         result["export_s"] = time.perf_counter() - start
-    result.update(total_s=result["oneshot_s"] + result["export_s"], peak_rss_gib=rss.peak / GIB, checkpoint_gib=dir_bytes(out_dir) / GIB)
+    result.update(
+        total_s=result["oneshot_s"] + result["export_s"],
+        peak_rss_gib=rss.peak / GIB,
+        checkpoint_gib=dir_bytes(out_dir) / GIB,
+    )
     shutil.rmtree(out_dir)
     del model
     if args.compare_samples:
@@ -398,7 +423,9 @@ def on_grid_fraction(model: nn.Module) -> float:
             w = module.weight.detach().float().cpu()
             s = scale.detach().float().cpu().repeat_interleave(w.shape[1] // scale.shape[1], dim=1)
             ratio = w / s
-            return float(((ratio - ratio.round()).abs() < 0.05).float().mean())  # bf16 storage blurs q * s by < 0.03 steps
+            return float(
+                ((ratio - ratio.round()).abs() < 0.05).float().mean()
+            )  # bf16 storage blurs q * s by < 0.03 steps
     return float("nan")
 
 
@@ -458,7 +485,12 @@ def llmcompressor_subprocess(args: argparse.Namespace) -> dict:
 def environment(device: torch.device) -> dict[str, Any]:
     from importlib import metadata
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+    }
     for package in ("transformers", "safetensors", "triton", "compressed-tensors", "llmcompressor"):
         try:
             env[package] = metadata.version(package)
@@ -509,7 +541,11 @@ def markdown(report: dict) -> str:
     compare = report.get("compare")
     if compare:
         llmc = compare["llmcompressor"]
-        same = f"same weights and samples; llm-compressor's numbers from {llmc['from']}" if "from" in llmc else "same weights, samples and card"
+        same = (
+            f"same weights and samples; llm-compressor's numbers from {llmc['from']}"
+            if "from" in llmc
+            else "same weights, samples and card"
+        )
         lines += ["", f"## INT4 GPTQ against llm-compressor's GPTQ W4A16 ({same})", ""]
         if "error" in llmc:
             lines.append(f"llm-compressor did not run: {llmc['error']}")
@@ -568,8 +604,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scratch folder for checkpoints (default: OUT/work)")
     parser.add_argument("--llmcompressor", action="store_true", help="also run llm-compressor's GPTQ W4A16")
     parser.add_argument("--llmcompressor-site", type=Path, help="folder with llm-compressor, first on its PYTHONPATH")
-    parser.add_argument("--llmcompressor-results", type=Path, help="results.json of an earlier run with --llmcompressor, to compare with")
-    parser.add_argument("--compare-samples", type=int, default=16, help="samples for the common per-layer error (0: skip)")
+    parser.add_argument(
+        "--llmcompressor-results",
+        type=Path,
+        help="results.json of an earlier run with --llmcompressor, to compare with",
+    )
+    parser.add_argument(
+        "--compare-samples", type=int, default=16, help="samples for the common per-layer error (0: skip)"
+    )
     parser.add_argument("--throughput", action="store_true", help="tokens/s of each quantized model vs BF16")
     parser.add_argument("--tp-batch", type=int, default=8)
     parser.add_argument("--tp-seq-len", type=int, default=1024)
@@ -602,7 +644,9 @@ def main() -> None:
         "environment": environment(device),
         "schemes": [],
     }  # fmt: skip
-    print(f"built {report['setup']['parameters'] / 1e9:.2f}B parameters in {report['setup']['build_s']:.1f} s", flush=True)
+    print(
+        f"built {report['setup']['parameters'] / 1e9:.2f}B parameters in {report['setup']['build_s']:.1f} s", flush=True
+    )
     if args.throughput:
         report["bf16_throughput"] = measure_throughput(pristine, device, args, keep=True)
     bf16_dir = None
@@ -636,7 +680,9 @@ def main() -> None:
                 "samples": args.compare_samples,
                 "quantbench_total_s": result["total_s"],
                 "quantbench_layer_errors": block_errors(pristine, dequantized_weights(model), subset, device),
-                "llmcompressor": llmcompressor_subprocess(args) if args.llmcompressor else earlier_llmcompressor(args.llmcompressor_results),
+                "llmcompressor": llmcompressor_subprocess(args)
+                if args.llmcompressor
+                else earlier_llmcompressor(args.llmcompressor_results),
             }
         if model is not None and args.throughput:
             result["throughput"] = measure_throughput(model, device, args, keep=False)

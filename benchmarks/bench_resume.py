@@ -102,14 +102,24 @@ def main() -> None:
     AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(model_dir)
     del model
     save_calibration(random_calibration(config.vocab_size, args.samples, args.seq_len, args.seed), calib)
-    report = {"config": args.config.name, "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len,
-              "environment": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "schemes": {}}
+    report = {
+        "config": args.config.name,
+        "layers": args.layers,
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "environment": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "schemes": {},
+    }
     for name in args.schemes.split(","):
         common = ["--model", str(model_dir), "--calib", str(calib), "--scheme", name]
         kill = args.layers // 2 - 1
         runs = {}
-        for label, extra in [("no_resume", ["--no-resume"]), ("resume", []), ("killed", ["--kill-after", str(kill)]),
-                             ("resumed", [])]:
+        for label, extra in [
+            ("no_resume", ["--no-resume"]),
+            ("resume", []),
+            ("killed", ["--kill-after", str(kill)]),
+            ("resumed", []),
+        ]:
             out = work / name / ("killed" if label in ("killed", "resumed") else label)
             code, result, log = run_worker(*common, "--out", str(out), *extra)
             runs[label] = {"returncode": code, **result, "log_tail": log[-1500:]}

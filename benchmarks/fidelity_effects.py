@@ -42,7 +42,11 @@ def scheme(name: str, **changes: object) -> Scheme:
 
 
 def input_scales(model: torch.nn.Module) -> dict[str, float]:
-    return {n: float(m.input_scale) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    return {
+        n: float(m.input_scale)
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.input_scale is not None
+    }
 
 
 def run(model_dir: Path, texts: list[str], tokenizer, calibration: Calibration, chosen: Scheme) -> dict:
@@ -63,13 +67,21 @@ def run(model_dir: Path, texts: list[str], tokenizer, calibration: Calibration, 
 
 def ratios(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     values = sorted(b[k] / a[k] for k in a)
-    return {"min": values[0], "median": values[len(values) // 2], "max": values[-1], "changed": sum(v != 1.0 for v in values), "of": len(values)}
+    return {
+        "min": values[0],
+        "median": values[len(values) // 2],
+        "max": values[-1],
+        "changed": sum(v != 1.0 for v in values),
+        "of": len(values),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
-    parser.add_argument("--data", type=Path, default=REPO / "resources" / "calib" / "sharegpt_gpt4-qwen3_a22B_output.jsonl")
+    parser.add_argument(
+        "--data", type=Path, default=REPO / "resources" / "calib" / "sharegpt_gpt4-qwen3_a22B_output.jsonl"
+    )
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--moe-seq-len", type=int, default=1024)
@@ -79,7 +91,12 @@ def main() -> None:
 
     records = (args.shared / "data" / "calib" / "gutenberg_heldout.jsonl").read_text(encoding="utf-8").splitlines()
     texts = [json.loads(line)["text"] for line in records[1::2][::18]]
-    results: dict[str, object] = {"samples": args.samples, "seq_len": args.seq_len, "moe_seq_len": args.moe_seq_len, "data": args.data.name}
+    results: dict[str, object] = {
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "moe_seq_len": args.moe_seq_len,
+        "data": args.data.name,
+    }
 
     def report(key: str, value: object) -> None:
         results[key] = value
@@ -96,21 +113,62 @@ def main() -> None:
         "format-only": StreamSpec(format="angelslim"),
         "first-n-only": StreamSpec(selection="first-n"),
     }
-    calibs = {k: tokenize_calibration(tokenizer, args.data, args.samples, args.seq_len, stream=s) for k, s in streams.items()}
+    calibs = {
+        k: tokenize_calibration(tokenizer, args.data, args.samples, args.seq_len, stream=s) for k, s in streams.items()
+    }
     for key, calib in calibs.items():
-        report(f"dense/calibration/{key}", {"real_tokens": int(calib.attention_mask.sum()), "statistics_positions": calib.num_tokens})
-    report("dense/bf16", {"perplexity": run(model_dir, texts, tokenizer, calibs["quantbench"], Scheme(name="BF16"))["perplexity"]})
+        report(
+            f"dense/calibration/{key}",
+            {"real_tokens": int(calib.attention_mask.sum()), "statistics_positions": calib.num_tokens},
+        )
+    report(
+        "dense/bf16",
+        {"perplexity": run(model_dir, texts, tokenizer, calibs["quantbench"], Scheme(name="BF16"))["perplexity"]},
+    )
     fp8 = {k: run(model_dir, texts, tokenizer, calibs[k], scheme("FP8-Static")) for k in streams}
     for key, value in fp8.items():
-        report(f"dense/FP8-Static/{key}", {"perplexity": value["perplexity"], "scale_ratio_to_quantbench": ratios(fp8["quantbench"]["input_scales"], value["input_scales"])})
-    full = run(model_dir, texts, tokenizer, calibs["angelslim"], scheme("FP8-Static", calibration=CalibrationParams(propagation="full-precision")))
-    report("dense/FP8-Static/angelslim+full-precision", {"perplexity": full["perplexity"], "scale_ratio_to_quantized_propagation": ratios(fp8["angelslim"]["input_scales"], full["input_scales"])})
-    gptq = {k: run(model_dir, texts, tokenizer, calibs[k], scheme("INT4-GPTQ")) for k in ("quantbench", "angelslim", "padding-only")}
+        report(
+            f"dense/FP8-Static/{key}",
+            {
+                "perplexity": value["perplexity"],
+                "scale_ratio_to_quantbench": ratios(fp8["quantbench"]["input_scales"], value["input_scales"]),
+            },
+        )
+    full = run(
+        model_dir,
+        texts,
+        tokenizer,
+        calibs["angelslim"],
+        scheme("FP8-Static", calibration=CalibrationParams(propagation="full-precision")),
+    )
+    report(
+        "dense/FP8-Static/angelslim+full-precision",
+        {
+            "perplexity": full["perplexity"],
+            "scale_ratio_to_quantized_propagation": ratios(fp8["angelslim"]["input_scales"], full["input_scales"]),
+        },
+    )
+    gptq = {
+        k: run(model_dir, texts, tokenizer, calibs[k], scheme("INT4-GPTQ"))
+        for k in ("quantbench", "angelslim", "padding-only")
+    }
     for key, value in gptq.items():
         report(f"dense/INT4-GPTQ/{key}", {"perplexity": value["perplexity"], "layer_errors": value["layer_errors"]})
-    edges = run(model_dir, texts, tokenizer, calibs["angelslim"], scheme("INT4-GPTQ", params=GPTQParams(dead_columns="zero", damping_retry="add")))
-    report("dense/INT4-GPTQ/angelslim+edge-cases", {"perplexity": edges["perplexity"], "fallbacks": edges["fallbacks"],
-                                                     "same_layer_errors": edges["layer_errors"] == gptq["angelslim"]["layer_errors"]})
+    edges = run(
+        model_dir,
+        texts,
+        tokenizer,
+        calibs["angelslim"],
+        scheme("INT4-GPTQ", params=GPTQParams(dead_columns="zero", damping_retry="add")),
+    )
+    report(
+        "dense/INT4-GPTQ/angelslim+edge-cases",
+        {
+            "perplexity": edges["perplexity"],
+            "fallbacks": edges["fallbacks"],
+            "same_layer_errors": edges["layer_errors"] == gptq["angelslim"]["layer_errors"],
+        },
+    )
 
     # MoE: routed-only expert statistics against every expert on every token, on the published stream
     model_dir = args.shared / "models" / "tinyqwen3-moe"
@@ -119,8 +177,11 @@ def main() -> None:
     for name in ("FP8-Static", "INT4-GPTQ"):
         base = run(model_dir, texts, tokenizer, calib, scheme(name))
         routed = run(model_dir, texts, tokenizer, calib, scheme(name, calibration=CalibrationParams(experts="routed")))
-        entry = {"perplexity_all_tokens": base["perplexity"], "perplexity_routed": routed["perplexity"],
-                 "fallbacks_routed": routed["fallbacks"]}
+        entry = {
+            "perplexity_all_tokens": base["perplexity"],
+            "perplexity_routed": routed["perplexity"],
+            "fallbacks_routed": routed["fallbacks"],
+        }
         if name == "FP8-Static":
             experts = {k: v for k, v in base["input_scales"].items() if ".experts." in k}
             entry["expert_scale_ratio_routed_to_all"] = ratios(experts, routed["input_scales"])

@@ -64,7 +64,9 @@ class Variant:
 
 def _unscaled_routers() -> AbstractContextManager:
     apply = awq.apply_scales
-    return mock.patch.object(awq, "apply_scales", lambda prev, linears, scales, unquantized=(): apply(prev, linears, scales))
+    return mock.patch.object(
+        awq, "apply_scales", lambda prev, linears, scales, unquantized=(): apply(prev, linears, scales)
+    )
 
 
 def _experts_on_their_own() -> AbstractContextManager:
@@ -80,9 +82,13 @@ def variants(family: str, group_size: int, router_compensation: bool) -> dict[st
         return {
             "unquantized": Variant(None),
             "FP8-Dynamic, experts share per-tensor scales (vLLM)": Variant(schemes["FP8-Dynamic"]),
-            "FP8-Dynamic, each expert per token (quantbench before)": Variant(schemes["FP8-Dynamic"], context=_experts_on_their_own),
+            "FP8-Dynamic, each expert per token (quantbench before)": Variant(
+                schemes["FP8-Dynamic"], context=_experts_on_their_own
+            ),
             "FP8-Static, experts share the largest scale (vLLM)": Variant(schemes["FP8-Static"]),
-            "FP8-Static, each expert its own scale (quantbench before)": Variant(schemes["FP8-Static"], context=_experts_on_their_own),
+            "FP8-Static, each expert its own scale (quantbench before)": Variant(
+                schemes["FP8-Static"], context=_experts_on_their_own
+            ),
         }
     if family == "int8":
         angelslim = {**schemes["INT8-Dynamic"], "rounding": {"symmetric_scale": "qmax", "divide_in": "weight_dtype"}}
@@ -93,7 +99,9 @@ def variants(family: str, group_size: int, router_compensation: bool) -> dict[st
         }
     weights = {"type": "int", "num_bits": 4, "strategy": "group", "group_size": group_size, "symmetric": False}
     style = {"algorithm": "awq", "awq": {"style": "angelslim"}}
-    quantbench = Variant({"weights": weights, "algorithm": "awq"}, context=nullcontext if router_compensation else _unscaled_routers)
+    quantbench = Variant(
+        {"weights": weights, "algorithm": "awq"}, context=nullcontext if router_compensation else _unscaled_routers
+    )
     return {
         "unquantized": Variant(None),
         "RTN": Variant({"weights": weights, "algorithm": "rtn"}),
@@ -111,7 +119,9 @@ def record_layers(model: nn.Module, ids: torch.Tensor) -> tuple[list[tuple[tuple
     calls, outputs, handles = [], [], []
     for layer in model.model.layers:
         handles.append(layer.register_forward_pre_hook(lambda _m, a, k: calls.append((a, k)), with_kwargs=True))
-        handles.append(layer.register_forward_hook(lambda _m, _a, o: outputs.append(o[0] if isinstance(o, tuple) else o)))
+        handles.append(
+            layer.register_forward_hook(lambda _m, _a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+        )
     with torch.no_grad():
         model(ids, use_cache=False)  # no KV cache: replaying a layer must not append to the recorded one
     for handle in handles:
@@ -143,7 +153,9 @@ def main() -> None:
     parser.add_argument("--family", default="awq", choices=["awq", "fp8", "int8"])
     parser.add_argument("--fixture", default="tinyqwen3-dense", choices=["tinyqwen3-dense", "tinyqwen3-moe"])
     parser.add_argument("--eval-tokens", type=int, default=65536)
-    parser.add_argument("--no-router-compensation", action="store_true", help="awq: quantbench's style without scaling routers")
+    parser.add_argument(
+        "--no-router-compensation", action="store_true", help="awq: quantbench's style without scaling routers"
+    )
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -162,7 +174,9 @@ def main() -> None:
 
     references = {}
     results = {}
-    for name, variant in variants(args.family, 64 if "moe" in args.fixture else 128, not args.no_router_compensation).items():
+    for name, variant in variants(
+        args.family, 64 if "moe" in args.fixture else 128, not args.no_router_compensation
+    ).items():
         if args.only and name not in args.only:
             continue
         if variant.dtype not in references:

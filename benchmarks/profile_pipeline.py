@@ -101,7 +101,9 @@ PHASES: list[tuple[Any, str, str]] = [
 ]
 
 
-def run_scheme(pristine: nn.Module, name: str, calibration: Any, device: torch.device, args: argparse.Namespace) -> dict:
+def run_scheme(
+    pristine: nn.Module, name: str, calibration: Any, device: torch.device, args: argparse.Namespace
+) -> dict:
     """Seconds of quantize + export of a copy of ``pristine`` (the bench's in-memory mode)."""
     bench_args = argparse.Namespace(chunk_size=8, offload_activations=False, work=args.out / "work", seed=0)
     result, model = bench_quantize.bench_in_memory(pristine, name, calibration, device, bench_args)
@@ -118,9 +120,10 @@ def torch_profile(into: dict[str, str], key: str, rows: int) -> Iterator[None]:
         yield
     averages = prof.key_averages()
     into[key] = (
-        (averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60) + "\n" if torch.cuda.is_available() else "")
-        + averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
-    )
+        averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60) + "\n"
+        if torch.cuda.is_available()
+        else ""
+    ) + averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
 
 
 def main() -> None:

@@ -32,9 +32,13 @@ def main() -> None:
             record["error"] = f"{type(exc).__name__}: {exc}"
         else:
             engine = lm.client.llm_engine
-            record |= {"class": f"{type(lm).__module__}.{type(lm).__name__}", "loaded": engine.model_config.model,
-                       "tensor_parallel_size": engine.vllm_config.parallel_config.tensor_parallel_size,
-                       "batch_size_per_gpu": lm.batch_size_per_gpu, "dtype": str(engine.model_config.dtype)}
+            record |= {
+                "class": f"{type(lm).__module__}.{type(lm).__name__}",
+                "loaded": engine.model_config.model,
+                "tensor_parallel_size": engine.vllm_config.parallel_config.tensor_parallel_size,
+                "batch_size_per_gpu": lm.batch_size_per_gpu,
+                "dtype": str(engine.model_config.dtype),
+            }
             del lm
         results[name] = record
         print(name, record, flush=True)

@@ -35,8 +35,19 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
 BINARIES = (
-    "munged", "mariadbd", "mariadb-install-db", "mariadb", "slurmdbd", "slurmctld", "slurmd",
-    "sbatch", "sacct", "sinfo", "scontrol", "scancel", "squeue",
+    "munged",
+    "mariadbd",
+    "mariadb-install-db",
+    "mariadb",
+    "slurmdbd",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "sacct",
+    "sinfo",
+    "scontrol",
+    "scancel",
+    "squeue",
 )
 CONF_DIR = Path("/etc/slurm")
 STATE_DIR = Path("/var/tmp/quantbench-slurm")
@@ -81,8 +92,7 @@ def install_packages() -> float:
     try:
         for cmd in (
             ["apt-get", "update", "-q"],
-            ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=120", "--no-install-recommends",
-             *PACKAGES],
+            ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=120", "--no-install-recommends", *PACKAGES],
         ):
             try:
                 done = _run(cmd, timeout=APT_TIMEOUT_S, env=env)
@@ -102,8 +112,10 @@ def _munge_works() -> bool:
     """True when a credential encoded through MUNGE_SOCKET decodes again."""
     try:
         cred = _run(["munge", "-n", f"--socket={MUNGE_SOCKET}"], timeout=10)
-        return cred.returncode == 0 and _run(
-            ["unmunge", f"--socket={MUNGE_SOCKET}"], input=cred.stdout, timeout=10).returncode == 0
+        return (
+            cred.returncode == 0
+            and _run(["unmunge", f"--socket={MUNGE_SOCKET}"], input=cred.stdout, timeout=10).returncode == 0
+        )
     except subprocess.TimeoutExpired:
         return False
 
@@ -128,9 +140,7 @@ def _wait(what: str, ready, timeout: float, logs: list[Path], procs: list[subpro
         dead = [p for p in procs if p.poll() is not None]
         if dead or time.monotonic() > deadline:
             reason = f"exited with status {dead[0].returncode}" if dead else f"not ready after {timeout:.0f} s"
-            tails = "\n".join(
-                f"--- {p}\n{p.read_text(errors='replace')[-2000:]}" for p in logs if p.exists()
-            )
+            tails = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-2000:]}" for p in logs if p.exists())
             raise RuntimeError(f"{what} {reason}\n{tails}")
         time.sleep(0.2)
 
@@ -228,8 +238,9 @@ class SlurmCluster:
 
     def _spawn(self, name: str, cmd: list[str], **kwargs) -> subprocess.Popen:
         with open(self.state_dir / "log" / f"{name}.out", "wb") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, **kwargs)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs
+            )
         self.processes[name] = proc
         with open(self._pid_file(), "a") as handle:
             handle.write(f"{name} {proc.pid}\n")
@@ -251,37 +262,61 @@ class SlurmCluster:
         for path in (munge_dir, key, MUNGE_SOCKET.parent):
             shutil.chown(path, "munge", "munge")
         munge_dir.chmod(0o700)
-        proc = self._spawn("munged", [
-            "munged", "--foreground", f"--socket={MUNGE_SOCKET}", f"--key-file={key}",
-            f"--log-file={munge_dir / 'munged.log'}", f"--pid-file={MUNGE_SOCKET.parent / 'munged.pid'}",
-            f"--seed-file={munge_dir / 'munged.seed'}",
-        ], user="munge", group="munge")
-        _wait("munged", _munge_works, 15, [munge_dir / "munged.log", self.state_dir / "log" / "munged.out"],
-              [proc])
+        proc = self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                f"--socket={MUNGE_SOCKET}",
+                f"--key-file={key}",
+                f"--log-file={munge_dir / 'munged.log'}",
+                f"--pid-file={MUNGE_SOCKET.parent / 'munged.pid'}",
+                f"--seed-file={munge_dir / 'munged.seed'}",
+            ],
+            user="munge",
+            group="munge",
+        )
+        _wait("munged", _munge_works, 15, [munge_dir / "munged.log", self.state_dir / "log" / "munged.out"], [proc])
 
     def _start_mariadb(self) -> int:
         data, run = self.state_dir / "mysql", self.state_dir / "mysql-run"
         for path in (data, run):
             shutil.chown(path, "mysql", "mysql")
         sock = run / "mysqld.sock"
-        base = ["--no-defaults", f"--datadir={data}", "--user=mysql", "--innodb-log-file-size=8M",
-                "--innodb-buffer-pool-size=32M"]
-        done = _run(["mariadb-install-db", *base, "--auth-root-authentication-method=socket",
-                     "--skip-test-db"], timeout=120)
+        base = [
+            "--no-defaults",
+            f"--datadir={data}",
+            "--user=mysql",
+            "--innodb-log-file-size=8M",
+            "--innodb-buffer-pool-size=32M",
+        ]
+        done = _run(
+            ["mariadb-install-db", *base, "--auth-root-authentication-method=socket", "--skip-test-db"], timeout=120
+        )
         if done.returncode != 0:
             raise RuntimeError(f"mariadb-install-db failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         port = _free_port()
         err_log = self.state_dir / "log" / "mariadb.err"
-        proc = self._spawn("mariadbd", [
-            "mariadbd", *base, f"--socket={sock}", f"--port={port}", "--bind-address=127.0.0.1",
-            "--skip-name-resolve", f"--pid-file={run / 'mysqld.pid'}",
-            f"--log-error={err_log}",
-        ])
+        proc = self._spawn(
+            "mariadbd",
+            [
+                "mariadbd",
+                *base,
+                f"--socket={sock}",
+                f"--port={port}",
+                "--bind-address=127.0.0.1",
+                "--skip-name-resolve",
+                f"--pid-file={run / 'mysqld.pid'}",
+                f"--log-error={err_log}",
+            ],
+        )
         client = ["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root"]
         _wait("mariadbd", lambda: _run([*client, "-e", "SELECT 1"]).returncode == 0, 60, [err_log], [proc])
         self._db_password = secrets.token_hex(16)
-        sql = (f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{self._db_password}'; "
-               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
+        sql = (
+            f"CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{self._db_password}'; "
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+        )
         done = _run([*client, "-e", sql])
         if done.returncode != 0:
             raise RuntimeError(f"creating the slurm database user failed: {done.stderr}")
@@ -290,7 +325,9 @@ class SlurmCluster:
     def _write_configs(self, db_port: int) -> None:
         s = self.state_dir
         auth = "AuthType=auth/munge\n"
-        nodes = f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory_mb} State=UNKNOWN\n"
+        nodes = (
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory_mb} State=UNKNOWN\n"
+        )
         parts = "".join(
             f"PartitionName={name} Nodes={self.node} Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP\n"
             for i, name in enumerate(self.partitions)
@@ -306,8 +343,7 @@ class SlurmCluster:
             "SelectType=select/cons_tres\nSelectTypeParameters=CR_Core_Memory\nGresTypes=gpu\nAccountingStorageTRES=gres/gpu\nDefMemPerCPU=1000\n"
             "MpiDefault=none\nReturnToService=2\nSlurmdParameters=config_overrides\nSchedulerType=sched/backfill\n"
             f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
-            f"AccountingStoragePort={SLURM_PORTS['slurmdbd']}\nAccountingStoreFlags=job_comment\n"
-            + nodes + parts
+            f"AccountingStoragePort={SLURM_PORTS['slurmdbd']}\nAccountingStoreFlags=job_comment\n" + nodes + parts
         )
         dbd_conf = (
             f"{MARKER}\n" + auth + f"DbdHost=localhost\nDbdAddr=127.0.0.1\nDbdPort={SLURM_PORTS['slurmdbd']}\n"
@@ -324,16 +360,32 @@ class SlurmCluster:
     def _start_slurm(self) -> None:
         logs = self.state_dir / "log"
         dbd = self._spawn("slurmdbd", ["slurmdbd", "-D"])
-        _wait("slurmdbd", lambda: _port_in_use(SLURM_PORTS["slurmdbd"]), 60,
-              [logs / "slurmdbd.log", logs / "slurmdbd.out"], [dbd])
+        _wait(
+            "slurmdbd",
+            lambda: _port_in_use(SLURM_PORTS["slurmdbd"]),
+            60,
+            [logs / "slurmdbd.log", logs / "slurmdbd.out"],
+            [dbd],
+        )
         ctld = self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-i"])
-        _wait("slurmctld", lambda: _run(["scontrol", "ping"]).returncode == 0, 60,
-              [logs / "slurmctld.log", logs / "slurmctld.out"], [dbd, ctld])
+        _wait(
+            "slurmctld",
+            lambda: _run(["scontrol", "ping"]).returncode == 0,
+            60,
+            [logs / "slurmctld.log", logs / "slurmctld.out"],
+            [dbd, ctld],
+        )
         slurmd = self._spawn("slurmd", ["slurmd", "-D", "-N", self.node])
-        _wait("node idle", lambda: self.node_state() == "idle", 60,
-              [logs / "slurmd.log", logs / "slurmd.out", logs / "slurmctld.log"], [dbd, ctld, slurmd])
-        _wait("accounting", lambda: _run(["sacct", "-n", "-X"]).returncode == 0, 30,
-              [logs / "slurmdbd.log"], [dbd, ctld])
+        _wait(
+            "node idle",
+            lambda: self.node_state() == "idle",
+            60,
+            [logs / "slurmd.log", logs / "slurmd.out", logs / "slurmctld.log"],
+            [dbd, ctld, slurmd],
+        )
+        _wait(
+            "accounting", lambda: _run(["sacct", "-n", "-X"]).returncode == 0, 30, [logs / "slurmdbd.log"], [dbd, ctld]
+        )
 
     # ------------------------------------------------------------------------------------------- queries
 

@@ -33,9 +33,14 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def test_formats_tokenize_like_the_tokenizer(tmp_path: Path, tokenizer) -> None:
-    chat = [{"role": "user", "content": "Where is the road?"}, {"role": "assistant", "content": "Follow the yellow bricks."}]
+    chat = [
+        {"role": "user", "content": "Where is the road?"},
+        {"role": "assistant", "content": "Follow the yellow bricks."},
+    ]
     sharegpt = [{"from": "human", "value": chat[0]["content"]}, {"from": "gpt", "value": chat[1]["content"]}]
-    path = _write_jsonl(tmp_path / "mixed.jsonl", [{"text": "Once upon a time"}, {"messages": chat}, {"conversations": sharegpt}])
+    path = _write_jsonl(
+        tmp_path / "mixed.jsonl", [{"text": "Once upon a time"}, {"messages": chat}, {"conversations": sharegpt}]
+    )
     calibration = tokenize_calibration(tokenizer, path, 3, 64, seed=0)
     rendered = tokenizer.apply_chat_template(chat, tokenize=False)
     expected_chat = tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -112,8 +117,23 @@ def test_missing_files_are_user_errors(tmp_path: Path) -> None:
 def test_calibrate_cli(tmp_path: Path, book_chunks_file: Path, dense_model_dir: Path, tokenizer, capsys) -> None:
     out = tmp_path / "results" / "calib" / "tiny" / "gutenberg.safetensors"
     data = book_chunks_file
-    argv = ["calibrate", "--model", str(dense_model_dir), "--data", str(data), "--num-samples", "5", "--max-seq-len", "20", "--out", str(out)]
+    argv = [
+        "calibrate",
+        "--model",
+        str(dense_model_dir),
+        "--data",
+        str(data),
+        "--num-samples",
+        "5",
+        "--max-seq-len",
+        "20",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "5 samples, 100 tokens" in capsys.readouterr().out  # book chunks are far longer than 20 tokens
     assert torch.equal(load_calibration(out).input_ids, tokenize_calibration(tokenizer, data, 5, 20).input_ids)
-    assert main(["calibrate", "--model", str(dense_model_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
+    assert (
+        main(["calibrate", "--model", str(dense_model_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)])
+        == 2
+    )

@@ -46,12 +46,20 @@ def write_hub_folder(jsonl: Path, folder: Path) -> Path:
     """
     records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     features = datasets.Features(
-        {"image": datasets.Image(), "query": datasets.Value("string"), "label": datasets.List(datasets.Value("string")),
-         "human_or_machine": datasets.Value("int64")}
+        {
+            "image": datasets.Image(),
+            "query": datasets.Value("string"),
+            "label": datasets.List(datasets.Value("string")),
+            "human_or_machine": datasets.Value("int64"),
+        }
     )
     rows = datasets.Dataset.from_dict(
-        {"image": [str(jsonl.parent / r["image"]) for r in records], "query": [r["question"] for r in records],
-         "label": [[r["answer"], "decoy"] for r in records], "human_or_machine": [0] * len(records)},
+        {
+            "image": [str(jsonl.parent / r["image"]) for r in records],
+            "query": [r["question"] for r in records],
+            "label": [[r["answer"], "decoy"] for r in records],
+            "human_or_machine": [0] * len(records),
+        },
         features=features,
     )
     (folder / "data").mkdir(parents=True)
@@ -90,15 +98,21 @@ def test_hub_split_calibrates_exactly_like_the_jsonl_with_images(sets):
     assert from_hub.image_grid_thw.tolist() == [[1, 6, 8]] * 3
     assert tuple(from_hub.pixel_values.shape) == (144, 1176)
     assert from_hub.num_tokens == from_jsonl.num_tokens == int(from_hub.attention_mask.sum())
-    texts = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(from_hub.input_ids, from_hub.attention_mask)]
+    texts = [
+        processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(from_hub.input_ids, from_hub.attention_mask)
+    ]
     assert all("decoy" not in text for text in texts) and sum(text.count("<|image_pad|>") for text in texts) == 144 // 4
     assert from_hub.metadata["source_hub"] == {"dataset": str(sets["hub"]), "split": "train", **COLUMNS}
     assert "source_sha256" not in from_hub.metadata and from_jsonl.metadata["source"] == "train.jsonl"
 
 
 def test_calibrate_model_reads_a_hub_set_and_saves_what_the_jsonl_saves(sets, tmp_path):
-    via_hub = save_calibration(calibrate_model(sets["model"], hub_set(sets["hub"]), 4, 256, seed=0), tmp_path / "hub.safetensors")
-    via_jsonl = save_calibration(calibrate_model(sets["model"], sets["jsonl"], 4, 256, seed=0), tmp_path / "jsonl.safetensors")
+    via_hub = save_calibration(
+        calibrate_model(sets["model"], hub_set(sets["hub"]), 4, 256, seed=0), tmp_path / "hub.safetensors"
+    )
+    via_jsonl = save_calibration(
+        calibrate_model(sets["model"], sets["jsonl"], 4, 256, seed=0), tmp_path / "jsonl.safetensors"
+    )
     hub, jsonl = load_calibration(via_hub), load_calibration(via_jsonl)
     assert hub.has_images and hub.num_samples == 4 and hub.image_grid_thw.shape == (4, 3)
     for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "images_per_sample"):
@@ -109,7 +123,10 @@ def test_calibrate_model_reads_a_hub_set_and_saves_what_the_jsonl_saves(sets, tm
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"question": "question"}, r"has no column question: 'question'; its columns are \['image', 'query', 'label', 'human_or_machine'\]"),
+        (
+            {"question": "question"},
+            r"has no column question: 'question'; its columns are \['image', 'query', 'label', 'human_or_machine'\]",
+        ),
         ({"image": "query"}, r"column 'query' holds Value\('string'\), not images"),
         ({"split": "test"}, r"could not be loaded: Unknown split \"test\""),
     ],
@@ -129,11 +146,18 @@ def config_with(calibration_set: dict) -> dict:
 @pytest.mark.parametrize(
     ("calibration_set", "message"),
     [
-        ({"path": "resources/calib/gutenberg_heldout_demo.jsonl", "hub": {"dataset": "d", "split": "train", **COLUMNS}},
-         r"calibration_sets\.chart: give exactly one source, 'path: <JSONL>' or 'hub: \{dataset"),
+        (
+            {
+                "path": "resources/calib/gutenberg_heldout_demo.jsonl",
+                "hub": {"dataset": "d", "split": "train", **COLUMNS},
+            },
+            r"calibration_sets\.chart: give exactly one source, 'path: <JSONL>' or 'hub: \{dataset",
+        ),
         ({"num_samples": 4}, r"calibration_sets\.chart: give exactly one source"),
-        ({"hub": {"dataset": "HuggingFaceM4/ChartQA", "split": "train", "image": "image", "answer": "label"}},
-         r"calibration_sets\.chart\.hub: missing 'question'; give dataset, split and the dataset's column names"),
+        (
+            {"hub": {"dataset": "HuggingFaceM4/ChartQA", "split": "train", "image": "image", "answer": "label"}},
+            r"calibration_sets\.chart\.hub: missing 'question'; give dataset, split and the dataset's column names",
+        ),
     ],
     ids=["path-and-hub", "neither", "missing-column"],
 )
@@ -145,7 +169,12 @@ def test_config_names_a_bad_calibration_source(calibration_set, message):
 
 
 def test_config_reads_hub_sets_and_the_images_of_jsonl_sets(sets, tmp_path):
-    hub = {"dataset": "HuggingFaceM4/ChartQA", "split": "train", "revision": "b605b6e08b57faf4359aeb2fe6a3ca595f99b6c5", **COLUMNS}
+    hub = {
+        "dataset": "HuggingFaceM4/ChartQA",
+        "split": "train",
+        "revision": "b605b6e08b57faf4359aeb2fe6a3ca595f99b6c5",
+        **COLUMNS,
+    }
     run = load_run_config(config_with({"hub": hub, "num_samples": 8}), base_dir=REPO)
     chart = run.calibration_sets["chart"]
     assert chart.source == HubImageSet(**hub) and chart.path is None and chart.images == () and chart.num_samples == 8
@@ -157,16 +186,34 @@ def test_config_reads_hub_sets_and_the_images_of_jsonl_sets(sets, tmp_path):
     assert run.calibration_sets["chart"].images == (images / "chart2.png", images / "chart3.png")
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"image": "nowhere.png", "question": "?"}) + "\n", encoding="utf-8")
-    with pytest.raises(QuantbenchError, match=r"calibration_sets\.chart\.path: .*broken\.jsonl names image\(s\) that do not exist: .*nowhere\.png"):
+    with pytest.raises(
+        QuantbenchError,
+        match=r"calibration_sets\.chart\.path: .*broken\.jsonl names image\(s\) that do not exist: .*nowhere\.png",
+    ):
         load_run_config(config_with({"path": str(broken)}), base_dir=REPO)
 
 
 def snakemake(wd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_DATASETS_CACHE": str(wd / "hf-datasets"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(wd),
-         "--configfile", str(wd / "run.yaml"), "--cores", "1", *args],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(wd),
+            "--configfile",
+            str(wd / "run.yaml"),
+            "--cores",
+            "1",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -182,7 +229,11 @@ def test_calibrate_rule_reads_a_hub_set_and_reruns_when_its_inputs_change(sets, 
     shutil.copytree(sets["jsonl"].parent, files)
     config = json.loads(json.dumps(CONFIG))
     config["calibration_sets"] = {
-        "chart-hub": {"hub": {"dataset": str(sets["hub"]), "split": "train", **COLUMNS}, "num_samples": 2, "max_seq_len": 256},
+        "chart-hub": {
+            "hub": {"dataset": str(sets["hub"]), "split": "train", **COLUMNS},
+            "num_samples": 2,
+            "max_seq_len": 256,
+        },
         "chart-jsonl": {"path": str(files / "train.jsonl"), "num_samples": 2, "max_seq_len": 256},
         **config["calibration_sets"],
     }
@@ -203,8 +254,13 @@ def test_calibrate_rule_reads_a_hub_set_and_reruns_when_its_inputs_change(sets, 
     config["calibration_sets"]["chart-hub"]["hub"]["question"] = "label"  # another column: the Hub set does too
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     replanned = snakemake(tmp_path, "--dry-run", *targets).stdout
-    reasons = dict(re.findall(r"output: results/calib/tiny-vlm/(\S+)\.safetensors\n(?:    .*\n)*?    reason: (.*)", replanned))
-    assert reasons["chart-hub"].startswith("Params have changed since last execution") and "'question': 'label'" in reasons["chart-hub"]
+    reasons = dict(
+        re.findall(r"output: results/calib/tiny-vlm/(\S+)\.safetensors\n(?:    .*\n)*?    reason: (.*)", replanned)
+    )
+    assert (
+        reasons["chart-hub"].startswith("Params have changed since last execution")
+        and "'question': 'label'" in reasons["chart-hub"]
+    )
     assert reasons["chart-jsonl"] == f"Updated input files: {files / 'images' / 'chart3.png'}", replanned
     images = ", ".join(str(files / "images" / name) for name in ("chart2.png", "chart3.png"))
     assert f"input: results/models/tiny-vlm, {files / 'train.jsonl'}, {images}\n" in replanned

@@ -44,7 +44,9 @@ def test_first_n_takes_the_first_records_in_file_order_and_shuffle_does_not(tmp_
     path = _write_jsonl(tmp_path / "texts.jsonl", [{"text": t} for t in texts])
     first = tokenize_calibration(tokenizer, path, 5, 64, seed=3, stream=StreamSpec(selection="first-n"))
     assert _rows(first) == [tokenizer(t)["input_ids"] for t in texts[:5]]
-    assert _rows(tokenize_calibration(tokenizer, path, 5, 64, seed=4, stream=StreamSpec(selection="first-n"))) == _rows(first)
+    assert _rows(tokenize_calibration(tokenizer, path, 5, 64, seed=4, stream=StreamSpec(selection="first-n"))) == _rows(
+        first
+    )
     shuffled = tokenize_calibration(tokenizer, path, 5, 64, seed=3)
     order = list(range(12))
     random.Random(3).shuffle(order)
@@ -53,10 +55,17 @@ def test_first_n_takes_the_first_records_in_file_order_and_shuffle_does_not(tmp_
 
 
 def test_angelslim_format_renders_the_first_sharegpt_pair_with_a_generation_prompt(tmp_path, tokenizer):
-    turns = [("human", "Where is the road?"), ("gpt", "Follow the bricks."), ("human", "And then?"), ("gpt", "Knock twice.")]
+    turns = [
+        ("human", "Where is the road?"),
+        ("gpt", "Follow the bricks."),
+        ("human", "And then?"),
+        ("gpt", "Knock twice."),
+    ]
     sharegpt = {"conversations": [{"from": f, "value": v} for f, v in turns]}
-    messages = {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}],
-                "system_prompt": "Be brief."}
+    messages = {
+        "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}],
+        "system_prompt": "Be brief.",
+    }
     path = _write_jsonl(tmp_path / "chats.jsonl", [sharegpt, messages, {"text": "Plain prose."}])
     ours = tokenize_calibration(tokenizer, path, 3, 256, stream=StreamSpec(selection="first-n"))
     theirs = tokenize_calibration(tokenizer, path, 3, 256, stream=StreamSpec(selection="first-n", format="angelslim"))
@@ -75,7 +84,9 @@ def test_angelslim_format_renders_the_first_sharegpt_pair_with_a_generation_prom
     assert tokenizer.decode(_rows(theirs)[0]).endswith("Follow the bricks.<|im_end|>\n<|im_start|>assistant\n")
     assert _rows(ours)[0] == rendered(whole) and _rows(ours)[2] == _rows(theirs)[2]  # plain text: same either way
     one_turn = _write_jsonl(tmp_path / "one.jsonl", [{"conversations": [{"from": "human", "value": "alone"}]}])
-    with pytest.raises(QuantbenchError, match=r"one\.jsonl record 1: the angelslim format needs two 'conversations' turns"):
+    with pytest.raises(
+        QuantbenchError, match=r"one\.jsonl record 1: the angelslim format needs two 'conversations' turns"
+    ):
         tokenize_calibration(tokenizer, one_turn, 1, 64, stream=StreamSpec(format="angelslim"))
 
 
@@ -85,8 +96,12 @@ def test_max_length_padding_pads_every_sample_and_counts_the_pads(tmp_path, toke
     tokenizer.padding_side = side
     try:
         longest = tokenize_calibration(tokenizer, path, 3, 40, stream=StreamSpec(selection="first-n"))
-        unmasked = tokenize_calibration(tokenizer, path, 3, 40, stream=StreamSpec(selection="first-n", padding="max-length-unmasked"))
-        masked = tokenize_calibration(tokenizer, path, 3, 40, stream=StreamSpec(selection="first-n", padding="max-length-masked"))
+        unmasked = tokenize_calibration(
+            tokenizer, path, 3, 40, stream=StreamSpec(selection="first-n", padding="max-length-unmasked")
+        )
+        masked = tokenize_calibration(
+            tokenizer, path, 3, 40, stream=StreamSpec(selection="first-n", padding="max-length-masked")
+        )
     finally:
         tokenizer.padding_side = "right"
     lengths = [len(r) for r in _rows(longest)]
@@ -110,12 +125,22 @@ def test_the_stream_is_saved_with_the_samples(tmp_path, tokenizer, sharegpt_file
     loaded = load_calibration(save_calibration(calibration, tmp_path / "c.safetensors"))
     assert loaded.stream == ANGELSLIM and loaded.num_tokens == 4 * 128
     assert {k: loaded.metadata[k] for k in ("selection", "format", "padding", "seed")} == {
-        "selection": "first-n", "format": "angelslim", "padding": "max-length-unmasked", "seed": 0}
+        "selection": "first-n",
+        "format": "angelslim",
+        "padding": "max-length-unmasked",
+        "seed": 0,
+    }
     assert "attention_mask" not in loaded.model_inputs(0, 2, "cpu")
     old = tmp_path / "old.safetensors"  # written before streams were recorded: quantbench's stream
     plain = tokenize_calibration(tokenizer, data, 2, 64)
-    save_calibration(type(plain)(plain.input_ids, plain.attention_mask, {k: v for k, v in plain.metadata.items()
-                                                                         if k not in ("selection", "format", "padding")}), old)
+    save_calibration(
+        type(plain)(
+            plain.input_ids,
+            plain.attention_mask,
+            {k: v for k, v in plain.metadata.items() if k not in ("selection", "format", "padding")},
+        ),
+        old,
+    )
     assert load_calibration(old).stream == StreamSpec()
 
 
@@ -129,17 +154,33 @@ def _config(**changes) -> dict:
 def test_a_model_names_a_calibration_set_per_scheme():
     sets = {
         "short": {"path": "resources/calib/gutenberg_heldout_demo.jsonl", "num_samples": 8, "max_seq_len": 128},
-        "long": {"path": "resources/calib/gutenberg_heldout_demo.jsonl", "num_samples": 4, "max_seq_len": 256,
-                 "selection": "first-n", "format": "angelslim", "padding": "max-length-unmasked"},
+        "long": {
+            "path": "resources/calib/gutenberg_heldout_demo.jsonl",
+            "num_samples": 4,
+            "max_seq_len": 256,
+            "selection": "first-n",
+            "format": "angelslim",
+            "padding": "max-length-unmasked",
+        },
     }
-    model = dict(CONFIG["models"]["tinyqwen3-dense"], calibration={"FP8-Static": "long", "INT4-GPTQ": "short", "INT4-AWQ": "short"})
+    model = dict(
+        CONFIG["models"]["tinyqwen3-dense"],
+        calibration={"FP8-Static": "long", "INT4-GPTQ": "short", "INT4-AWQ": "short"},
+    )
     config = _config(calibration_sets=sets, models={"tinyqwen3-dense": model})
     jsonschema.validate(config, SCHEMA)
     run = load_run_config(config, base_dir=REPO)
-    assert run.calibration_of("tinyqwen3-dense", "FP8-Static").stream == StreamSpec("first-n", "angelslim", "max-length-unmasked")
-    assert run.calibration_of("tinyqwen3-dense", "INT4-GPTQ").name == "short" and run.calibration_of("tinyqwen3-dense", "FP8-Dynamic") is None
+    assert run.calibration_of("tinyqwen3-dense", "FP8-Static").stream == StreamSpec(
+        "first-n", "angelslim", "max-length-unmasked"
+    )
+    assert (
+        run.calibration_of("tinyqwen3-dense", "INT4-GPTQ").name == "short"
+        and run.calibration_of("tinyqwen3-dense", "FP8-Dynamic") is None
+    )
     del model["calibration"]["INT4-AWQ"]
-    with pytest.raises(QuantbenchError, match=r"models\.tinyqwen3-dense\.calibration: schemes \['INT4-AWQ'\] need calibration data"):
+    with pytest.raises(
+        QuantbenchError, match=r"models\.tinyqwen3-dense\.calibration: schemes \['INT4-AWQ'\] need calibration data"
+    ):
         load_run_config(config, base_dir=REPO)
     model["calibration"].update({"INT4-AWQ": "short", "INT4-RTN": "short"})
     with pytest.raises(QuantbenchError, match=r"unknown scheme 'INT4-RTN'"):
@@ -150,22 +191,36 @@ def test_a_model_names_a_calibration_set_per_scheme():
 
 
 def test_stream_values_and_scheme_overrides_are_checked():
-    bad = _config(calibration_sets={"g": {"path": "resources/calib/gutenberg_heldout_demo.jsonl", "padding": "max-length"}})
+    bad = _config(
+        calibration_sets={"g": {"path": "resources/calib/gutenberg_heldout_demo.jsonl", "padding": "max-length"}}
+    )
     with pytest.raises(jsonschema.ValidationError, match="'max-length' is not one of"):
         jsonschema.validate(bad, SCHEMA)
     bad["models"]["tinyqwen3-dense"]["calibration"] = "g"
-    with pytest.raises(QuantbenchError, match=r"calibration_sets\.g: calibration padding 'max-length' is not one of longest, "):
+    with pytest.raises(
+        QuantbenchError, match=r"calibration_sets\.g: calibration padding 'max-length' is not one of longest, "
+    ):
         load_run_config(bad, base_dir=REPO)
     overrides = {"INT4-GPTQ": {"gptq": {"dead_columns": "zero"}}, "FP8-Static": {"calibration": {"experts": "routed"}}}
     run = load_run_config(_config(scheme_overrides=overrides), base_dir=REPO)
     default = load_run_config(CONFIG, base_dir=REPO)
     gptq, fp8 = run.schemes["INT4-GPTQ"], run.schemes["FP8-Static"]
-    assert gptq.params.dead_columns == "zero" and gptq.params.dampening == 0.01 and gptq.params.damping_retry == "multiply"
+    assert (
+        gptq.params.dead_columns == "zero" and gptq.params.dampening == 0.01 and gptq.params.damping_retry == "multiply"
+    )
     assert fp8.calibration.experts == "routed" and fp8.calibration.propagation == "quantized"
-    assert {n: s for n, s in run.schemes.items() if n not in overrides} == {n: s for n, s in default.schemes.items() if n not in overrides}
+    assert {n: s for n, s in run.schemes.items() if n not in overrides} == {
+        n: s for n, s in default.schemes.items() if n not in overrides
+    }
     for overrides, message in [
-        ({"INT4-GPTQ": {"gptq": {"dead_columns": "drop"}}}, r"scheme 'INT4-GPTQ'\.gptq: dead_columns must be one of \('round', 'zero'\)"),
-        ({"FP8-Dynamic": {"calibration": {"experts": "routed"}}}, r"scheme 'FP8-Dynamic'\.calibration: the scheme uses no calibration data"),
+        (
+            {"INT4-GPTQ": {"gptq": {"dead_columns": "drop"}}},
+            r"scheme 'INT4-GPTQ'\.gptq: dead_columns must be one of \('round', 'zero'\)",
+        ),
+        (
+            {"FP8-Dynamic": {"calibration": {"experts": "routed"}}},
+            r"scheme 'FP8-Dynamic'\.calibration: the scheme uses no calibration data",
+        ),
         ({"FP9": {"algorithm": "rtn"}}, r"scheme_overrides: unknown scheme 'FP9'"),
     ]:
         with pytest.raises(QuantbenchError, match=message):
@@ -185,22 +240,42 @@ def test_chartqa_test_as_published_first_records_answer_then_generation_prompt_p
     jsonl = write_benchmark_fixtures(tmp_path / "files")["chartqa"]  # ChartQA test-style records
     records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     rows = datasets.Dataset.from_dict(
-        {"image": [str(jsonl.parent / r["image"]) for r in records], "query": [r["question"] for r in records],
-         "label": [[r["answer"]] for r in records]},
-        features=datasets.Features({"image": datasets.Image(), "query": datasets.Value("string"),
-                                    "label": datasets.List(datasets.Value("string"))}),
+        {
+            "image": [str(jsonl.parent / r["image"]) for r in records],
+            "query": [r["question"] for r in records],
+            "label": [[r["answer"]] for r in records],
+        },
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "query": datasets.Value("string"),
+                "label": datasets.List(datasets.Value("string")),
+            }
+        ),
     )
     (tmp_path / "ChartQA" / "data").mkdir(parents=True)
     rows.to_parquet(str(tmp_path / "ChartQA" / "data" / "test-00000-of-00001.parquet"))
-    hub = HubImageSet.from_dict({"dataset": str(tmp_path / "ChartQA"), "split": "test", "image": "image", "question": "query", "answer": "label"})
+    hub = HubImageSet.from_dict(
+        {
+            "dataset": str(tmp_path / "ChartQA"),
+            "split": "test",
+            "image": "image",
+            "question": "query",
+            "answer": "label",
+        }
+    )
     processor = tiny_processor()
     stream = StreamSpec(selection="first-n", format="angelslim", padding="max-length-masked")
     published = process_image_calibration(processor, hub, 3, 256, stream=stream)
     ours = process_image_calibration(processor, jsonl, 3, 256, stream=StreamSpec(selection="first-n"))
-    texts = [processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(published.input_ids, published.attention_mask)]
+    texts = [
+        processor.tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(published.input_ids, published.attention_mask)
+    ]
     for text, ours_row, record in zip(texts, _rows(ours), records[:3]):  # the first three records, in order
         assert text.endswith(f"{record['answer']}<|im_end|>\n<|im_start|>assistant\n") and record["question"] in text
         assert text == processor.tokenizer.decode(ours_row) + "<|im_start|>assistant\n"
     assert published.input_ids.shape == (3, 256) and published.num_tokens == 3 * 256
     assert torch.equal(published.model_inputs(0, 3, "cpu")["attention_mask"], published.attention_mask)
-    assert torch.equal(published.pixel_values, ours.pixel_values) and published.metadata["source_hub"]["split"] == "test"
+    assert (
+        torch.equal(published.pixel_values, ours.pixel_values) and published.metadata["source_hub"]["split"] == "test"
+    )

@@ -64,7 +64,9 @@ def test_flags_exactly_the_cells_beyond_tolerance_or_missing():
         ("B", "INT4-AWQ", "MMLU"),
         ("B", "INT4-AWQ", "GSM8K"),
     ]
-    flagged = {(m, s, b) for m, s, b, f in zip(result["model"], result["scheme"], result["benchmark"], result["flagged"]) if f}
+    flagged = {
+        (m, s, b) for m, s, b, f in zip(result["model"], result["scheme"], result["benchmark"], result["flagged"]) if f
+    }
     assert flagged == {("B", "BF16", "MMLU"), ("B", "BF16", "GSM8K"), ("B", "INT4-AWQ", "GSM8K")}
     assert list(result["status"]) == ["ok", "ok", "ok", "beyond tolerance", "beyond tolerance", "ok", "not reproduced"]
     assert result["difference"].iloc[:6].round(6).tolist() == [0.0, 0.9, -1.0, 1.01, -3.0, 0.3]
@@ -122,12 +124,15 @@ def test_bad_inputs_are_clear_errors():
 def test_a_relabelled_column_is_compared_on_the_benchmark_it_came_from():
     """The page prints OlympiadBench's numbers under CEVAL: they meet the reproduced OlympiadBench cells."""
     published = long([(T, "A", "BF16", "CEVAL", "82.70"), (T, "A", "BF16", "MMLU", "87.30")])
-    reproduced = long([(T, "A", "BF16", "OlympiadBench", 82.2), (T, "A", "BF16", "CEVAL", 20.0),
-                       (T, "A", "BF16", "AIME2024", 90.0)])
+    reproduced = long(
+        [(T, "A", "BF16", "OlympiadBench", 82.2), (T, "A", "BF16", "CEVAL", 20.0), (T, "A", "BF16", "AIME2024", 90.0)]
+    )
     labels = {"OlympiadBench": "CEVAL", "AIME2024": "MMLU"}
     result = compare_cells(published, reproduced, table=T, tolerance=1.0, page_labels=labels)
     assert list(zip(result["benchmark"], result["page_label"], result["status"])) == [
-        ("OlympiadBench", "CEVAL", "ok"), ("AIME2024", "MMLU", "beyond tolerance")]
+        ("OlympiadBench", "CEVAL", "ok"),
+        ("AIME2024", "MMLU", "beyond tolerance"),
+    ]
     assert result["difference"].round(6).tolist() == [-0.5, 2.7]
     md = render_markdown(result, table=T, tolerance=1.0)
     assert "| A | BF16 | OlympiadBench (page: CEVAL) | 82.70 | 82.20 | -0.50 | ok |" in md
@@ -135,13 +140,20 @@ def test_a_relabelled_column_is_compared_on_the_benchmark_it_came_from():
     plain = compare_cells(published, reproduced, table=T, tolerance=1.0)
     assert plain["benchmark"].tolist() == plain["page_label"].tolist() == ["CEVAL", "MMLU"]
     assert "| A | BF16 | CEVAL | 82.70 | 20.00 | -62.70 | **beyond tolerance** |" in render_markdown(
-        plain, table=T, tolerance=1.0)
+        plain, table=T, tolerance=1.0
+    )
 
 
 def result_json(path: Path, model: str, scheme: str, scores: dict[str, float], filter_: str = "strict-match") -> Path:
     """A result file as the evaluate step writes it (the fields the comparison reads)."""
-    record = {"model": model, "scheme": scheme, "benchmark": "GSM8K", "score": scores[f"exact_match,{filter_}"],
-              "scores": scores, "spec": {"lm_eval": {"metric": "exact_match", "filter": filter_}}}
+    record = {
+        "model": model,
+        "scheme": scheme,
+        "benchmark": "GSM8K",
+        "score": scores[f"exact_match,{filter_}"],
+        "scores": scores,
+        "spec": {"lm_eval": {"metric": "exact_match", "filter": filter_}},
+    }
     path.write_text(json.dumps(record), encoding="utf-8")
     return path
 
@@ -167,10 +179,18 @@ def test_the_report_says_per_row_which_gsm8k_filter_is_closer(tmp_path):
         ["B", "INT4-AWQ", "GSM8K", 66.0, "strict-match", 65.5, 66.5, "tie"],
     ]
     paths = {k: tmp_path / f"x.{k}" for k in ("csv", "md", "png")}
-    write_comparison(PUBLISHED, REPRODUCED, table=T, tolerance=1.0, csv_path=paths["csv"], md_path=paths["md"],
-                     png_path=paths["png"], filter_scores=scores)
+    write_comparison(
+        PUBLISHED,
+        REPRODUCED,
+        table=T,
+        tolerance=1.0,
+        csv_path=paths["csv"],
+        md_path=paths["md"],
+        png_path=paths["png"],
+        filter_scores=scores,
+    )
     md = paths["md"].read_text().splitlines()
-    section = md[md.index("## Which filter is closer to the published number"):]
+    section = md[md.index("## Which filter is closer to the published number") :]
     assert section[2] == (
         "The table reports one filter per benchmark (GSM8K: strict-match); the results record every filter. "
         "Closer to the page: strict-match in 1, flexible-extract in 1 row(s); equally close in 1."

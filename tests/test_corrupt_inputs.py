@@ -55,7 +55,10 @@ def test_a_whole_file_passes_and_each_damage_is_named(tmp_path):
     assert weights.stat().st_size == 8 + int.from_bytes(weights.read_bytes()[:8], "little") + data
 
     left = truncate(weights, 1000)
-    with pytest.raises(QuantbenchError, match=rf"{weights}: its header describes {data} bytes of tensor data but the file holds {left}; the file is truncated or corrupt"):
+    with pytest.raises(
+        QuantbenchError,
+        match=rf"{weights}: its header describes {data} bytes of tensor data but the file holds {left}; the file is truncated or corrupt",
+    ):
         read_header(weights)
     weights.write_bytes(b"\xff" * 8 + b"{}")
     with pytest.raises(QuantbenchError, match=rf"{weights}: no complete safetensors header \(10 bytes in all\)"):
@@ -104,7 +107,10 @@ def test_hub_blobs_are_checked_against_their_hashes(tmp_path, monkeypatch):
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
     read_header(blob)
-    with pytest.raises(QuantbenchError, match=rf"model\.safetensors: its content hashes to {hashlib.sha256(data).hexdigest()}, not to the SHA-256 {blob.name} the Hub recorded"):
+    with pytest.raises(
+        QuantbenchError,
+        match=rf"model\.safetensors: its content hashes to {hashlib.sha256(data).hexdigest()}, not to the SHA-256 {blob.name} the Hub recorded",
+    ):
         fetch_model(ModelSource(repo="acme/tiny", revision=REV), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
@@ -141,7 +147,9 @@ def test_a_hub_revision_that_does_not_exist(tmp_path, monkeypatch, revision):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     FakeHub.requests.clear()
     try:
-        with pytest.raises(QuantbenchError, match=rf"hub repo acme/tiny has no revision '{revision}'; pin a commit hash"):
+        with pytest.raises(
+            QuantbenchError, match=rf"hub repo acme/tiny has no revision '{revision}'; pin a commit hash"
+        ):
             fetch_model(ModelSource(repo="acme/tiny", revision=revision), tmp_path / "m")
     finally:
         server.shutdown()
@@ -161,8 +169,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
     model, tokenizer = load_model(DEMO)
     quantize_model(model, SCHEMES["INT4-RTN"], device="cpu")
-    return save_quantized(model, tokenizer, SCHEMES["INT4-RTN"], tmp_path_factory.mktemp("ckpt") / "int4",
-                          provenance={}, max_shard_bytes=2**21)
+    return save_quantized(
+        model,
+        tokenizer,
+        SCHEMES["INT4-RTN"],
+        tmp_path_factory.mktemp("ckpt") / "int4",
+        provenance={},
+        max_shard_bytes=2**21,
+    )
 
 
 def broken_copy(checkpoint: Path, tmp_path: Path) -> Path:
@@ -199,13 +213,18 @@ def test_an_index_that_disagrees_with_its_shards(checkpoint, tmp_path):
     index = json.loads(index_file.read_text())
     last = sorted(set(index["weight_map"].values()))[-1]
     (broken / last).unlink()
-    with pytest.raises(QuantbenchError, match=rf"{index_file} names shard\(s\) \['{last}'\] that {broken} does not hold"):
+    with pytest.raises(
+        QuantbenchError, match=rf"{index_file} names shard\(s\) \['{last}'\] that {broken} does not hold"
+    ):
         load_model(broken)
     shutil.copy(checkpoint / last, broken / last)
     first = sorted(set(index["weight_map"].values()))[0]
     index["weight_map"]["model.norm.weight"] = first if index["weight_map"]["model.norm.weight"] != first else last
     index_file.write_text(json.dumps(index))
-    with pytest.raises(QuantbenchError, match=r"places tensor 'model.norm.weight' in model-\d+-of-\d+.safetensors, whose header does not hold it"):
+    with pytest.raises(
+        QuantbenchError,
+        match=r"places tensor 'model.norm.weight' in model-\d+-of-\d+.safetensors, whose header does not hold it",
+    ):
         load_model(broken)
 
 
@@ -216,15 +235,29 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
     ("edit", "message"),
     [
         # groups of 64 would store twice the scales: the stored [384, 3] is not [384, 6]
-        (lambda g: g["weights"].update(group_size=64),
-         rf"tensor {Q_PROJ}\.weight_scale is BF16 \[384, 3\], but the quantization_config \(weights .*'group_size': 64.*\) stores "
-         r"BF16/F16/F32/F64 \[384, 6\]; the config disagrees with the tensors"),
+        (
+            lambda g: g["weights"].update(group_size=64),
+            rf"tensor {Q_PROJ}\.weight_scale is BF16 \[384, 3\], but the quantization_config \(weights .*'group_size': 64.*\) stores "
+            r"BF16/F16/F32/F64 \[384, 6\]; the config disagrees with the tensors",
+        ),
         (lambda g: g["weights"].update(symmetric=False), rf"tensor {Q_PROJ}\.weight_zero_point is missing"),
-        (lambda g: g.update(input_activations={"type": "float", "num_bits": 8, "strategy": "tensor", "symmetric": True,
-                                               "group_size": None, "dynamic": False}),
-         rf"tensor {Q_PROJ}\.input_scale is missing"),
-        (lambda g: g["weights"].update(num_bits=8, strategy="channel", group_size=None),
-         rf"tensor {Q_PROJ}\.weight is missing"),
+        (
+            lambda g: g.update(
+                input_activations={
+                    "type": "float",
+                    "num_bits": 8,
+                    "strategy": "tensor",
+                    "symmetric": True,
+                    "group_size": None,
+                    "dynamic": False,
+                }
+            ),
+            rf"tensor {Q_PROJ}\.input_scale is missing",
+        ),
+        (
+            lambda g: g["weights"].update(num_bits=8, strategy="channel", group_size=None),
+            rf"tensor {Q_PROJ}\.weight is missing",
+        ),
     ],
     ids=["group-size", "asymmetric", "static-inputs", "int8"],
 )

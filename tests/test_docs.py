@@ -113,7 +113,9 @@ def test_sphinx_builds_the_docs_without_warnings(seed_run):
     out = seed_run / "_build"
     proc = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html", str(seed_run / "docs"), str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (out / "quantization-benchmark.html").read_text(encoding="utf-8")
@@ -146,7 +148,10 @@ def test_compare_rule_finds_no_difference_and_is_in_the_report(seed_run):
 def test_page_sections_need_an_eval_rst_table():
     table = ".. table::\n   :name: t\n\n   +---+\n"
     text = render_page("T", [PageSection(title="S", caption="c", table_rst=table, note="n")], notes=["z"])
-    assert text == "# T\n\n## S\n\nc\n\n```{eval-rst}\n.. table::\n   :name: t\n\n   +---+\n\n```\n\n```{note}\nn\n\n```\n\n## Notes\n\n- z\n"
+    assert (
+        text
+        == "# T\n\n## S\n\nc\n\n```{eval-rst}\n.. table::\n   :name: t\n\n   +---+\n\n```\n\n```{note}\nn\n\n```\n\n## Notes\n\n- z\n"
+    )
     with pytest.raises(QuantbenchError, match=r"section 'S': the table is not an eval-rst"):
         PageSection(title="S", caption="c", table_rst="| a |")
     with pytest.raises(QuantbenchError, match=r"may not contain ```"):

@@ -16,8 +16,20 @@ BENCHMARKS = load_benchmarks(ROOT / "config" / "benchmarks.yaml")
 
 
 def test_published_settings() -> None:
-    assert list(BENCHMARKS) == ["CEVAL", "MMLU", "GSM8K", "HUMANEVAL", "WIKITEXT2", "MMMU_VAL", "DocVQA_VAL", "ChartQA_TEST",
-                                "OlympiadBench", "AIME2024", "DROP", "GPQA-Diamond"]
+    assert list(BENCHMARKS) == [
+        "CEVAL",
+        "MMLU",
+        "GSM8K",
+        "HUMANEVAL",
+        "WIKITEXT2",
+        "MMMU_VAL",
+        "DocVQA_VAL",
+        "ChartQA_TEST",
+        "OlympiadBench",
+        "AIME2024",
+        "DROP",
+        "GPQA-Diamond",
+    ]
     lm = {name: spec.lm_eval for name, spec in list(BENCHMARKS.items())[:4]}
     assert {n: (s.hub_task, s.num_fewshot, s.result_key) for n, s in lm.items()} == {
         "CEVAL": ("ceval-valid", 5, "acc,none"),
@@ -71,15 +83,37 @@ def test_bad_overrides_are_clear_errors(name: str, overrides: dict, message: str
         ({"files": {"test": "x.jsonl"}}, "exactly one of 'lm_eval' or 'perplexity'"),
         ({"lm_eval": {"hub_task": "t", "local_task": "t", "num_fewshot": 0, "metric": "acc"}}, "files"),
         ({"files": {"test": "x"}, "perplexity": {"seq_len": 8, "stride": 4}}, r"unknown key\(s\) \['stride'\]"),
-        ({"files": {"test": "x"}, "lm_eval": {"hub_task": "t", "local_task": "t", "num_fewshot": 0,
-                                              "metric": "acc", "scorer": "exec"}}, "scorer must be one of"),
-        ({"files": {"test": "x"}, "lm_eval": {"local_task": "t", "num_fewshot": 0, "metric": "acc"}},
-         "exactly one of hub_task .* or hub_data"),
-        ({"files": {"test": "x"}, "lm_eval": {"hub_task": "t", "hub_data": {"test": {"path": "p"}}, "local_task": "t",
-                                              "num_fewshot": 0, "metric": "acc"}}, "exactly one of hub_task"),
-        ({"files": {"a": "x", "b": "y"}, "lm_eval": {"hub_data": {"a": {"path": "p"}}, "local_task": "t",
-                                                     "num_fewshot": 0, "metric": "acc"}},
-         r"hub_data: give the Hub files of exactly the splits of files \(\['a', 'b'\]\), got \['a'\]"),
+        (
+            {
+                "files": {"test": "x"},
+                "lm_eval": {"hub_task": "t", "local_task": "t", "num_fewshot": 0, "metric": "acc", "scorer": "exec"},
+            },
+            "scorer must be one of",
+        ),
+        (
+            {"files": {"test": "x"}, "lm_eval": {"local_task": "t", "num_fewshot": 0, "metric": "acc"}},
+            "exactly one of hub_task .* or hub_data",
+        ),
+        (
+            {
+                "files": {"test": "x"},
+                "lm_eval": {
+                    "hub_task": "t",
+                    "hub_data": {"test": {"path": "p"}},
+                    "local_task": "t",
+                    "num_fewshot": 0,
+                    "metric": "acc",
+                },
+            },
+            "exactly one of hub_task",
+        ),
+        (
+            {
+                "files": {"a": "x", "b": "y"},
+                "lm_eval": {"hub_data": {"a": {"path": "p"}}, "local_task": "t", "num_fewshot": 0, "metric": "acc"},
+            },
+            r"hub_data: give the Hub files of exactly the splits of files \(\['a', 'b'\]\), got \['a'\]",
+        ),
     ],
 )
 def test_invalid_benchmark_entries_name_the_benchmark(raw: dict, message: str) -> None:

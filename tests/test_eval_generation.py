@@ -79,10 +79,12 @@ def test_left_padded_batch_gives_generates_tokens(model, tokenizer, questions) -
 def test_end_of_sequence_pads_finished_rows_and_stops_when_all_are(model, tokenizer, questions) -> None:
     ids, mask = batch(tokenizer, questions[5:9])
     free, _ = generate_both(model, ids, mask, ids.shape[1] + 30, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    new = free[:, ids.shape[1]:]
+    new = free[:, ids.shape[1] :]
     # a token that row 0 emits early and every row emits somewhere: an end-of-sequence token ends all rows
     eos = next(int(t) for t in new[0] if all(int(t) in row.tolist() for row in new))
-    expected, got = generate_both(model, ids, mask, ids.shape[1] + 30, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    expected, got = generate_both(
+        model, ids, mask, ids.shape[1] + 30, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
     assert expected.shape[1] < free.shape[1], "the end-of-sequence token should end generation early"
     assert (expected == tokenizer.pad_token_id).any()
     assert torch.equal(got, expected)
@@ -92,7 +94,7 @@ def test_end_of_sequence_pads_finished_rows_and_stops_when_all_are(model, tokeni
 def test_lm_eval_stop_sequences_end_generation_at_the_same_step(model, tokenizer, questions) -> None:
     ids, mask = batch(tokenizer, questions[9:13])
     free, _ = generate_both(model, ids, mask, ids.shape[1] + 40, pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(free[:, ids.shape[1]:])
+    texts = tokenizer.batch_decode(free[:, ids.shape[1] :])
     stop = [texts[0][8:12], texts[1][4:7]]  # strings the rows really produce
     assert all(stop)
 
@@ -118,7 +120,9 @@ def simulated(scheme_name: str, dtype: torch.dtype):
     ("scheme", "quantizer"),
     [("FP8-Dynamic", "fake_quantize_input"), ("INT8-Dynamic", "input_codes")],  # W8A8 shares the int8 codes
 )
-def test_linears_sharing_an_input_quantize_it_once_with_the_same_logits(tokenizer, questions, monkeypatch, scheme, quantizer) -> None:
+def test_linears_sharing_an_input_quantize_it_once_with_the_same_logits(
+    tokenizer, questions, monkeypatch, scheme, quantizer
+) -> None:
     quantized = simulated(scheme, torch.float32)
     ids, mask = batch(tokenizer, questions[:3])
     calls = []

@@ -125,7 +125,12 @@ WRONG = {
 @pytest.mark.slow
 def test_olympiadbench_scores_known_answers_through_the_chat_template() -> None:
     outcome, contexts = score("OlympiadBench", reference_reply)
-    assert (outcome.score, outcome.items, outcome.task, outcome.scores) == (1.0, 8, "qb_olympiadbench", {"acc,none": 1.0})
+    assert (outcome.score, outcome.items, outcome.task, outcome.scores) == (
+        1.0,
+        8,
+        "qb_olympiadbench",
+        {"acc,none": 1.0},
+    )
     assert all(c.startswith("<|user|>The following is an open-ended problem") for c in contexts)
     assert all(c.endswith("<|assistant|>") for c in contexts) and len(contexts) == 8
     assert score("OlympiadBench", lambda doc: EQUIVALENT[doc["id"]])[0].score == 1.0
@@ -138,7 +143,9 @@ def test_olympiadbench_scores_known_answers_through_the_chat_template() -> None:
 def test_olympiadbench_hub_source_reads_the_named_files(tmp_path: Path) -> None:
     """The hub source loads each split through datasets.load_dataset(**hub_data[split]); here from local files."""
     spec = BENCHMARKS["OlympiadBench"]
-    local = {split: {"path": "json", "data_files": str(DATA / rel), "split": "train"} for split, rel in spec.files.items()}
+    local = {
+        split: {"path": "json", "data_files": str(DATA / rel), "split": "train"} for split, rel in spec.files.items()
+    }
     hub_like = dataclasses.replace(spec, lm_eval=dataclasses.replace(spec.lm_eval, hub_data=local))
     outcome, _ = score("OlympiadBench", reference_reply, task=build_hub_task(hub_like))
     assert (outcome.score, outcome.items) == (1.0, 8)
@@ -150,7 +157,9 @@ def test_olympiadbench_hub_source_reads_the_named_files(tmp_path: Path) -> None:
 def test_aime_reads_the_boxed_answer() -> None:
     outcome, contexts = score("AIME2024", lambda doc: f"<think>2+2</think> So it is $\\boxed{{{doc['Answer']}}}$")
     assert (outcome.score, outcome.items) == (1.0, 3)
-    assert contexts[0] == "<|user|>Question: Find the remainder when $2^{10}$ is divided by $1000$.\nAnswer:<|assistant|>"
+    assert (
+        contexts[0] == "<|user|>Question: Find the remainder when $2^{10}$ is divided by $1000$.\nAnswer:<|assistant|>"
+    )
     assert score("AIME2024", lambda doc: f"\\boxed{{{doc['Answer'] + 1}}}")[0].score == 0.0
 
 
@@ -166,7 +175,10 @@ def test_drop_reports_f1_with_em_beside_it() -> None:
 
 def test_gpqa_reads_the_letter_strictly_and_flexibly() -> None:
     outcome, contexts = score("GPQA-Diamond", lambda doc: f"Thinking. The answer is {doc['answer']}.")
-    assert outcome.score == 1.0 and outcome.scores == {"exact_match,strict-match": 1.0, "exact_match,flexible-extract": 1.0}
+    assert outcome.score == 1.0 and outcome.scores == {
+        "exact_match,strict-match": 1.0,
+        "exact_match,flexible-extract": 1.0,
+    }
     assert contexts[0].startswith("<|user|>What is the correct answer to this question:A sample of a radioactive")
     assert contexts[0].endswith("Let's think step by step: <|assistant|>")
     # no "The answer is": only the flexible filter (the configured one) finds the letter
@@ -177,7 +189,10 @@ def test_gpqa_reads_the_letter_strictly_and_flexibly() -> None:
     def wrong(doc: dict) -> str:
         return "The answer is (A)." if doc["answer"] != "(A)" else "The answer is (B)."
 
-    assert score("GPQA-Diamond", wrong)[0].scores == {"exact_match,strict-match": 0.0, "exact_match,flexible-extract": 0.0}
+    assert score("GPQA-Diamond", wrong)[0].scores == {
+        "exact_match,strict-match": 0.0,
+        "exact_match,flexible-extract": 0.0,
+    }
 
 
 # --- the model side: thinking stripped, chat template applied, on a real (tiny) model ---------------------
@@ -192,8 +207,14 @@ def test_the_think_end_token_reaches_lm_evals_model() -> None:
 def test_olympiadbench_runs_end_to_end_on_the_tiny_model(tmp_path: Path) -> None:
     out = tmp_path / "OlympiadBench.json"
     result = evaluate_benchmark(
-        TINY, BENCHMARKS["OlympiadBench"].with_overrides({"max_gen_toks": 4}), out_path=out, model_name="tiny",
-        scheme_name="BF16", data_dir=DATA, limit=1, backend=Backend(threads=1),
+        TINY,
+        BENCHMARKS["OlympiadBench"].with_overrides({"max_gen_toks": 4}),
+        out_path=out,
+        model_name="tiny",
+        scheme_name="BF16",
+        data_dir=DATA,
+        limit=1,
+        backend=Backend(threads=1),
     )
     assert json.loads(out.read_text(encoding="utf-8")) == result
     assert (result["items"], result["task"]["name"], result["metric"]) == (2, "qb_olympiadbench", "acc,none")

@@ -70,8 +70,11 @@ def write_subject_files(data_dir: Path, files: dict[str, str], subject: str, tmp
     """Per-subject JSONL files (the rows of ``subject`` in file order), like the Hub's per-subject configs."""
     out = {}
     for split, rel in files.items():
-        lines = [line for line in (data_dir / rel).read_bytes().splitlines(keepends=True)
-                 if json.loads(line)["subject"] == subject]
+        lines = [
+            line
+            for line in (data_dir / rel).read_bytes().splitlines(keepends=True)
+            if json.loads(line)["subject"] == subject
+        ]
         path = tmp / f"{subject}.{split}.jsonl"
         path.write_bytes(b"".join(lines))
         out[split] = str(path)

@@ -95,8 +95,25 @@ def test_same_checkpoint_twice_gives_identical_scores(name: str, dense_model_dir
 
 def test_cli_result_and_its_recorded_command_reproduce(dense_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ppl.json"
-    argv = ["evaluate", "--model", str(dense_model_dir), "--benchmark", "WIKITEXT2", "--benchmarks", str(BENCHMARKS_FILE),
-            "--data-dir", str(DEMO), "--seq-len", "256", "--max-tokens", "768", "--threads", "1", "--out", str(out)]
+    argv = [
+        "evaluate",
+        "--model",
+        str(dense_model_dir),
+        "--benchmark",
+        "WIKITEXT2",
+        "--benchmarks",
+        str(BENCHMARKS_FILE),
+        "--data-dir",
+        str(DEMO),
+        "--seq-len",
+        "256",
+        "--max-tokens",
+        "768",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     first = json.loads(out.read_text(encoding="utf-8"))
     assert first["items"] == 3 and first["spec"]["overrides"] == {"seq_len": 256, "max_tokens": 768}
@@ -126,7 +143,9 @@ def test_task_unknown_to_lm_eval_is_a_clear_error_and_writes_nothing(dense_model
 def test_unknown_local_task_template_is_a_clear_error(dense_model_dir: Path, tmp_path: Path) -> None:
     spec = BENCHMARKS["GSM8K"]
     bogus = replace(spec, lm_eval=replace(spec.lm_eval, local_task="gsm8k_cot"))
-    with pytest.raises(QuantbenchError, match="no local task template 'gsm8k_cot'.*known: .*ceval-valid, drop, .*gsm8k"):
+    with pytest.raises(
+        QuantbenchError, match="no local task template 'gsm8k_cot'.*known: .*ceval-valid, drop, .*gsm8k"
+    ):
         evaluate_benchmark(dense_model_dir, bogus, out_path=tmp_path / "x.json", model_name="m", data_dir=DEMO)
 
 
@@ -156,6 +175,12 @@ def test_vllm_backend_without_vllm_is_a_clear_error(dense_model_dir: Path, tmp_p
         pytest.skip("vllm is installed here")
     spec = BENCHMARKS["MMLU"]
     with pytest.raises(QuantbenchError, match="backend 'vllm' needs the vllm package"):
-        evaluate_benchmark(dense_model_dir, spec, out_path=tmp_path / "x.json", model_name="m", data_dir=DEMO,
-                           backend=Backend(name="vllm", device="cuda"))
+        evaluate_benchmark(
+            dense_model_dir,
+            spec,
+            out_path=tmp_path / "x.json",
+            model_name="m",
+            data_dir=DEMO,
+            backend=Backend(name="vllm", device="cuda"),
+        )
     assert not (tmp_path / "x.json").exists()

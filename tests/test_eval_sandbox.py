@@ -113,8 +113,13 @@ def report_of(verdict) -> dict:
 def test_generated_code_cannot_write_outside_its_directory() -> None:
     open_dir = Path(tempfile.mkdtemp(prefix="qb-world-writable-", dir="/tmp"))
     open_dir.chmod(0o777)  # permissions would let anyone write here: only the read-only mount stands in the way
-    targets = [open_dir / "escape", Path("/tmp") / f"qb-escape-{os.getpid()}", Path("/dev/shm") / f"qb-escape-{os.getpid()}",
-               Path("/var/tmp") / f"qb-escape-{os.getpid()}", Path(__file__).with_name("qb-escape")]
+    targets = [
+        open_dir / "escape",
+        Path("/tmp") / f"qb-escape-{os.getpid()}",
+        Path("/dev/shm") / f"qb-escape-{os.getpid()}",
+        Path("/var/tmp") / f"qb-escape-{os.getpid()}",
+        Path(__file__).with_name("qb-escape"),
+    ]
     code = f"""
 import ctypes, json, os, sys
 report = {{}}
@@ -145,8 +150,12 @@ print(json.dumps(report), file=sys.stderr)
     for path in targets[1:]:
         assert report.pop(str(path)) in {"Read-only file system", "Permission denied"}, path
     assert not any(path.exists() for path in targets)
-    assert report == {"setuid(0)": "Operation not permitted", "chmod /tmp": "Read-only file system",
-                      "unlink /etc/hostname": "Read-only file system", "remount / rw": "Operation not permitted"}
+    assert report == {
+        "setuid(0)": "Operation not permitted",
+        "chmod /tmp": "Read-only file system",
+        "unlink /etc/hostname": "Read-only file system",
+        "remount / rw": "Operation not permitted",
+    }
     assert Path("/etc/hostname").exists()
     open_dir.rmdir()
 

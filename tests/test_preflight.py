@@ -74,8 +74,9 @@ def test_estimates_cover_what_the_job_really_takes(tmp_path, name):
     embeddings = 8192 * 384 * 2  # the only tensor outside the blocks but the final norm
     assert in_blocks == pytest.approx(estimate - embeddings, abs=384 * 2)
 
-    memory, disk = quantize_requirements(DEMO, scheme, tmp_path / "q", progress_dir=tmp_path / "q.partial",
-                                         host_activations=None)
+    memory, disk = quantize_requirements(
+        DEMO, scheme, tmp_path / "q", progress_dir=tmp_path / "q.partial", host_activations=None
+    )
     assert memory.need == loaded
     assert disk.need == estimate + in_blocks
 
@@ -132,8 +133,17 @@ def test_impossible_needs_stop_quantize_and_evaluate_before_loading(tmp_path):
 
     result = tmp_path / "evals" / "WIKITEXT2.json"
     spec = load_benchmarks(REPO / "config" / "benchmarks.yaml")["WIKITEXT2"]
-    with pytest.raises(QuantbenchError, match=rf"evaluate {model} on WIKITEXT2 cannot run here: host memory for the "
-                                              r"model \(4-byte values\): need 1073741824\.\d\d GiB"):
-        evaluate_benchmark(model, spec, out_path=result, model_name="m", data_dir=REPO / "resources" / "data",
-                           headroom=Headroom(memory_bytes=2**60))
+    with pytest.raises(
+        QuantbenchError,
+        match=rf"evaluate {model} on WIKITEXT2 cannot run here: host memory for the "
+        r"model \(4-byte values\): need 1073741824\.\d\d GiB",
+    ):
+        evaluate_benchmark(
+            model,
+            spec,
+            out_path=result,
+            model_name="m",
+            data_dir=REPO / "resources" / "data",
+            headroom=Headroom(memory_bytes=2**60),
+        )
     assert not result.parent.exists()

@@ -29,8 +29,11 @@ def test_gpu_jobs_share_no_gpu(tmp_path, extra, overlapping):
     """The profile's one GPU runs the jobs one after the other; with two GPUs they run side by side."""
     (tmp_path / "Snakefile").write_text(textwrap.dedent(SNAKEFILE))
     done = subprocess.run(
-        [SNAKEMAKE, "--workflow-profile", str(PROFILE), "--cores", "2", *extra], cwd=tmp_path,
-        capture_output=True, text=True, timeout=120,
+        [SNAKEMAKE, "--workflow-profile", str(PROFILE), "--cores", "2", *extra],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (_, first_end), (second_start, _) = sorted(

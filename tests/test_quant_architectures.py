@@ -59,7 +59,9 @@ def _linears(model: nn.Module) -> dict[str, str]:
 
 # mixture-of-experts layers: 4 experts, top-2 (Hunyuan adds a shared expert and routes with a Linear `mlp.gate.wg`)
 MOE = {
-    "qwen3_moe": dict(num_key_value_heads=2, head_dim=32, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(
+        num_key_value_heads=2, head_dim=32, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2
+    ),
     "hunyuan_v1_moe": dict(num_key_value_heads=4, head_dim=32, num_experts=4, moe_topk=2),
 }
 MOE_LINEARS = {"qwen3_moe": 4 + 4 * 3, "hunyuan_v1_moe": 4 + 4 * 3 + 3}  # per layer: attention, experts, shared expert
@@ -139,8 +141,9 @@ def _tiny_qwen2_5_vl() -> nn.Module:
     config = AutoConfig.for_model(
         "qwen2_5_vl",
         text_config=dict(**TEXT, num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
-        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
-                           fullatt_block_indexes=[1]),
+        vision_config=dict(
+            depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128, fullatt_block_indexes=[1]
+        ),
     )
     torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration._from_config(config).eval()
@@ -150,7 +153,11 @@ def test_vision_blocks_are_targets_of_vit_schemes_only() -> None:
     model = _tiny_qwen2_5_vl()
     quantize_model(model, SCHEMES["INT8-Dynamic-ViT"], None, device="cpu")
     kinds = _linears(model)
-    assert sorted(n for n, k in kinds.items() if k == "Linear") == ["lm_head", "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    assert sorted(n for n, k in kinds.items() if k == "Linear") == [
+        "lm_head",
+        "model.visual.merger.mlp.0",
+        "model.visual.merger.mlp.2",
+    ]
     assert sum(k == "QuantLinear" and n.startswith("model.visual.blocks.") for n, k in kinds.items()) == 10
     assert sum(k == "QuantLinear" and n.startswith("model.language_model.layers.") for n, k in kinds.items()) == 14
 

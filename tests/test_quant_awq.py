@@ -65,7 +65,9 @@ def test_search_beats_rtn_with_salient_channels_and_never_loses() -> None:
     # on inputs without salient channels the identity candidate keeps AWQ from doing worse than RTN
     flat = torch.randn(1024, 128, generator=torch.Generator().manual_seed(2))
     scales, _ = awq.search_scales([linear], flat.abs().mean(0), flat.T @ flat, INT4_ASYM, AWQParams())
-    assert _rtn_loss(weight * scales, (flat.T @ flat) / (scales[:, None] * scales[None, :])) <= _rtn_loss(weight, flat.T @ flat)
+    assert _rtn_loss(weight * scales, (flat.T @ flat) / (scales[:, None] * scales[None, :])) <= _rtn_loss(
+        weight, flat.T @ flat
+    )
 
 
 def test_folding_keeps_the_function() -> None:

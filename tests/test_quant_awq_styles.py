@@ -42,7 +42,13 @@ def _styles(group_size: int) -> dict[str, Scheme]:
     propagation = {"quantbench": "quantized", "angelslim": "full-precision"}
     return {
         style: parse_scheme(
-            style, {"weights": weights, "algorithm": "awq", "awq": {"style": style}, "calibration": {"propagation": propagation[style]}}
+            style,
+            {
+                "weights": weights,
+                "algorithm": "awq",
+                "awq": {"style": style},
+                "calibration": {"propagation": propagation[style]},
+            },
         )
         for style in ("quantbench", "angelslim")
     }
@@ -56,7 +62,9 @@ def env(shared_dir: Path, heldout_split) -> dict:
     for fixture, layers in (("tinyqwen3-dense", 2), ("tinyqwen3-moe", 1)):
         model_dir = shared_dir / "models" / fixture
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        calibration = tokenize_calibration(tokenizer, heldout_split.calibration_file, CALIB_SAMPLES, CALIB_TOKENS, seed=0)
+        calibration = tokenize_calibration(
+            tokenizer, heldout_split.calibration_file, CALIB_SAMPLES, CALIB_TOKENS, seed=0
+        )
         out[fixture] = {"model_dir": model_dir, "layers": layers, "tokenizer": tokenizer, "calibration": calibration}
     return out
 
@@ -108,7 +116,9 @@ def test_angelslim_leaves_o_and_down_proj_as_round_to_nearest_of_the_original(en
             ours = _codes(styles["angelslim"].model.layers[i].get_submodule(name))
             assert all(torch.equal(a, b) for a, b in zip(ours, rtn)), f"layer {i} {name}"
         for norm, name in (("input_layernorm", "self_attn.q_proj"), ("post_attention_layernorm", "mlp.gate_proj")):
-            folded = not torch.equal(styles["angelslim"].model.layers[i].get_submodule(norm).weight, layer.get_submodule(norm).weight)
+            folded = not torch.equal(
+                styles["angelslim"].model.layers[i].get_submodule(norm).weight, layer.get_submodule(norm).weight
+            )
             rtn = _codes(rtn_quantize_linear(layer.get_submodule(name), scheme))[0]
             assert torch.equal(_codes(styles["angelslim"].model.layers[i].get_submodule(name))[0], rtn) != folded
             folds.append(folded)
@@ -130,7 +140,9 @@ def test_angelslim_calibrates_each_block_on_full_precision_outputs(env: dict, qu
     with torch.no_grad():
         for start in range(0, calibration.num_samples, 8):
             inputs = calibration.model_inputs(start, start + 8, torch.device("cpu"))
-            args, kwargs = capture_call(original.model.layers[1], lambda inputs=inputs: original(**inputs, use_cache=False))
+            args, kwargs = capture_call(
+                original.model.layers[1], lambda inputs=inputs: original(**inputs, use_cache=False)
+            )
             expected.append(args[0] if args else kwargs["hidden_states"])
     fp_seen = quantized("tinyqwen3-dense", "angelslim")[1]
     q_seen = quantized("tinyqwen3-dense", "quantbench")[1]
@@ -206,5 +218,8 @@ def test_seed_awq_writes_fp16_and_angelslim_minmax_parameters(env: dict, tmp_pat
     assert torch.equal(o_proj.weight_codes.int() + 8, codes.reshape(weight.shape).int())
     out = save_quantized(model, fixture["tokenizer"], scheme, tmp_path / "awq", provenance={})
     config = json.loads((out / "config.json").read_text())
-    assert config["dtype"] == "float16" and config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    assert (
+        config["dtype"] == "float16"
+        and config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    )
     assert json.loads((out / "quantbench_provenance.json").read_text())["scheme"]["awq"]["style"] == "angelslim"

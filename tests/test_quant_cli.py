@@ -14,8 +14,24 @@ from quantbench.util.provenance import sha256_file
 @pytest.fixture(scope="module")
 def calib_file(book_chunks_file: Path, dense_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("calib") / "gutenberg.safetensors"
-    assert main(["calibrate", "--model", str(dense_model_dir), "--data", str(book_chunks_file), "--num-samples", "4",
-                 "--max-seq-len", "32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(dense_model_dir),
+                "--data",
+                str(book_chunks_file),
+                "--num-samples",
+                "4",
+                "--max-seq-len",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -23,8 +39,21 @@ def calib_file(book_chunks_file: Path, dense_model_dir: Path, tmp_path_factory: 
 def test_quantize_twice_gives_the_same_bytes(tmp_path: Path, dense_model_dir: Path, calib_file: Path) -> None:
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:
-        argv = ["quantize", "--model", str(dense_model_dir), "--scheme", "FP8-Static", "--calib", str(calib_file),
-                "--out", str(out), "--device", "cpu", "--seed", "7"]
+        argv = [
+            "quantize",
+            "--model",
+            str(dense_model_dir),
+            "--scheme",
+            "FP8-Static",
+            "--calib",
+            str(calib_file),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--seed",
+            "7",
+        ]
         assert main(argv) == 0
     files = sorted(p.name for p in outs[0].iterdir())
     assert files == sorted(p.name for p in outs[1].iterdir()) and "model.safetensors" in files

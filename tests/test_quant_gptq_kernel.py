@@ -36,13 +36,22 @@ def test_block_matches_torch_loop(args: QuantArgs) -> None:
     """One block of 60 columns (not a power of two): same codes (ties at an ulp aside), errors and updated weights."""
     rows, width = 300, 60
     weight, hessian = _problem(rows, width, seed=1)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian + 0.01 * hessian.diagonal().mean() * torch.eye(width, device=DEVICE))), upper=True)
+    upper = torch.linalg.cholesky(
+        torch.cholesky_inverse(
+            torch.linalg.cholesky(hessian + 0.01 * hessian.diagonal().mean() * torch.eye(width, device=DEVICE))
+        ),
+        upper=True,
+    )
     g = torch.Generator().manual_seed(2)
     scales = (torch.rand(rows, width, generator=g) * 0.004 + 0.001).to(DEVICE)
     zeros = None if args.symmetric else torch.randint(-3, 3, (rows, width), generator=g).float().to(DEVICE)
     outputs = []
     for run in (gptq._quantize_columns, gptq_kernel.quantize_columns):
-        w_block, err, codes = weight.clone(), torch.zeros(rows, width, device=DEVICE), torch.full((rows, width), 99.0, device=DEVICE)
+        w_block, err, codes = (
+            weight.clone(),
+            torch.zeros(rows, width, device=DEVICE),
+            torch.full((rows, width), 99.0, device=DEVICE),
+        )
         run(w_block, err, codes, upper, scales, zeros, args)
         outputs.append((w_block, err, codes))
     (w_ref, err_ref, codes_ref), (w_k, err_k, codes_k) = outputs

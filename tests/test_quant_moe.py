@@ -52,7 +52,12 @@ def env(shared_dir: Path, heldout_split) -> dict:
     model_dir = shared_dir / "models" / "tinyqwen3-moe"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calibration = tokenize_calibration(tokenizer, heldout_split.calibration_file, CALIB_SAMPLES, CALIB_TOKENS, seed=0)
-    return {"model_dir": model_dir, "tokenizer": tokenizer, "calibration": calibration, "texts": heldout_split.eval_texts}
+    return {
+        "model_dir": model_dir,
+        "tokenizer": tokenizer,
+        "calibration": calibration,
+        "texts": heldout_split.eval_texts,
+    }
 
 
 def _fresh(env: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -70,7 +75,9 @@ def quantized(env: dict) -> Callable[[str], tuple[nn.Module, QuantStats, float]]
         if name not in cache:
             model = _fresh(env)
             stats = quantize_model(model, _scheme(name), env["calibration"], device="cpu")
-            ppl = wikitext_perplexity(model, env["tokenizer"], env["texts"], seq_len=EVAL_WINDOW, max_tokens=EVAL_TOKENS).perplexity
+            ppl = wikitext_perplexity(
+                model, env["tokenizer"], env["texts"], seq_len=EVAL_WINDOW, max_tokens=EVAL_TOKENS
+            ).perplexity
             print(f"\n{name}: held-out perplexity {ppl:.3f}")
             cache[name] = (model, stats, ppl)
         return cache[name]
@@ -165,7 +172,9 @@ def test_checkpoint_round_trips_per_expert(env: dict, quantized, name: str, tmp_
     ct_scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(**scheme.weights.to_dict()),
-        input_activations=None if scheme.input_activations is None else QuantizationArgs(**scheme.input_activations.to_dict()),
+        input_activations=None
+        if scheme.input_activations is None
+        else QuantizationArgs(**scheme.input_activations.to_dict()),
     )
     stored: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(out / WEIGHTS_FILE, framework="pt") as handle:
@@ -187,12 +196,16 @@ def test_transformers_loads_the_per_expert_checkpoint_into_fused_experts(env: di
 
     model, _, _ = quantized("INT4-GPTQ")
     out = save_quantized(model, env["tokenizer"], _scheme("INT4-GPTQ"), tmp_path / "gptq", provenance={})
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     runtime, _ = load_model(out, dtype=torch.float32)
     for i in range(LAYERS):
         fused, ours = hf.model.layers[i].mlp.experts, runtime.model.layers[i].mlp.experts
         for e in range(EXPERTS):
-            gate_up = torch.cat([ours[e].gate_proj.dequantized_weight(torch.float32), ours[e].up_proj.dequantized_weight(torch.float32)])
+            gate_up = torch.cat(
+                [ours[e].gate_proj.dequantized_weight(torch.float32), ours[e].up_proj.dequantized_weight(torch.float32)]
+            )
             assert torch.equal(fused.gate_up_proj[e], gate_up)
             assert torch.equal(fused.down_proj[e], ours[e].down_proj.dequantized_weight(torch.float32))
 
@@ -202,8 +215,12 @@ def test_checkpoint_provenance_reports_the_routed_tokens(env: dict, tmp_path: Pa
     from quantbench.checkpoint.export import PROVENANCE_FILE
     from quantbench.quant.quantize import quantize_checkpoint
 
-    out = quantize_checkpoint(env["model_dir"], _scheme("FP8-Static"), tmp_path / "ckpt", calibration=env["calibration"], device="cpu")
+    out = quantize_checkpoint(
+        env["model_dir"], _scheme("FP8-Static"), tmp_path / "ckpt", calibration=env["calibration"], device="cpu"
+    )
     layers = json.loads((out / PROVENANCE_FILE).read_text())["quantization"]["layers"]
-    assert [list(layer["expert_tokens"]) for layer in layers] == [[f"model.layers.{i}.mlp.experts"] for i in range(LAYERS)]
+    assert [list(layer["expert_tokens"]) for layer in layers] == [
+        [f"model.layers.{i}.mlp.experts"] for i in range(LAYERS)
+    ]
     counts = [next(iter(layer["expert_tokens"].values())) for layer in layers]
     assert all(len(c) == EXPERTS and sum(c) == env["calibration"].num_tokens * TOP_K for c in counts)

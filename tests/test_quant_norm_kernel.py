@@ -43,7 +43,9 @@ def _norm(width: int, dtype: torch.dtype, seed: int) -> Qwen3RMSNorm:
 
 def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.exp(torch.randn(*shape[:-1], 1, generator=g) * 2)  # rows over many scales
+    x = torch.randn(shape, generator=g) * torch.exp(
+        torch.randn(*shape[:-1], 1, generator=g) * 2
+    )  # rows over many scales
     return x.to(DEVICE, dtype)
 
 
@@ -65,7 +67,14 @@ def test_rms_norm_is_the_module_formula_up_to_the_sum_order(shape: tuple[int, ..
 
 
 def test_fused_norms_in_a_decoder_layer_and_restored_after(kernel_calls: list[tuple[int, ...]]) -> None:
-    config = Qwen3Config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=1)
+    config = Qwen3Config(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=1,
+    )
     torch.manual_seed(2)
     exact = Qwen3DecoderLayer(config, 0).to(DEVICE).eval()
     for module in exact.modules():

@@ -55,7 +55,9 @@ def env(shared_dir: Path, heldout_split) -> dict:
         "model_dir": model_dir,
         "tokenizer": tokenizer,
         "schemes": load_schemes(REPO / "config" / "schemes.yaml"),
-        "calibration": tokenize_calibration(tokenizer, heldout_split.calibration_file, CALIB_SAMPLES, CALIB_TOKENS, seed=0),
+        "calibration": tokenize_calibration(
+            tokenizer, heldout_split.calibration_file, CALIB_SAMPLES, CALIB_TOKENS, seed=0
+        ),
         "wikitext": read_rows(shared_dir / "data" / "wikitext2" / "test.jsonl"),
         "heldout": heldout_split.eval_texts,
     }
@@ -89,7 +91,9 @@ def run(env: dict) -> Callable[[str], Run]:
                 result.perplexity[key] = wikitext_perplexity(
                     result.model, env["tokenizer"], env[key], seq_len=EVAL_WINDOW, max_tokens=EVAL_TOKENS[key]
                 ).perplexity
-                print(f"\n{name}: {key} perplexity {result.perplexity[key]:.3f} (quantized in {result.stats.seconds:.1f} s)")
+                print(
+                    f"\n{name}: {key} perplexity {result.perplexity[key]:.3f} (quantized in {result.stats.seconds:.1f} s)"
+                )
         return result
 
     return get
@@ -192,7 +196,11 @@ def test_planted_zero_and_constant_channels_keep_scales_finite(env: dict) -> Non
                 for buffer in ("weight_scale", "input_scale"):
                     value = getattr(module, buffer)
                     if value is not None:
-                        assert torch.isfinite(value.float()).all() and (value.float() > 0).all(), (name, module_name, buffer)
+                        assert torch.isfinite(value.float()).all() and (value.float() > 0).all(), (
+                            name,
+                            module_name,
+                            buffer,
+                        )
                 assert torch.isfinite(module.dequantized_weight(torch.float32)).all()
         if name == "INT4-GPTQ":
             notes = [note for note in stats.fallbacks if "never active" in note]
@@ -206,7 +214,9 @@ def test_activations_that_overflow_or_never_come_are_reported(env: dict) -> None
     model = _fresh_model(env, SMALL_LAYERS)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0] = 3e38  # finite, but its outputs overflow float32
-    with pytest.raises(QuantbenchError, match="entering model.layers.1.self_attn.q_proj, .*k_proj, .*v_proj contain NaN/Inf"):
+    with pytest.raises(
+        QuantbenchError, match="entering model.layers.1.self_attn.q_proj, .*k_proj, .*v_proj contain NaN/Inf"
+    ):
         quantize_model(model, env["schemes"]["INT4-GPTQ"], _small_calibration(env, 0), device="cpu")
     model = _fresh_model(env, SMALL_LAYERS)
     with torch.no_grad():
@@ -221,7 +231,10 @@ def test_activations_that_overflow_or_never_come_are_reported(env: dict) -> None
 
 @pytest.mark.parametrize(
     ("name", "fallback"),
-    [("INT4-GPTQ", "no calibration tokens: GPTQ replaced by round-to-nearest"), ("FP8-Static", "static input scale set to 1")],
+    [
+        ("INT4-GPTQ", "no calibration tokens: GPTQ replaced by round-to-nearest"),
+        ("FP8-Static", "static input scale set to 1"),
+    ],
 )
 def test_a_group_that_saw_no_tokens_falls_back_and_says_so(env: dict, name: str, fallback: str) -> None:
     """A group no token reached (an MoE expert the router never chose) gets round-to-nearest, counted."""
@@ -253,7 +266,9 @@ def test_tiled_hessian_is_the_whole_product_bit_for_bit(width: int) -> None:
     tiled = torch.zeros(width, width, device="cuda")
     whole = torch.zeros(width, width, device="cuda")
     for _ in range(3):  # several updates: the lower tiles follow the accumulated upper ones
-        rows = (torch.randn(4096, width, device="cuda", generator=g) * torch.exp(torch.randn(width, device="cuda", generator=g)))
+        rows = torch.randn(4096, width, device="cuda", generator=g) * torch.exp(
+            torch.randn(width, device="cuda", generator=g)
+        )
         rows = rows.to(torch.bfloat16)
         accumulate_hessian(tiled, rows)
         whole.add_(torch.mm(rows.t(), rows, out_dtype=torch.float32))

@@ -48,7 +48,9 @@ def _assert_bitwise_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 def _assert_same_quantization(x: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None) -> None:
     if args.type == "float":
-        _assert_bitwise_equal(qdq_kernel.fake_quantize_activation(x, args, scale), qdq.quantize_dequantize_activation(x, args, scale))
+        _assert_bitwise_equal(
+            qdq_kernel.fake_quantize_activation(x, args, scale), qdq.quantize_dequantize_activation(x, args, scale)
+        )
         return
     codes, scales = qdq_kernel.int_activation_codes(x, args, scale)
     expected_codes, expected_scales = qdq.int_activation_codes(x, args, scale)
@@ -69,7 +71,9 @@ def test_matches_torch_path(args: QuantArgs, dtype: torch.dtype) -> None:
 def test_ties_round_half_to_even(args: QuantArgs) -> None:
     """Quotients exactly between two codes go to the even one, as torch rounds (scale 1); e4m3 subnormals
     (steps of 2**-9 below 2**-6) too, and tiny negatives keep their sign as -0.0."""
-    x = torch.tensor([[1.0625, 1.1875, -1.0625, 2.5, 3.5, -2.5, 0.5, 1.5, 600.0, -600.0, 3 * 2**-10, -1e-10]], device=DEVICE)
+    x = torch.tensor(
+        [[1.0625, 1.1875, -1.0625, 2.5, 3.5, -2.5, 0.5, 1.5, 600.0, -600.0, 3 * 2**-10, -1e-10]], device=DEVICE
+    )
     scale = torch.ones(1, device=DEVICE)
     expected = qdq.quantize_dequantize_activation(x, args, scale)
     if args.type == "float":  # e4m3 steps of 1/8 on [1, 2), 1/4 on [2, 4); +-448 saturates
@@ -83,10 +87,16 @@ def test_ties_round_half_to_even(args: QuantArgs) -> None:
 def test_dynamic_int8_ties_round_as_vllms_cuda_kernel() -> None:
     """bf16 tokens whose halves sit on a code's half step: the kernel rounds ``x * (127 / amax)`` as vLLM's
     CUDA kernel does, which differs from rounding ``x / (amax / 127)``."""
-    x = torch.tensor([[2.296875, 1.1484375, -1.1484375], [2.734375, 1.3671875, 0.0], [0.0, 0.0, 0.0]], dtype=torch.bfloat16, device=DEVICE)
+    x = torch.tensor(
+        [[2.296875, 1.1484375, -1.1484375], [2.734375, 1.3671875, 0.0], [0.0, 0.0, 0.0]],
+        dtype=torch.bfloat16,
+        device=DEVICE,
+    )
     codes, scales = qdq_kernel.int_activation_codes(x, INT8_TOKEN)
     assert codes.tolist() == [[127, 64, -64], [127, 64, 0], [0, 0, 0]]
-    assert scales.flatten().tolist() == [torch.tensor(v / 127, dtype=torch.float32).item() for v in (2.296875, 2.734375, 0.0)]
+    assert scales.flatten().tolist() == [
+        torch.tensor(v / 127, dtype=torch.float32).item() for v in (2.296875, 2.734375, 0.0)
+    ]
     _assert_same_quantization(x, INT8_TOKEN, None)
 
 
@@ -96,7 +106,9 @@ def test_quant_linear_uses_kernel_with_same_output(monkeypatch: pytest.MonkeyPat
     weight = torch.randn(48, 300, dtype=torch.bfloat16, device=DEVICE) * 0.02
     w_args = QuantArgs(type="int", num_bits=8, strategy="channel", symmetric=True)
     scale, _ = qdq.weight_qparams(weight, w_args)
-    layer = QuantLinear.from_weight(weight, qdq.quantize_weight(weight, scale, None, w_args), scale, None, weight_args=w_args, input_args=INT8_TOKEN)
+    layer = QuantLinear.from_weight(
+        weight, qdq.quantize_weight(weight, scale, None, w_args), scale, None, weight_args=w_args, input_args=INT8_TOKEN
+    )
     x = _activations(20, 300, torch.bfloat16, seed=2).reshape(4, 5, 300).to(DEVICE)
     calls = []
     real = qdq_kernel.int_activation_codes
@@ -129,6 +141,7 @@ def test_w8a8_epilogue_matches_torch_path(dtype: torch.dtype, bias: bool, per_te
     b = torch.randn(1500, generator=g).to(torch.bfloat16) if bias else None
     expected = scale.float().reshape(-1, 1) * (weight_scale.float().reshape(1, -1) * sums.float())
     expected = (expected + b.float() if bias else expected).to(dtype)
-    got = qdq_kernel.scale_int_sums(sums.to(DEVICE), scale.to(DEVICE), weight_scale.to(DEVICE),
-                                    None if b is None else b.to(DEVICE), dtype)
+    got = qdq_kernel.scale_int_sums(
+        sums.to(DEVICE), scale.to(DEVICE), weight_scale.to(DEVICE), None if b is None else b.to(DEVICE), dtype
+    )
     _assert_bitwise_equal(got.cpu(), expected)

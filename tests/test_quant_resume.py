@@ -65,7 +65,9 @@ quantize_checkpoint(model, scheme_from_dict(json.loads(scheme)), out, calibratio
 """
 
 
-def run_quantize(model_dir: Path, scheme: Scheme, calib: Path | None, out: Path, kill: str = "-") -> subprocess.CompletedProcess:
+def run_quantize(
+    model_dir: Path, scheme: Scheme, calib: Path | None, out: Path, kill: str = "-"
+) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-c", RUN, str(model_dir), json.dumps(scheme.to_dict()), str(calib or "-"), str(out), kill]
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600)
 
@@ -160,7 +162,9 @@ def test_progress_of_other_inputs_is_discarded(shared_dir, calib_files, tmp_path
         assert same.finished("model.layers") == 1
     assert f"resuming from {directory}: 1 quantized layer(s) saved" in caplog.text
 
-    fewer = dataclasses.replace(calibration, input_ids=calibration.input_ids[:2], attention_mask=calibration.attention_mask[:2])
+    fewer = dataclasses.replace(
+        calibration, input_ids=calibration.input_ids[:2], attention_mask=calibration.attention_mask[:2]
+    )
     bigger_groups = dataclasses.replace(scheme, weights=dataclasses.replace(scheme.weights, group_size=64))
     for changes, changed in [
         ({"calibration": fewer}, "calibration"),
@@ -172,9 +176,15 @@ def test_progress_of_other_inputs_is_discarded(shared_dir, calib_files, tmp_path
             (directory / "model.layers.00000.safetensors").write_bytes(b"a saved layer")
         caplog.clear()
         other = identity(**changes)
-        with caplog.at_level(logging.WARNING, logger="quantbench.quant.resume"), LayerProgress(directory, other) as fresh:
+        with (
+            caplog.at_level(logging.WARNING, logger="quantbench.quant.resume"),
+            LayerProgress(directory, other) as fresh,
+        ):
             assert fresh.finished("model.layers") == 0
-        assert f"discarding the saved progress in {directory}: it was written for other inputs (changed: {changed})" in caplog.text
+        assert (
+            f"discarding the saved progress in {directory}: it was written for other inputs (changed: {changed})"
+            in caplog.text
+        )
         assert sorted(os.listdir(directory)) == [IDENTITY_FILE]
         assert json.loads((directory / IDENTITY_FILE).read_text()) == other
 

@@ -88,5 +88,9 @@ def test_rounding_is_refused_where_it_does_not_apply() -> None:
     with pytest.raises(QuantbenchError, match="dtype"):
         parse_scheme("R", {"weights": int4, "dtype": "half"})
     scheme = parse_scheme("R", {"weights": int4, "rounding": {"divide_in": "weight_dtype"}, "dtype": "float16"})
-    assert scheme.to_dict()["rounding"] == {"symmetric_scale": "half_range", "asymmetric_range": "with_zero", "divide_in": "weight_dtype"}
+    assert scheme.to_dict()["rounding"] == {
+        "symmetric_scale": "half_range",
+        "asymmetric_range": "with_zero",
+        "divide_in": "weight_dtype",
+    }
     assert "rounding" not in parse_scheme("D", {"weights": int4}).to_dict()  # defaults leave the params as they were

@@ -58,7 +58,9 @@ def test_w8a8_layer_sums_codes_exactly_and_scales_once() -> None:
     got = layer(x).reshape(-1, 24)
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
     # the simulation before: qdq(x) and the dequantized weight rounded to bf16, then a bf16 matmul
-    before = torch.nn.functional.linear(qdq.quantize_dequantize_activation(x, INT8_TOKEN), layer.dequantized_weight(torch.bfloat16))
+    before = torch.nn.functional.linear(
+        qdq.quantize_dequantize_activation(x, INT8_TOKEN), layer.dequantized_weight(torch.bfloat16)
+    )
     assert (before.reshape(-1, 24) != expected).float().mean() > 0.1
 
 

@@ -32,8 +32,10 @@ def test_each_departure_is_named_with_both_values_and_its_rows():
     config["models"]["Qwen2.5VL-7B"]["calibration"] = "chartqa-train"
     qwen3 = _departures(config, "table-qwen3-performance")
     gptq_rows = "Qwen3-1.7B INT4-GPTQ, Qwen3-4B INT4-GPTQ, Qwen3-8B INT4-GPTQ, Qwen3-14B INT4-GPTQ, Qwen3-32B INT4-GPTQ, QwQ-32B INT4-GPTQ"
-    padded_rows = ("Qwen3-1.7B INT4-GPTQ, Qwen3-4B INT4-GPTQ, Qwen3-8B INT4-GPTQ, Qwen3-14B INT4-GPTQ, Qwen3-14B INT4-AWQ, "
-                   "Qwen3-32B INT4-GPTQ, Qwen3-32B INT4-AWQ, QwQ-32B INT4-GPTQ, QwQ-32B INT4-AWQ")
+    padded_rows = (
+        "Qwen3-1.7B INT4-GPTQ, Qwen3-4B INT4-GPTQ, Qwen3-8B INT4-GPTQ, Qwen3-14B INT4-GPTQ, Qwen3-14B INT4-AWQ, "
+        "Qwen3-32B INT4-GPTQ, Qwen3-32B INT4-AWQ, QwQ-32B INT4-GPTQ, QwQ-32B INT4-AWQ"
+    )
     assert qwen3[:4] == [
         f"scheme gptq.dead_columns: round (recipe: zero) -- {gptq_rows}",
         f"scheme gptq.damping_retry: multiply (recipe: add) -- {gptq_rows}",
@@ -41,7 +43,11 @@ def test_each_departure_is_named_with_both_values_and_its_rows():
         "calibration samples: 256 (recipe: 128) -- Qwen3-8B INT4-AWQ",
     ]
     assert all("calibration.experts" not in line for line in qwen3)  # GPTQ has no MoE row in this table
-    assert qwen3[4:] == [f.text for f in RECIPE.fixed if f.concerns("table-qwen3-performance", (("m", "INT4-AWQ"), ("m", "FP8-Dynamic"), ("m", "INT8-Dynamic")))]
+    assert qwen3[4:] == [
+        f.text
+        for f in RECIPE.fixed
+        if f.concerns("table-qwen3-performance", (("m", "INT4-AWQ"), ("m", "FP8-Dynamic"), ("m", "INT8-Dynamic")))
+    ]
     vl = _departures(config, "table-qwen2.5vl-performance")
     rows = "Qwen2.5VL-7B FP8-Static, Qwen2.5VL-7B FP8-Static-ViT, Qwen2.5VL-7B INT4-GPTQ, Qwen2.5VL-7B INT4-AWQ"
     assert vl[2:7] == [  # after the two GPTQ lines
@@ -57,19 +63,35 @@ def test_moe_rows_report_the_expert_statistics():
     config = copy.deepcopy(SEED)
     del config["scheme_overrides"]["FP8-Static"]
     lines = _departures(config, "table-qwen3-performance")
-    assert "scheme calibration.experts: all-tokens (recipe: routed) -- Qwen3-30B-A3B FP8-Static, Qwen3-235B-A22B FP8-Static" in lines
-    assert any(line.startswith("scheme calibration.propagation: quantized (recipe: full-precision) -- Qwen3-0.6B FP8-Static") for line in lines)
+    assert (
+        "scheme calibration.experts: all-tokens (recipe: routed) -- Qwen3-30B-A3B FP8-Static, Qwen3-235B-A22B FP8-Static"
+        in lines
+    )
+    assert any(
+        line.startswith("scheme calibration.propagation: quantized (recipe: full-precision) -- Qwen3-0.6B FP8-Static")
+        for line in lines
+    )
 
 
 def test_the_report_lists_the_departures(tmp_path):
-    published = pd.DataFrame([("t", "A", "BF16", "MMLU", "50.00")], columns=["table", "model", "scheme", "benchmark", "value"])
+    published = pd.DataFrame(
+        [("t", "A", "BF16", "MMLU", "50.00")], columns=["table", "model", "scheme", "benchmark", "value"]
+    )
     reproduced = published.assign(value=[50.5])
     paths = {k: tmp_path / f"t.{k}" for k in ("csv", "md", "png")}
     kwargs = dict(table="t", tolerance=1.0, csv_path=paths["csv"], md_path=paths["md"], png_path=paths["png"])
-    write_comparison(published, reproduced, recipe="AngelSlim 4cc21d9", departures=["calibration samples: 256 (recipe: 128) -- A X"], **kwargs)
+    write_comparison(
+        published,
+        reproduced,
+        recipe="AngelSlim 4cc21d9",
+        departures=["calibration samples: 256 (recipe: 128) -- A X"],
+        **kwargs,
+    )
     md = paths["md"].read_text(encoding="utf-8")
-    assert ("## Settings that depart from the published recipe\n\nThe published cells were made by AngelSlim 4cc21d9; "
-            "docs/fidelity.md gives each setting's source and effect.\n\n- calibration samples: 256 (recipe: 128) -- A X\n\n| Model") in md
+    assert (
+        "## Settings that depart from the published recipe\n\nThe published cells were made by AngelSlim 4cc21d9; "
+        "docs/fidelity.md gives each setting's source and effect.\n\n- calibration samples: 256 (recipe: 128) -- A X\n\n| Model"
+    ) in md
     write_comparison(published, reproduced, recipe="AngelSlim 4cc21d9", departures=[], **kwargs)
     assert "effect.\n\n- none\n\n| Model" in paths["md"].read_text(encoding="utf-8")
     write_comparison(published, reproduced, **kwargs)  # no recipe configured: no section
@@ -80,6 +102,9 @@ def test_a_broken_recipe_file_is_named(tmp_path):
     with pytest.raises(QuantbenchError, match=r"recipe file .*nowhere\.yaml does not exist"):
         load_recipe(tmp_path / "nowhere.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"recipe": "x", "streams": {}, "schemes": {}, "calibration": {"M": {"S": [1, 2]}}}), encoding="utf-8")
+    bad.write_text(
+        yaml.safe_dump({"recipe": "x", "streams": {}, "schemes": {}, "calibration": {"M": {"S": [1, 2]}}}),
+        encoding="utf-8",
+    )
     with pytest.raises(QuantbenchError, match=r"bad\.yaml: calibration rows are \[samples, tokens, data\]"):
         load_recipe(bad)

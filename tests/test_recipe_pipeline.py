@@ -58,7 +58,11 @@ def _texts(shared_dir: Path, tmp_path: Path, chars: list[int]) -> Path:
 
 
 def _scales(model: nn.Module) -> dict[str, float]:
-    return {n: float(m.input_scale) for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    return {
+        n: float(m.input_scale)
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.input_scale is not None
+    }
 
 
 def _observed_scales(model: nn.Module, calibration: Calibration) -> dict[str, float]:
@@ -73,9 +77,14 @@ def _observed_scales(model: nn.Module, calibration: Calibration) -> dict[str, fl
             x = args[0]
             rows = x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
             maxima[name] = torch.maximum(maxima.get(name, torch.tensor(0.0)), rows.abs().max())
+
         return hook
 
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n and not n.endswith("mlp.gate")]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ".layers." in n and not n.endswith("mlp.gate")
+    ]
     handles = [model.get_submodule(n).register_forward_pre_hook(observe(n)) for n in names]
     with torch.no_grad():
         model(**inputs, use_cache=False)
@@ -103,7 +112,9 @@ def dense(shared_dir: Path, tmp_path_factory) -> dict:
             scheme = dataclasses.replace(FP8, calibration=CalibrationParams(propagation=propagation))
             quantize_model(model, scheme, calib, device="cpu")
             runs[padding, propagation] = model
-    observed = {p: _observed_scales(_fixture(shared_dir, "tinyqwen3-dense", 2, spiky_pad=True), c) for p, c in calibs.items()}
+    observed = {
+        p: _observed_scales(_fixture(shared_dir, "tinyqwen3-dense", 2, spiky_pad=True), c) for p, c in calibs.items()
+    }
     return {"calibs": calibs, "runs": runs, "observed": observed}
 
 
@@ -121,14 +132,18 @@ def test_counted_pads_change_the_static_scales_as_one_unmasked_forward_observes_
     assert all(padded_scales[n] >= masked_scales[n] * (1 - 1e-6) for n in masked_scales)
     raised = [n for n in masked_scales if padded_scales[n] > masked_scales[n] * 1.01]
     assert raised, "counting the pads changed no static scale"
-    print(f"\npads counted: {len(raised)} of {len(masked_scales)} input scales up by >1%, largest x"
-          f"{max(padded_scales[n] / masked_scales[n] for n in raised):.3f}")
+    print(
+        f"\npads counted: {len(raised)} of {len(masked_scales)} input scales up by >1%, largest x"
+        f"{max(padded_scales[n] / masked_scales[n] for n in raised):.3f}"
+    )
 
 
 def test_padding_changes_no_fp8_weight(dense):
     a, b = dense["runs"]["longest", "quantized"], dense["runs"]["max-length-unmasked", "quantized"]
-    for (name, qa), (_, qb) in zip(((n, m) for n, m in a.named_modules() if isinstance(m, QuantLinear)),
-                                   ((n, m) for n, m in b.named_modules() if isinstance(m, QuantLinear))):
+    for (name, qa), (_, qb) in zip(
+        ((n, m) for n, m in a.named_modules() if isinstance(m, QuantLinear)),
+        ((n, m) for n, m in b.named_modules() if isinstance(m, QuantLinear)),
+    ):
         assert torch.equal(qa.weight_codes.view(torch.uint8), qb.weight_codes.view(torch.uint8)), name
         assert torch.equal(qa.weight_scale, qb.weight_scale), name
 
@@ -157,7 +172,9 @@ def moe(shared_dir: Path, tmp_path_factory) -> dict:
     out = {"calib": calib}
     for experts in ("all-tokens", "routed"):
         model = _fixture(shared_dir, "tinyqwen3-moe", 3)
-        stats = quantize_model(model, dataclasses.replace(FP8, calibration=CalibrationParams(experts=experts)), calib, device="cpu")
+        stats = quantize_model(
+            model, dataclasses.replace(FP8, calibration=CalibrationParams(experts=experts)), calib, device="cpu"
+        )
         out[experts] = (model, stats)
     reference = _fixture(shared_dir, "tinyqwen3-moe", 3)
     unfuse_experts(reference, [f"model.layers.{i}.mlp.experts" for i in range(3)])
@@ -176,11 +193,18 @@ def test_routed_expert_statistics_follow_the_router(moe):
     layer0 = [n for n in routed if n.startswith("model.layers.0.mlp.experts.")]
     assert {n: routed[n] for n in layer0} == pytest.approx({n: moe["observed"][n] for n in layer0}, rel=1e-6)
     gate = _expert_scales(routed, 0, "gate_proj")  # the largest input reaches two experts (top-2): the others are lower
-    assert max(gate) == pytest.approx(all_tokens["model.layers.0.mlp.experts.0.gate_proj"], rel=1e-6) and min(gate) < 0.6 * max(gate)
+    assert max(gate) == pytest.approx(all_tokens["model.layers.0.mlp.experts.0.gate_proj"], rel=1e-6) and min(
+        gate
+    ) < 0.6 * max(gate)
     # nothing else: layer 0's attention and the FP8 weights are the same either way
     attention = [n for n in routed if n.startswith("model.layers.0.self_attn.")]
     assert {n: routed[n] for n in attention} == {n: all_tokens[n] for n in attention}
-    for (name, a), (_, b) in zip(*(((n, m) for n, m in moe[k][0].named_modules() if isinstance(m, QuantLinear)) for k in ("all-tokens", "routed"))):
+    for (name, a), (_, b) in zip(
+        *(
+            ((n, m) for n, m in moe[k][0].named_modules() if isinstance(m, QuantLinear))
+            for k in ("all-tokens", "routed")
+        )
+    ):
         assert torch.equal(a.weight_codes.view(torch.uint8), b.weight_codes.view(torch.uint8)), name
 
 
@@ -198,16 +222,25 @@ def test_an_expert_no_token_reached_takes_the_largest_scale_of_the_other_experts
 
 
 def test_routed_gptq_solves_each_expert_on_its_own_tokens(moe, shared_dir):
-    gptq = dataclasses.replace(SCHEMES["INT4-GPTQ"], weights=dataclasses.replace(SCHEMES["INT4-GPTQ"].weights, group_size=64))
+    gptq = dataclasses.replace(
+        SCHEMES["INT4-GPTQ"], weights=dataclasses.replace(SCHEMES["INT4-GPTQ"].weights, group_size=64)
+    )
     model = _fixture(shared_dir, "tinyqwen3-moe", 3)
-    stats = quantize_model(model, dataclasses.replace(gptq, calibration=CalibrationParams(experts="routed")), moe["calib"], device="cpu")
-    assert any("no calibration tokens: GPTQ replaced by round-to-nearest" in f and "layers.2.mlp.experts.4." in f for f in stats.fallbacks)
+    stats = quantize_model(
+        model, dataclasses.replace(gptq, calibration=CalibrationParams(experts="routed")), moe["calib"], device="cpu"
+    )
+    assert any(
+        "no calibration tokens: GPTQ replaced by round-to-nearest" in f and "layers.2.mlp.experts.4." in f
+        for f in stats.fallbacks
+    )
     # layer 0, expert 3: the Hessian of the tokens the router sent it, from a plain routed forward
     reference = _fixture(shared_dir, "tinyqwen3-moe", 3)
     unfuse_experts(reference, ["model.layers.0.mlp.experts"])
     experts: ExpertList = reference.get_submodule("model.layers.0.mlp.experts")
     rows: list[torch.Tensor] = []
-    handle = experts[3].gate_proj.register_forward_pre_hook(lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1])))
+    handle = experts[3].gate_proj.register_forward_pre_hook(
+        lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         reference(**moe["calib"].model_inputs(0, 3, "cpu"), use_cache=False)
     handle.remove()
@@ -216,9 +249,13 @@ def test_routed_gptq_solves_each_expert_on_its_own_tokens(moe, shared_dir):
     weight = torch.cat([experts[3].gate_proj.weight, experts[3].up_proj.weight])
     solved = gptq_solve(weight, x.T @ x, gptq.weights, gptq.params)
     every = gptq_solve(weight, _all_rows_hessian(reference, moe), gptq.weights, gptq.params)
-    got = torch.cat([model.get_submodule(f"model.layers.0.mlp.experts.3.{n}").weight_codes for n in ("gate_proj", "up_proj")])
+    got = torch.cat(
+        [model.get_submodule(f"model.layers.0.mlp.experts.3.{n}").weight_codes for n in ("gate_proj", "up_proj")]
+    )
     agree, agree_all = (float((got == r.codes).float().mean()) for r in (solved, every))
-    print(f"\nrouted GPTQ codes agree with the routed-Hessian solve {agree:.4f}, with the all-token one {agree_all:.4f}")
+    print(
+        f"\nrouted GPTQ codes agree with the routed-Hessian solve {agree:.4f}, with the all-token one {agree_all:.4f}"
+    )
     assert agree > 0.99 and agree_all < agree - 0.05
 
 
@@ -226,7 +263,8 @@ def _all_rows_hessian(model: nn.Module, moe: dict) -> torch.Tensor:
     """``X^T X`` of layer 0's MoE input over every calibration token (what all-token statistics give every expert)."""
     rows: list[torch.Tensor] = []
     handle = model.get_submodule("model.layers.0.post_attention_layernorm").register_forward_hook(
-        lambda _m, _a, out: rows.append(out.reshape(-1, out.shape[-1])))
+        lambda _m, _a, out: rows.append(out.reshape(-1, out.shape[-1]))
+    )
     with torch.no_grad():
         model(**moe["calib"].model_inputs(0, 3, "cpu"), use_cache=False)
     handle.remove()
@@ -256,7 +294,10 @@ def test_zeroed_dead_columns_change_those_columns_only():
     weight[0, 5] = 10.0
     shrunk = gptq_solve(weight, x.T @ x, INT4, GPTQParams(dead_columns="zero"))
     expected = qdq.weight_qparams(torch.where(others, weight, 0.0), INT4)[0]
-    assert torch.equal(shrunk.scale, expected) and shrunk.scale[0, 0] < gptq_solve(weight, x.T @ x, INT4, GPTQParams()).scale[0, 0]
+    assert (
+        torch.equal(shrunk.scale, expected)
+        and shrunk.scale[0, 0] < gptq_solve(weight, x.T @ x, INT4, GPTQParams()).scale[0, 0]
+    )
 
 
 def test_additive_damping_retries_accumulate_as_the_published_solver_does():
@@ -274,7 +315,11 @@ def test_additive_damping_retries_accumulate_as_the_published_solver_does():
     expected = float(damped[0, 0] - 1.0)  # total damping, as a fraction of the original mean diagonal (1)
     added = gptq_solve(weight, indefinite, args, GPTQParams(damping_retry="add"))
     multiplied = gptq_solve(weight, indefinite, args, GPTQParams(damping_retry="multiply"))
-    assert attempts == 3 and added.dampening == pytest.approx(expected, rel=1e-6) and expected == pytest.approx(0.061106, rel=1e-4)
+    assert (
+        attempts == 3
+        and added.dampening == pytest.approx(expected, rel=1e-6)
+        and expected == pytest.approx(0.061106, rel=1e-4)
+    )
     assert multiplied.dampening == pytest.approx(0.1) and len(added.notes) == 2 and "(add)" in added.notes[0]
     # the same solution as a single damping of that size
     assert torch.equal(added.codes, gptq_solve(weight, indefinite, args, GPTQParams(dampening=added.dampening)).codes)
@@ -283,15 +328,20 @@ def test_additive_damping_retries_accumulate_as_the_published_solver_does():
 
 
 def test_routed_statistics_are_refused_for_awq(moe, shared_dir):
-    awq = dataclasses.replace(SCHEMES["INT4-AWQ"], weights=dataclasses.replace(SCHEMES["INT4-AWQ"].weights, group_size=64),
-                              calibration=CalibrationParams(experts="routed"))
+    awq = dataclasses.replace(
+        SCHEMES["INT4-AWQ"],
+        weights=dataclasses.replace(SCHEMES["INT4-AWQ"].weights, group_size=64),
+        calibration=CalibrationParams(experts="routed"),
+    )
     with pytest.raises(QuantbenchError, match="calibration.experts 'routed' applies to static input scales and GPTQ"):
         quantize_model(_fixture(shared_dir, "tinyqwen3-moe", 1), awq, moe["calib"], device="cpu")
 
 
 def test_schemes_carry_the_calibration_params_only_when_they_calibrate():
     assert "calibration" not in SCHEMES["FP8-Dynamic"].to_dict() and SCHEMES["INT4-GPTQ"].to_dict()["calibration"] == {
-        "propagation": "quantized", "experts": "all-tokens"}
+        "propagation": "quantized",
+        "experts": "all-tokens",
+    }
     assert Scheme(name="BF16").to_dict().get("calibration") is None
 
 

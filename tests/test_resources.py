@@ -109,7 +109,9 @@ def test_evaluation_time_follows_the_benchmark_workload_at_the_measured_rates():
     workloads = load_workloads(BENCHMARKS_FILE)
     gsm8k = workloads["GSM8K"]
     # prompts at the forward rate, ceil(1319 / 8) batches of 256 decode steps at the step rate (8.19B measured)
-    seconds = gsm8k.requests * gsm8k.prompt_tokens / HF_RATES.prompt_tokens_per_s + 165 * 256 / HF_RATES.decode_steps_per_s
+    seconds = (
+        gsm8k.requests * gsm8k.prompt_tokens / HF_RATES.prompt_tokens_per_s + 165 * 256 / HF_RATES.decode_steps_per_s
+    )
     assert eval_seconds(8.19, gsm8k) == pytest.approx(seconds)
     assert eval_seconds(16.38, gsm8k) == pytest.approx(2 * seconds)  # both rates scale with the weights
     # 10 minutes of start-up, the 16.4 GB checkpoint read at 1 GB/s, 1.5 x the compute
@@ -150,6 +152,8 @@ def test_vision_language_benchmarks_are_sized_at_the_rate_of_generate():
     assert eval_rates(specs["DocVQA_VAL"]) is HF_GENERATE_RATES
     assert eval_rates(specs["GSM8K"]) is HF_RATES and eval_rates(None) is HF_RATES
     docvqa = load_workloads(BENCHMARKS_FILE)["DocVQA_VAL"]
-    slow = job_resources("evaluate", 7.0, scheme=SCHEMES["BF16"], device="cuda", workload=docvqa, rates=HF_GENERATE_RATES)
+    slow = job_resources(
+        "evaluate", 7.0, scheme=SCHEMES["BF16"], device="cuda", workload=docvqa, rates=HF_GENERATE_RATES
+    )
     fast = job_resources("evaluate", 7.0, scheme=SCHEMES["BF16"], device="cuda", workload=docvqa)
     assert slow.runtime > fast.runtime

@@ -33,11 +33,17 @@ def test_sections_hold_the_config_values_and_their_defaults():
     assert (demo.evaluation.limit_of("CEVAL"), demo.evaluation.limit_of("WIKITEXT2")) == (5, 20)
     assert demo.evaluation.overrides_of("GSM8K") == {"max_gen_toks": 32}
     gsm8k = demo.benchmark("GSM8K")  # the spec with this run's overrides, the file's spec left as it is
-    assert (gsm8k.lm_eval.generation, gsm8k.overrides, demo.benchmarks["GSM8K"].overrides) == ({"max_gen_toks": 32}, {"max_gen_toks": 32}, {})
+    assert (gsm8k.lm_eval.generation, gsm8k.overrides, demo.benchmarks["GSM8K"].overrides) == (
+        {"max_gen_toks": 32},
+        {"max_gen_toks": 32},
+        {},
+    )
     assert (demo.hardware, demo.preflight.headroom, demo.compare, demo.docs) == (Hardware(), Headroom(), None, None)
     assert demo.benchmarks_file == REPO / "config" / "benchmarks.yaml"
     seed = load_run_config(_config("seed"), base_dir=REPO)
-    assert seed.compare == CompareConfig(REPO / "resources/published/seed_tables.csv", 1.0, REPO / "resources/published/angelslim-recipe.yaml")
+    assert seed.compare == CompareConfig(
+        REPO / "resources/published/seed_tables.csv", 1.0, REPO / "resources/published/angelslim-recipe.yaml"
+    )
     assert seed.docs.path == REPO / "docs" / "quantization-benchmark.md" and isinstance(seed.docs, DocsConfig)
     assert seed.quantization == QuantizationConfig(device="cuda") and seed.evaluation.limit_of("MMLU") is None
 
@@ -65,7 +71,10 @@ def test_preflight_headroom_reads_the_schema_keys():
         (lambda c: c["evaluation"]["backend"].update(name="tgi"), r"unknown backend 'tgi'"),
         (lambda c: c["evaluation"].update(source="s3"), r"evaluation.source: 's3' is not one of local, hub"),
         (lambda c: c.update(hardware={"gpu_mem_gb": 4}), r"hardware: gpu_mem_gb must exceed"),
-        (lambda c: c.update(quantization={"device": "cpu", "threads": 4}), r"quantization: unknown key\(s\) \['threads'\]"),
+        (
+            lambda c: c.update(quantization={"device": "cpu", "threads": 4}),
+            r"quantization: unknown key\(s\) \['threads'\]",
+        ),
     ],
     ids=["backend", "source", "hardware", "unknown-key"],
 )
@@ -95,6 +104,10 @@ def test_rules_read_the_config_only_through_the_run_config():
 
 def test_a_scheme_refuses_the_parameters_of_another_algorithm():
     weights = {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}
-    assert parse_scheme("G", {"weights": weights, "algorithm": "gptq", "gptq": {"dampening": 0.1}}).params.dampening == 0.1
-    with pytest.raises(QuantbenchError, match=r"scheme 'R'\.awq: parameters of algorithm awq, but the scheme's algorithm is rtn"):
+    assert (
+        parse_scheme("G", {"weights": weights, "algorithm": "gptq", "gptq": {"dampening": 0.1}}).params.dampening == 0.1
+    )
+    with pytest.raises(
+        QuantbenchError, match=r"scheme 'R'\.awq: parameters of algorithm awq, but the scheme's algorithm is rtn"
+    ):
         parse_scheme("R", {"weights": weights, "awq": {"grid_size": 10}})

@@ -75,8 +75,11 @@ def test_hunyuan_table_runs_the_benchmarks_its_numbers_came_from():
 def test_labels_must_name_the_tables_benchmarks():
     config = copy.deepcopy(CONFIG)
     config["tables"][0]["published_labels"]["CEVAL"] = "X"
-    with pytest.raises(QuantbenchError, match=r"tables\[0\] \(table-Hunyuan-Instruct-performance\)\.published_labels: "
-                                              r"unknown benchmark 'CEVAL'"):
+    with pytest.raises(
+        QuantbenchError,
+        match=r"tables\[0\] \(table-Hunyuan-Instruct-performance\)\.published_labels: "
+        r"unknown benchmark 'CEVAL'",
+    ):
         load_run_config(config, base_dir=REPO)
 
 
@@ -95,7 +98,12 @@ def test_seed_schemes_are_angelslims_where_the_page_ran_otherwise():
     assert all(scheme_from_dict(s.to_dict()) == s for s in (awq, int8))  # as the quantize rule receives them
     assert shared["INT4-AWQ"].params.style == "quantbench" and shared["INT8-Dynamic"].rounding.is_default
     assert {n for n in run.schemes if run.schemes[n] != shared.get(n)} == {
-        "INT4-AWQ", "INT8-Dynamic", "INT8-Dynamic-ViT", "FP8-Static", "FP8-Static-ViT", "INT4-GPTQ"
+        "INT4-AWQ",
+        "INT8-Dynamic",
+        "INT8-Dynamic-ViT",
+        "FP8-Static",
+        "FP8-Static-ViT",
+        "INT4-GPTQ",
     }
     fp8 = run.schemes["FP8-Dynamic"].input_activations
     assert (fp8.strategy, fp8.dynamic) == ("tensor", True)  # AngelSlim's layout, in the shared file itself
@@ -125,8 +133,11 @@ def test_published_calibration_sets_are_shipped_byte_for_byte():
     for name, digest in digests.items():
         assert hashlib.sha256((REPO / sets[name]["path"]).read_bytes()).hexdigest() == digest
     run = load_run_config(CONFIG, base_dir=REPO)
-    files = {(model, calib.path.name if calib.path else calib.hub.describe()) for model, entry in run.models.items()
-             for calib in map(run.calibration_sets.get, entry.calibration.values())}
+    files = {
+        (model, calib.path.name if calib.path else calib.hub.describe())
+        for model, entry in run.models.items()
+        for calib in map(run.calibration_sets.get, entry.calibration.values())
+    }
     assert {m for m, f in files if f == "sharegpt_gpt4_256.jsonl"} == {m for m in run.models if m.startswith("Hunyuan")}
     assert {m for m, f in files if "ChartQA" in f} == {m for m in run.models if m.startswith("Qwen2.5VL")}
     assert all(f.endswith("@b605b6e08b57faf4359aeb2fe6a3ca595f99b6c5:test") for m, f in files if "ChartQA" in f)
@@ -136,12 +147,17 @@ def test_seed_config_departs_from_the_published_recipe_only_where_no_option_sele
     run = load_run_config(CONFIG, base_dir=REPO)
     recipe = load_recipe(REPO / CONFIG["compare"]["recipe"])
     for table in run.tables:
-        assert departures(run, table, recipe) == [f.text for f in recipe.fixed if f.concerns(table.name, run.table_rows(table))]
+        assert departures(run, table, recipe) == [
+            f.text for f in recipe.fixed if f.concerns(table.name, run.table_rows(table))
+        ]
     # the recipe names a calibration for every published row that needs data, and the seed takes it
     needing = {(m, s) for t in run.tables for m, s in run.table_rows(t) if run.schemes[s].needs_calibration}
     assert needing == {(m, s) for m, row in recipe.calibration.items() for s in row}
-    qwen3_8b = {s: (c.num_samples, c.max_seq_len) for s in ("FP8-Static", "INT4-GPTQ", "INT4-AWQ")
-                for c in [run.calibration_of("Qwen3-8B", s)]}
+    qwen3_8b = {
+        s: (c.num_samples, c.max_seq_len)
+        for s in ("FP8-Static", "INT4-GPTQ", "INT4-AWQ")
+        for c in [run.calibration_of("Qwen3-8B", s)]
+    }
     assert qwen3_8b == {"FP8-Static": (256, 4096), "INT4-GPTQ": (128, 4096), "INT4-AWQ": (128, 4096)}
     assert run.calibration_of("Hunyuan-7B-Instruct", "INT4-GPTQ").max_seq_len == 8192
     assert run.calibration_of("Qwen2.5VL-3B", "INT4-AWQ").num_samples == 2
@@ -150,7 +166,10 @@ def test_seed_config_departs_from_the_published_recipe_only_where_no_option_sele
 def test_vision_language_benchmarks_are_declared_with_local_files():
     vlm = {name: spec for name, spec in BENCHMARKS.items() if spec.lmms_eval}
     assert {name: spec.lmms_eval.task for name, spec in vlm.items()} == {
-        "MMMU_VAL": "mmmu_val", "DocVQA_VAL": "docvqa_val", "ChartQA_TEST": "chartqa"}
+        "MMMU_VAL": "mmmu_val",
+        "DocVQA_VAL": "docvqa_val",
+        "ChartQA_TEST": "chartqa",
+    }
     assert all(spec.lmms_eval.split in spec.files for spec in vlm.values())
 
 
@@ -162,10 +181,27 @@ def seed_dry_run(tmp_path_factory):
         (wd / name).symlink_to(REPO / name)
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(wd),
-         "--configfile", str(wd / "config" / "seed.yaml"), "--workflow-profile", str(REPO / "profiles" / "slurm"),
-         "--dry-run", "--cores", "1024"],  # a dry run caps threads at --cores (1 unless given); SLURM jobs are not
-        capture_output=True, text=True, timeout=300, cwd=wd, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(wd),
+            "--configfile",
+            str(wd / "config" / "seed.yaml"),
+            "--workflow-profile",
+            str(REPO / "profiles" / "slurm"),
+            "--dry-run",
+            "--cores",
+            "1024",
+        ],  # a dry run caps threads at --cores (1 unless given); SLURM jobs are not
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=wd,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
     )
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -179,7 +215,9 @@ def jobs(output: str) -> list[tuple[str, dict[str, str]]]:
     found = []
     for block in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", output, re.MULTILINE):
         fields = dict(re.findall(r"^    (\w+): (.*)$", block.group(2), re.MULTILINE))
-        fields["resources"] = dict(item.split("=", 1) for item in fields.get("resources", "").split(", ") if "=" in item)
+        fields["resources"] = dict(
+            item.split("=", 1) for item in fields.get("resources", "").split(", ") if "=" in item
+        )
         found.append((block.group(1), fields))
     return found
 
@@ -188,8 +226,15 @@ def jobs(output: str) -> list[tuple[str, dict[str, str]]]:
 def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run):
     planned = jobs(seed_dry_run.stdout)
     assert Counter(rule for rule, _ in planned) == {
-        "download": 25, "calibrate": 46, "quantize": 101, "evaluate": 445, "tabulate": 4, "tabulate_as_published": 1,
-        "compare": 4, "docs_page": 1, "all": 1,
+        "download": 25,
+        "calibrate": 46,
+        "quantize": 101,
+        "evaluate": 445,
+        "tabulate": 4,
+        "tabulate_as_published": 1,
+        "compare": 4,
+        "docs_page": 1,
+        "all": 1,
     }
     evals = {f["output"] for rule, f in planned if rule == "evaluate"}
     assert evals == {f"results/evals/{c['model']}/{c['scheme']}/{c['benchmark']}.json" for c in CELLS}
@@ -202,8 +247,12 @@ def test_seed_dry_run_plans_every_cell_of_the_page_and_nothing_else(seed_dry_run
         "results/models/Qwen3-8B, results/calib/Qwen3-8B/sharegpt-qwen3-128.safetensors"
     )
     assert inputs["results/quantized/Qwen3-8B/FP8-Static"].endswith("Qwen3-8B/sharegpt-qwen3.safetensors")
-    assert inputs["results/quantized/Hunyuan-7B-Instruct/FP8-Static"].endswith("Hunyuan-7B-Instruct/sharegpt-gpt4.safetensors")
-    assert inputs["results/quantized/Hunyuan-7B-Instruct/INT4-GPTQ"].endswith("Hunyuan-7B-Instruct/sharegpt-gpt4-128-8k.safetensors")
+    assert inputs["results/quantized/Hunyuan-7B-Instruct/FP8-Static"].endswith(
+        "Hunyuan-7B-Instruct/sharegpt-gpt4.safetensors"
+    )
+    assert inputs["results/quantized/Hunyuan-7B-Instruct/INT4-GPTQ"].endswith(
+        "Hunyuan-7B-Instruct/sharegpt-gpt4-128-8k.safetensors"
+    )
     # the VLMs calibrate on ChartQA test from the Hub: the job's only file input is the model
     assert inputs["results/quantized/Qwen2.5VL-7B/FP8-Static-ViT"].endswith("Qwen2.5VL-7B/chartqa-test.safetensors")
     calibrate = {f["output"]: f["input"] for rule, f in planned if rule == "calibrate"}
@@ -217,7 +266,10 @@ def test_a_235b_moe_is_evaluated_on_several_gpus(seed_dry_run):
     bf16 = resources["results/evals/Qwen3-235B-A22B/BF16/MMLU.json"]
     # time: 10 min start-up + 470 GB read at 1 GB/s + 1.5 x MMLU's workload at the measured rates for 235/8 B per GPU
     assert {k: bf16[k] for k in ("gpu", "mem_mb", "runtime", "slurm_partition")} == {
-        "gpu": "8", "mem_mb": "257024", "runtime": "86", "slurm_partition": "gpu",
+        "gpu": "8",
+        "mem_mb": "257024",
+        "runtime": "86",
+        "slurm_partition": "gpu",
     }
     assert "gpu_mem_mb" not in bf16
     assert resources["results/evals/Qwen3-235B-A22B/FP8-Static/MMLU.json"]["gpu"] == "4"
@@ -236,7 +288,10 @@ def test_a_235b_moe_is_evaluated_on_several_gpus(seed_dry_run):
 
 @pytest.mark.workflow
 def test_the_dag_imports_no_model_libraries(seed_dry_run):
-    imported = {m.group(1).split(".")[0] for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", seed_dry_run.stderr, re.MULTILINE)}
+    imported = {
+        m.group(1).split(".")[0]
+        for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", seed_dry_run.stderr, re.MULTILINE)
+    }
     assert "quantbench" in imported and "snakemake" in imported
     assert not imported & set(HEAVY)
 

@@ -103,7 +103,9 @@ def _routed(mlp: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return weights, index
 
 
-def _fused_moe_reference(mlp: nn.Module, hidden: torch.Tensor, gate_up_scale: Callable, down_scale: Callable) -> torch.Tensor:
+def _fused_moe_reference(
+    mlp: nn.Module, hidden: torch.Tensor, gate_up_scale: Callable, down_scale: Callable
+) -> torch.Tensor:
     """The MoE block by hand: an expert's gate/up inputs ``x`` quantized with ``gate_up_scale(x)``, every
     down_proj input with ``down_scale(all routed intermediates)``."""
     weights, index = _routed(mlp, hidden)
@@ -137,7 +139,9 @@ def test_moe_fp8_dynamic_experts_share_per_tensor_scales_as_vllms_fused_moe(moe_
         expected = _fused_moe_reference(mlp, hidden, lambda _x: hidden.abs().amax() / 448, routed_rows)
         per_token = _fused_moe_reference(mlp, hidden, lambda x: x.abs().amax(dim=-1, keepdim=True) / 448, routed_rows)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    assert (out - per_token).abs().amax() > 100 * (out - expected).abs().amax()  # per-token gate/up inputs compute otherwise
+    assert (out - per_token).abs().amax() > 100 * (
+        out - expected
+    ).abs().amax()  # per-token gate/up inputs compute otherwise
 
     out_dir = save_quantized(model, _tokenizer(moe_dir), SCHEMES["FP8-Dynamic"], tmp_path / "moe", provenance={})
     runtime, _ = load_model(out_dir, dtype=torch.float32)
@@ -175,5 +179,7 @@ def test_moe_layouts_vllm_refuses_are_refused_at_quantize_time(moe_dir: Path, de
     with pytest.raises(QuantbenchError, match=r"weights 'tensor' with dynamic inputs 'token'; vLLM would refuse"):
         quantize_model(_fixture(moe_dir), per_token, device="cpu")
     quantize_model(_fixture(dense_model_dir), per_token, device="cpu")  # dense layers take it
-    channel = parse_scheme("W8A8-channel-token", {"weights": {**FP8_TENSOR.to_dict(), "strategy": "channel"}, "input_activations": token})
+    channel = parse_scheme(
+        "W8A8-channel-token", {"weights": {**FP8_TENSOR.to_dict(), "strategy": "channel"}, "input_activations": token}
+    )
     quantize_model(_fixture(moe_dir), channel, device="cpu")  # vLLM's other fp8 MoE layout

@@ -34,8 +34,18 @@ PROFILE = REPO / "profiles" / "slurm"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks=1", "--seconds-between-status-checks=1")
 ACTIVE_STATES = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
-ACCT_FIELDS = ("JobID", "JobName", "Comment", "State", "Partition", "ReqMem", "Timelimit", "ReqCPUS",
-               "ReqTRES", "ExitCode")
+ACCT_FIELDS = (
+    "JobID",
+    "JobName",
+    "Comment",
+    "State",
+    "Partition",
+    "ReqMem",
+    "Timelimit",
+    "ReqCPUS",
+    "ReqTRES",
+    "ExitCode",
+)
 
 
 @pytest.fixture(scope="session")
@@ -56,14 +66,14 @@ def bounded(limit_s: int, *cmd: str) -> list[str]:
 
 
 def snakemake_cmd(workdir: Path, *args: str, limit_s: int = 240) -> list[str]:
-    return bounded(limit_s, SNAKEMAKE, "--workflow-profile", str(PROFILE), *FAST_POLLING,
-                   "--directory", str(workdir), *args)
+    return bounded(
+        limit_s, SNAKEMAKE, "--workflow-profile", str(PROFILE), *FAST_POLLING, "--directory", str(workdir), *args
+    )
 
 
 def run_snakemake(workdir: Path, *args: str, limit_s: int = 240) -> subprocess.CompletedProcess:
     """Snakemake through the profile in workdir (the Snakefile there unless args name one)."""
-    return subprocess.run(snakemake_cmd(workdir, *args, limit_s=limit_s), capture_output=True, text=True,
-                          cwd=workdir)
+    return subprocess.run(snakemake_cmd(workdir, *args, limit_s=limit_s), capture_output=True, text=True, cwd=workdir)
 
 
 def run_id(output: str) -> str:
@@ -131,21 +141,24 @@ def test_jobs_run_on_the_cluster_with_the_profiles_resources(slurm_cluster, tmp_
 
     # every rule but the local tabulate ran as a SLURM job, COMPLETED, under the ID its output names
     jobs = {job["Comment"]: job for job in jobs_of_run(slurm_cluster, done.stderr, 4)}
-    assert sorted(jobs) == ["rule_calibrate", "rule_evaluate_wildcards_x", "rule_evaluate_wildcards_y",
-                            "rule_quantize"]
+    assert sorted(jobs) == ["rule_calibrate", "rule_evaluate_wildcards_x", "rule_evaluate_wildcards_y", "rule_quantize"]
     assert {job["State"] for job in jobs.values()} == {"COMPLETED"}
     expected = "".join(
         f"{name} {jobs[comment]['JobID']}\n"
-        for name, comment in (("calibrate", "rule_calibrate"), ("quantize", "rule_quantize"),
-                              ("evaluate_x", "rule_evaluate_wildcards_x"),
-                              ("evaluate_y", "rule_evaluate_wildcards_y"))
+        for name, comment in (
+            ("calibrate", "rule_calibrate"),
+            ("quantize", "rule_quantize"),
+            ("evaluate_x", "rule_evaluate_wildcards_x"),
+            ("evaluate_y", "rule_evaluate_wildcards_y"),
+        )
     )
     assert (tmp_path / "table.txt").read_text() == expected
 
     # resources as the scheduler saw them: the profile's defaults where a rule is silent, the rule's own
     # values where it declares them, the profile's per-rule partition, one CPU per thread, no GPU
-    requested = {name: (job["Partition"], job["ReqMem"], job["Timelimit"], job["ReqCPUS"])
-                 for name, job in jobs.items()}
+    requested = {
+        name: (job["Partition"], job["ReqMem"], job["Timelimit"], job["ReqCPUS"]) for name, job in jobs.items()
+    }
     assert requested == {
         "rule_calibrate": ("cpu", "4000M", "01:00:00", "1"),
         "rule_quantize": ("gpu", "1500M", "00:20:00", "2"),
@@ -157,12 +170,15 @@ def test_jobs_run_on_the_cluster_with_the_profiles_resources(slurm_cluster, tmp_
 
 def test_a_gpu_request_reaches_the_scheduler(slurm_cluster, tmp_path):
     """The node has no GPU: SLURM refuses the job, and its accounting record shows the GPU it asked for."""
-    write_snakefile(tmp_path, """
+    write_snakefile(
+        tmp_path,
+        """
         rule evaluate:
             output: "eval.txt"
             resources: gpu=2, mem_mb=500, runtime=3
             shell: "touch {output}"
-        """)
+        """,
+    )
     done = run_snakemake(tmp_path, "--retries", "0")
     assert done.returncode != 0
     assert "SLURM sbatch failed" in done.stderr
@@ -176,18 +192,21 @@ def test_a_gpu_request_reaches_the_scheduler(slurm_cluster, tmp_path):
 
 
 def test_a_failing_job_fails_the_workflow_and_names_its_logs(slurm_cluster, tmp_path):
-    write_snakefile(tmp_path, """
+    write_snakefile(
+        tmp_path,
+        """
         rule calibrate:
             output: "calib.txt"
             log: "logs/calibrate.log"
             shell: "echo 'calibration data unreadable' > {log}; exit 3"
-        """)
+        """,
+    )
     done = run_snakemake(tmp_path, "--retries", "0")  # one attempt: the profile's retry would double the wait
     assert done.returncode != 0
     (job,) = jobs_of_run(slurm_cluster, done.stderr, 1)
     assert job["State"] == "FAILED"
     # the message names the rule's log and the SLURM job's log; both hold what went wrong
-    error = done.stderr[done.stderr.index("Error in rule calibrate"):]
+    error = done.stderr[done.stderr.index("Error in rule calibrate") :]
     slurm_log = tmp_path / "logs" / "slurm" / "rule_calibrate" / f"{job['JobID']}.log"
     assert f"log: logs/calibrate.log, {slurm_log} " in error
     assert (tmp_path / "logs" / "calibrate.log").read_text() == "calibration data unreadable\n"
@@ -198,7 +217,9 @@ def test_a_failing_job_fails_the_workflow_and_names_its_logs(slurm_cluster, tmp_
 
 def test_an_interrupted_run_resumes_without_redoing_finished_jobs(slurm_cluster, tmp_path):
     # quantize holds until the file `release` exists: the first run is interrupted while it runs
-    write_snakefile(tmp_path, """
+    write_snakefile(
+        tmp_path,
+        """
         rule quantize:
             input: "calib.txt"
             output: "quantized.txt"
@@ -207,9 +228,11 @@ def test_an_interrupted_run_resumes_without_redoing_finished_jobs(slurm_cluster,
         rule calibrate:
             output: "calib.txt"
             shell: "echo calib $SLURM_JOB_ID > {output}"
-        """)
-    first = subprocess.Popen(snakemake_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True, cwd=tmp_path)
+        """,
+    )
+    first = subprocess.Popen(
+        snakemake_cmd(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: [lines.append(line) for line in first.stderr])
     reader.start()
@@ -238,7 +261,9 @@ def test_an_interrupted_run_resumes_without_redoing_finished_jobs(slurm_cluster,
         # jobs out and puts the running ones back), so an interrupt landing then leaves the job running.
         # That upstream race is not what this test is about: cancel the job as a user would, then resume.
         # (Matched by ID: accounting records a running job's comment only once it ends.)
-        warnings.warn(f"Snakemake's interrupt missed SLURM job {quantize_id} (upstream race); cancelled by the test", stacklevel=1)
+        warnings.warn(
+            f"Snakemake's interrupt missed SLURM job {quantize_id} (upstream race); cancelled by the test", stacklevel=1
+        )
         subprocess.run(["scancel", quantize_id], check=True)
         jobs = jobs_of_run(slurm_cluster, first_err, 2)
     states = {job["Comment"]: (job["JobID"], job["State"].split()[0]) for job in jobs}
@@ -251,21 +276,25 @@ def test_an_interrupted_run_resumes_without_redoing_finished_jobs(slurm_cluster,
     assert (tmp_path / "calib.txt").stat().st_mtime_ns == calib_before
     assert (tmp_path / "quantized.txt").read_text() == f"calib {calib_id}\nquantize\n"
     second_jobs = jobs_of_run(slurm_cluster, second.stderr, 1)
-    assert [(job["Comment"], job["State"]) for job in second_jobs] == [("rule_quantize", "COMPLETED")], (
-        second.stderr[-4000:])
+    assert [(job["Comment"], job["State"]) for job in second_jobs] == [("rule_quantize", "COMPLETED")], second.stderr[
+        -4000:
+    ]
 
 
 def test_a_job_that_outlives_its_time_limit_is_retried_with_more_time(slurm_cluster, tmp_path):
     """The first attempt gets 1 minute and is killed at its limit; the profile's retry gets 2 (the rules'
     runtime_for_attempt) and finishes. SLURM enforces limits in whole minutes, checked every ~30 s."""
-    write_snakefile(tmp_path, """
+    write_snakefile(
+        tmp_path,
+        """
         from quantbench.run.sizing import runtime_for_attempt
 
         rule quantize:
             output: "quantized.txt"
             resources: runtime=lambda w, attempt: runtime_for_attempt(1, attempt)
             shell: "sleep 100; echo $SLURM_JOB_ID > {output}"
-        """)
+        """,
+    )
     done = run_snakemake(tmp_path, limit_s=480)
     assert done.returncode == 0, done.stderr[-4000:]
     jobs = sorted(jobs_of_run(slurm_cluster, done.stderr, 2), key=lambda job: int(job["JobID"]))
@@ -331,7 +360,9 @@ def test_a_cancelled_quantize_job_resumes_to_the_same_bytes(slurm_cluster, tmp_p
     (hooks / "sitecustomize.py").write_text(PAUSE_HOOK)
     env = {**os.environ, "PYTHONPATH": str(hooks), "QB_PAUSE_AFTER_LAYER": "2", "QB_PAUSED": str(paused)}
     command = snakemake_cmd(workdir, "--snakefile", str(REPO / "Snakefile"), "--retries", "0", target, limit_s=480)
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir, env=env)
+    first = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir, env=env
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: [lines.append(line) for line in first.stderr])
     reader.start()
@@ -343,7 +374,8 @@ def test_a_cancelled_quantize_job_resumes_to_the_same_bytes(slurm_cluster, tmp_p
     subprocess.run(["scancel", quantize_id], check=True)
     deadline = time.monotonic() + 60
     while slurm_cluster.sacct("JobID", "State") and not any(
-        job["JobID"] == quantize_id and job["State"].startswith("CANCELLED") for job in slurm_cluster.sacct("JobID", "State")
+        job["JobID"] == quantize_id and job["State"].startswith("CANCELLED")
+        for job in slurm_cluster.sacct("JobID", "State")
     ):
         assert time.monotonic() < deadline, f"job {quantize_id} was never cancelled"
         time.sleep(0.5)
@@ -360,7 +392,9 @@ def test_a_cancelled_quantize_job_resumes_to_the_same_bytes(slurm_cluster, tmp_p
     assert states[quantize_id] == "CANCELLED", states
     assert not (workdir / target).exists()  # nothing that looks like a checkpoint
     assert sorted(p.name for p in progress.iterdir()) == [
-        "identity.json", *(f"model.layers.{i:05d}.safetensors" for i in range(3))]
+        "identity.json",
+        *(f"model.layers.{i:05d}.safetensors" for i in range(3)),
+    ]
 
     second = run_snakemake(workdir, "--snakefile", str(REPO / "Snakefile"), target, limit_s=480)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -372,8 +406,13 @@ def test_a_cancelled_quantize_job_resumes_to_the_same_bytes(slurm_cluster, tmp_p
     assert not progress.exists()
 
     calib = next((workdir / "results" / "calib" / model).glob("*.safetensors"))
-    reference = subprocess.run([sys.executable, "-c", REFERENCE_QUANTIZE, model, scheme, str(calib.relative_to(workdir)),
-                                "reference"], cwd=workdir, capture_output=True, text=True, timeout=600)
+    reference = subprocess.run(
+        [sys.executable, "-c", REFERENCE_QUANTIZE, model, scheme, str(calib.relative_to(workdir)), "reference"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     written = tree(workdir / target)
     assert written.pop(".snakemake_timestamp") == b""  # Snakemake's mark in a directory output
@@ -459,8 +498,12 @@ def start_demo_run(workdir: Path, *args: str) -> DemoRun:
     demo_workdir(workdir)
     log = workdir.with_suffix(".log")
     with open(log, "w") as out:
-        process = subprocess.Popen(bounded(600, SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args),
-                                   cwd=workdir, stdout=subprocess.DEVNULL, stderr=out)
+        process = subprocess.Popen(
+            bounded(600, SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args),
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
     return DemoRun(workdir, process, log)
 
 

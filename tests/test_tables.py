@@ -174,12 +174,17 @@ def test_hunyuan_table_as_published_and_with_its_true_benchmarks(seed):
     run = load_run_config(yaml.safe_load((REPO / "config" / "seed.yaml").read_text(encoding="utf-8")), base_dir=REPO)
     table = run.table(HUNYUAN)
     benchmark_of = {label: benchmark for benchmark, label in table.published_labels.items()}
-    results = frame.assign(benchmark=[benchmark_of.get(b, b) if t == HUNYUAN else b
-                                      for t, b in zip(frame["table"], frame["benchmark"])])
+    results = frame.assign(
+        benchmark=[benchmark_of.get(b, b) if t == HUNYUAN else b for t, b in zip(frame["table"], frame["benchmark"])]
+    )
 
     def render(as_published: bool) -> str:
-        spec = TableSpec(name=HUNYUAN, rows=run.table_rows(table), benchmarks=table.benchmarks,
-                         labels=table.headers(as_published=as_published))
+        spec = TableSpec(
+            name=HUNYUAN,
+            rows=run.table_rows(table),
+            benchmarks=table.benchmarks,
+            labels=table.headers(as_published=as_published),
+        )
         return render_rst_table(wide_table(results, spec), name=HUNYUAN)
 
     assert render(as_published=True) == "\n".join(page[HUNYUAN]) + "\n"

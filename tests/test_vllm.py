@@ -51,7 +51,9 @@ LM_EVAL_BENCHMARKS = ["CEVAL", "MMLU", "GSM8K", "HUMANEVAL"]
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.vllm,
-    pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"no vLLM environment at {VLLM_PYTHON}; `make vllm-env` creates it"),
+    pytest.mark.skipif(
+        not VLLM_PYTHON.is_file(), reason=f"no vLLM environment at {VLLM_PYTHON}; `make vllm-env` creates it"
+    ),
 ]
 
 
@@ -90,8 +92,28 @@ def paired_bound(reference: torch.Tensor, factor: float, other: torch.Tensor) ->
 
 
 def quantize(model_dir: Path, scheme: str, out: Path, calib: Path) -> Path:
-    assert main(["quantize", "--model", str(model_dir), "--scheme", scheme, "--out", str(out), "--calib", str(calib),
-                 "--num-samples", "16", "--max-seq-len", "256", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(model_dir),
+                "--scheme",
+                scheme,
+                "--out",
+                str(out),
+                "--calib",
+                str(calib),
+                "--num-samples",
+                "16",
+                "--max-seq-len",
+                "256",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -122,18 +144,47 @@ def engines(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(path)
         prompts[name] = [tokenizer(t)["input_ids"][:PROMPT_TOKENS] for t in texts[48::4][:PROMPTS]]
         assert all(len(p) == PROMPT_TOKENS for p in prompts[name])
-    order = ["BF16", "INT4-GPTQ", "INT4-AWQ", "INT8-Dynamic", "MoE-BF16", "MoE-INT8-Dynamic", "VL-BF16", "FP8-Dynamic", "FP8-Static"]
-    job = {"dtype": "bfloat16", "models": [
-        {"name": n, "path": str(dirs[n]), "prompts": prompts[n], **({"dump": str(root / "int8-layers.pt")} if n == "INT8-Dynamic" else {})}
-        for n in order if n in dirs]}
+    order = [
+        "BF16",
+        "INT4-GPTQ",
+        "INT4-AWQ",
+        "INT8-Dynamic",
+        "MoE-BF16",
+        "MoE-INT8-Dynamic",
+        "VL-BF16",
+        "FP8-Dynamic",
+        "FP8-Static",
+    ]
+    job = {
+        "dtype": "bfloat16",
+        "models": [
+            {
+                "name": n,
+                "path": str(dirs[n]),
+                "prompts": prompts[n],
+                **({"dump": str(root / "int8-layers.pt")} if n == "INT8-Dynamic" else {}),
+            }
+            for n in order
+            if n in dirs
+        ],
+    }
     (root / "job.json").write_text(json.dumps(job), encoding="utf-8")
-    proc = run_vllm([str(REPO / "tests" / "vllm_worker.py"), str(root / "job.json"), str(root / "out.json")],
-                    vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    proc = run_vllm(
+        [str(REPO / "tests" / "vllm_worker.py"), str(root / "job.json"), str(root / "out.json")],
+        vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+    )
     vllm = json.loads((root / "out.json").read_text(encoding="utf-8"))
     platform = vllm.pop("platform")
     runtime = {n: runtime_logprobs(dirs[n], prompts[n], torch.bfloat16) for n in vllm if "logprobs" in vllm[n]}
-    return {"dirs": dirs, "prompts": prompts, "vllm": vllm, "runtime": runtime, "log": proc.stdout + proc.stderr,
-            "dump": root / "int8-layers.pt", "cpu_build": platform == "cpu"}
+    return {
+        "dirs": dirs,
+        "prompts": prompts,
+        "vllm": vllm,
+        "runtime": runtime,
+        "log": proc.stdout + proc.stderr,
+        "dump": root / "int8-layers.pt",
+        "cpu_build": platform == "cpu",
+    }
 
 
 def cpu_build_only(engines: dict) -> None:
@@ -157,7 +208,9 @@ def test_bf16_agrees_closer_than_quantization_moves_the_model(engines: dict) -> 
     """The reference difference must be smaller than what a scheme changes, or it could not bound anything."""
     bf16 = _difference(engines, "BF16")
     gptq_effect = abs_diff(engines["runtime"]["INT4-GPTQ"], engines["runtime"]["BF16"])
-    print(f"BF16: mean |d logprob| vLLM vs runtime {bf16.mean():.4f} (max {bf16.max():.4f}); INT4-GPTQ vs BF16 {gptq_effect.mean():.4f}")
+    print(
+        f"BF16: mean |d logprob| vLLM vs runtime {bf16.mean():.4f} (max {bf16.max():.4f}); INT4-GPTQ vs BF16 {gptq_effect.mean():.4f}"
+    )
     assert significantly_below(bf16, gptq_effect), (float(bf16.mean()), float(gptq_effect.mean()))
 
 
@@ -172,12 +225,16 @@ def test_int8_dynamic_matches_vllm_within_its_amplified_rounding_difference(engi
     """INT8-Dynamic against vLLM: BF16's difference times the factor by which int8 activations amplify a
     rounding-level change, measured on quantbench's runtime (float32 against bfloat16 compute)."""
     dirs, prompts, runtime = engines["dirs"], engines["prompts"], engines["runtime"]
-    amplified = abs_diff(runtime_logprobs(dirs["INT8-Dynamic"], prompts["INT8-Dynamic"], torch.float32), runtime["INT8-Dynamic"])
+    amplified = abs_diff(
+        runtime_logprobs(dirs["INT8-Dynamic"], prompts["INT8-Dynamic"], torch.float32), runtime["INT8-Dynamic"]
+    )
     plain = abs_diff(runtime_logprobs(dirs["BF16"], prompts["BF16"], torch.float32), runtime["BF16"])
     factor = float(amplified.mean() / plain.mean())
     bf16, int8 = _difference(engines, "BF16"), _difference(engines, "INT8-Dynamic")
-    print(f"INT8-Dynamic: mean |d logprob| {int8.mean():.4f}, bound {paired_bound(bf16, factor, int8):.4f} "
-          f"(factor {factor:.2f} = {amplified.mean():.4f} / {plain.mean():.4f})")
+    print(
+        f"INT8-Dynamic: mean |d logprob| {int8.mean():.4f}, bound {paired_bound(bf16, factor, int8):.4f} "
+        f"(factor {factor:.2f} = {amplified.mean():.4f} / {plain.mean():.4f})"
+    )
     assert factor > 1.5  # the amplification is real: otherwise this bound would be loose for nothing
     assert int8.mean() <= paired_bound(bf16, factor, int8), (float(int8.mean()), float(bf16.mean()), factor)
 
@@ -210,7 +267,9 @@ def test_int8_dynamic_layers_compute_what_vllm_computes(engines: dict) -> None:
         ties, values = ties + int(apart.sum()), values + apart.numel()
         weight_codes = torch.cat([m.weight_codes for m in modules])
         weight_scale = torch.cat([m.weight_scale for m in modules])
-        from_vllm_codes = qdq.scaled_int_matmul(r["codes"], r["scales"], weight_codes, weight_scale, None, torch.bfloat16)
+        from_vllm_codes = qdq.scaled_int_matmul(
+            r["codes"], r["scales"], weight_codes, weight_scale, None, torch.bfloat16
+        )
         assert torch.equal(from_vllm_codes.view(torch.int16), r["y"].view(torch.int16)), name
         ours = torch.cat([m(x) for m in modules], dim=-1)
         agree = ~apart.any(dim=-1)
@@ -237,14 +296,18 @@ def test_moe_bf16_matches_and_int8_experts_do_not_load(engines: dict, shared_dir
     assert engines["prompts"]["MoE-BF16"] == engines["prompts"]["BF16"]
     assert moe.mean() <= paired_bound(dense, 1.0, moe), (float(moe.mean()), float(dense.mean()))
     cpu_build_only(engines)
-    assert "No Int8 MoE backend supports the deployment configuration" in engines["vllm"]["MoE-INT8-Dynamic"].get("error", "")
+    assert "No Int8 MoE backend supports the deployment configuration" in engines["vllm"]["MoE-INT8-Dynamic"].get(
+        "error", ""
+    )
 
 
 def test_qwen2_5_vl_does_not_load_without_torchvision(engines: dict) -> None:
     """vLLM's Qwen2.5-VL imports transformers' Qwen2-VL image processor, which imports torchvision; the only
     torchvision on PyPI is a CUDA build that cannot load beside the CPU torch (the vLLM environment drops it)."""
     cpu_build_only(engines)
-    assert "Qwen2_5_VLForConditionalGeneration" in engines["vllm"]["VL-BF16"].get("error", ""), engines["vllm"]["VL-BF16"]
+    assert "Qwen2_5_VLForConditionalGeneration" in engines["vllm"]["VL-BF16"].get("error", ""), engines["vllm"][
+        "VL-BF16"
+    ]
     assert "No module named 'torchvision'" in engines["log"]
 
 
@@ -256,8 +319,12 @@ def _workdir(tmp_path: Path, backend: dict) -> Path:
     config = yaml.safe_load(path.read_text())
     config["models"]["tinyqwen3-dense"]["schemes"] = ["BF16"]
     config["evaluation"]["backend"] = backend
-    config["evaluation"]["overrides"] = {"CEVAL": {"limit": 2}, "MMLU": {"limit": 2}, "GSM8K": {"limit": 4, "max_gen_toks": 32},
-                                         "HUMANEVAL": {"limit": 4, "max_gen_toks": 48}}
+    config["evaluation"]["overrides"] = {
+        "CEVAL": {"limit": 2},
+        "MMLU": {"limit": 2},
+        "GSM8K": {"limit": 4, "max_gen_toks": 32},
+        "HUMANEVAL": {"limit": 4, "max_gen_toks": 48},
+    }
     config["tables"][0]["benchmarks"] = LM_EVAL_BENCHMARKS
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return tmp_path
@@ -277,22 +344,43 @@ def test_vllm_backend_scores_the_demo_through_the_workflow_as_hf_does(engines: d
     wd = _workdir(tmp_path, {"name": "vllm", "device": "cpu", "dtype": "auto"})
     # as make demo-vllm: vLLM's engine in the job's process (no engine process to start per job; the spawned
     # one of vLLM's default imports the job's script again: test_workflow checks the script allows that)
-    run_vllm(["-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(wd), "--configfile",
-              str(wd / "config" / "vllm-cpu.yaml"), "--cores", "1"], vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    run_vllm(
+        [
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(wd),
+            "--configfile",
+            str(wd / "config" / "vllm-cpu.yaml"),
+            "--cores",
+            "1",
+        ],
+        vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+    )
     delta = float(_difference(engines, "BF16").max())
     benchmarks = load_benchmarks(wd / "config" / "benchmarks.yaml")
     config = yaml.safe_load((wd / "config" / "vllm-cpu.yaml").read_text())
     table = (wd / "results-vllm" / "tables" / "table-demo-vllm.csv").read_text().splitlines()
     assert table[0] == "model,scheme," + ",".join(LM_EVAL_BENCHMARKS)
     for name in LM_EVAL_BENCHMARKS:
-        vllm_result = json.loads((wd / "results-vllm" / "evals" / "tinyqwen3-dense" / "BF16" / f"{name}.json").read_text())
+        vllm_result = json.loads(
+            (wd / "results-vllm" / "evals" / "tinyqwen3-dense" / "BF16" / f"{name}.json").read_text()
+        )
         assert vllm_result["backend"] == {"name": "vllm", "device": "cpu", "dtype": "auto", "tensor_parallel_size": 1}
         assert vllm_result["versions"]["vllm"].endswith("+cpu")
         overrides = dict(config["evaluation"]["overrides"][name])
         limit = overrides.pop("limit")
-        hf_result = evaluate_benchmark(DENSE, benchmarks[name].with_overrides(overrides), out_path=tmp_path / f"hf-{name}.json",
-                                       model_name="tinyqwen3-dense", data_dir=REPO / "resources" / "data", limit=limit,
-                                       backend=Backend(name="hf", device="cpu", dtype="bfloat16", threads=1))
+        hf_result = evaluate_benchmark(
+            DENSE,
+            benchmarks[name].with_overrides(overrides),
+            out_path=tmp_path / f"hf-{name}.json",
+            model_name="tinyqwen3-dense",
+            data_dir=REPO / "resources" / "data",
+            limit=limit,
+            backend=Backend(name="hf", device="cpu", dtype="bfloat16", threads=1),
+        )
         hf = {(i["task"], i["doc_id"]): i for i in hf_result["details"]["per_item"]}
         vllm = {(i["task"], i["doc_id"]): i for i in vllm_result["details"]["per_item"]}
         assert hf.keys() == vllm.keys() and len(hf) == vllm_result["items"] == hf_result["items"]
@@ -311,7 +399,9 @@ def test_vllm_backend_scores_the_demo_through_the_workflow_as_hf_does(engines: d
                 assert h["score"] == v["score"], (name, key)
             else:
                 changed += 1
-        print(f"{name}: vllm {vllm_result['score']:.2f}, hf {hf_result['score']:.2f}, {changed} of {len(hf)} answers differ")
+        print(
+            f"{name}: vllm {vllm_result['score']:.2f}, hf {hf_result['score']:.2f}, {changed} of {len(hf)} answers differ"
+        )
         assert abs(vllm_result["score"] - hf_result["score"]) <= 100 * changed / len(hf), (name, changed)
 
 
@@ -323,8 +413,10 @@ def test_lmms_eval_builds_its_vllm_model_on_our_checkpoint(engines: dict, tmp_pa
     cpu_build_only(engines)
     job = {"models": {"VL-BF16": str(engines["dirs"]["VL-BF16"]), "INT8-Dynamic": str(engines["dirs"]["INT8-Dynamic"])}}
     (tmp_path / "job.json").write_text(json.dumps(job), encoding="utf-8")
-    run_vllm([str(REPO / "tests" / "lmms_eval_worker.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
-             vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    run_vllm(
+        [str(REPO / "tests" / "lmms_eval_worker.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+        vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+    )
     built = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
     assert "Qwen2_5_VLForConditionalGeneration" in built["VL-BF16"]["error"]
     text = built["INT8-Dynamic"]

@@ -42,16 +42,41 @@ def vlm(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model_dir = save_tiny_vlm(root / "model")
     files = write_benchmark_fixtures(root / "data")
     calib_file = root / "calib.safetensors"  # the CLI picks the processor for image-text records
-    assert main(["calibrate", "--model", str(model_dir), "--data", str(files["chartqa_train"]), "--out", str(calib_file),
-                 "--num-samples", "4", "--max-seq-len", "256"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(files["chartqa_train"]),
+                "--out",
+                str(calib_file),
+                "--num-samples",
+                "4",
+                "--max-seq-len",
+                "256",
+            ]
+        )
+        == 0
+    )
     processor = load_processor(model_dir)
     original, _ = load_model(model_dir)
     record = read_image_records(files["chartqa"])[0]
     inputs = image_text_inputs(processor, record["image"], record["question"])
     with torch.no_grad():
         logits = original(**inputs).logits[0, -1].float()
-    return {"root": root, "model_dir": model_dir, "calib": calib_file, "original": original.state_dict(), "inputs": inputs,
-            "logits": logits, "model": original, "processor": processor, "files": files}
+    return {
+        "root": root,
+        "model_dir": model_dir,
+        "calib": calib_file,
+        "original": original.state_dict(),
+        "inputs": inputs,
+        "logits": logits,
+        "model": original,
+        "processor": processor,
+        "files": files,
+    }
 
 
 def test_image_calibration_round_trips_with_its_images(vlm: dict) -> None:
@@ -62,7 +87,9 @@ def test_image_calibration_round_trips_with_its_images(vlm: dict) -> None:
     image_token = load_processor(vlm["model_dir"]).image_token_id
     assert ((calibration.input_ids == image_token).sum(dim=1) == 12).all()
     chunk = calibration.model_inputs(1, 3, "cpu")
-    assert chunk["pixel_values"].shape == (96, 1176) and torch.equal(chunk["pixel_values"], calibration.pixel_values[48:144])
+    assert chunk["pixel_values"].shape == (96, 1176) and torch.equal(
+        chunk["pixel_values"], calibration.pixel_values[48:144]
+    )
     metadata = json.loads(json.dumps(calibration.metadata))
     assert metadata["images"] == 4 and metadata["source"] == "train.jsonl"
 
@@ -85,14 +112,18 @@ def _kinds(model: nn.Module, prefix: str) -> tuple[int, int]:
 def _identical(state: dict[str, torch.Tensor], original: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> int:
     """How many tensors under ``prefixes`` exist in both and are bit-identical; fails on any that differs."""
     names = [n for n in original if n.startswith(prefixes)]
-    differing = [n for n in names if n not in state or not torch.equal(state[n].view(torch.uint8), original[n].view(torch.uint8))]
+    differing = [
+        n for n in names if n not in state or not torch.equal(state[n].view(torch.uint8), original[n].view(torch.uint8))
+    ]
     assert differing == []
     return len(names)
 
 
 @pytest.mark.parametrize("name", BF16_VISION + VIT)
 def test_every_vlm_scheme_quantizes_exports_loads_and_answers(name: str, vlm: dict) -> None:
-    out = quantize_checkpoint(vlm["model_dir"], SCHEMES[name], vlm["root"] / "q" / name, calibration=vlm["calib"], device="cpu")
+    out = quantize_checkpoint(
+        vlm["model_dir"], SCHEMES[name], vlm["root"] / "q" / name, calibration=vlm["calib"], device="cpu"
+    )
     model, _ = load_model(out)
     state = model.state_dict()
     assert _kinds(model, "model.language_model.") == (LANGUAGE_LINEARS, 0)
@@ -108,7 +139,9 @@ def test_every_vlm_scheme_quantizes_exports_loads_and_answers(name: str, vlm: di
     provenance = json.loads((out / "quantbench_provenance.json").read_text(encoding="utf-8"))
     if SCHEMES[name].needs_calibration:  # the language layers calibrated on the 4 chat samples, image tokens included
         assert provenance["calibration"]["images"] == 4
-        assert provenance["quantization"]["calibration_tokens"] == int(load_calibration(vlm["calib"]).attention_mask.sum())
+        assert provenance["quantization"]["calibration_tokens"] == int(
+            load_calibration(vlm["calib"]).attention_mask.sum()
+        )
 
     processor = load_processor(out)  # the checkpoint carries the processor
     inputs = vlm["inputs"]
@@ -134,13 +167,21 @@ def test_fp8_static_vit_input_scales_come_from_the_images(vlm: dict) -> None:
     model, _ = load_model(vlm["root"] / "q" / "FP8-Static-ViT")
     scale = model.model.visual.blocks[0].attn.qkv.input_scale
     assert float(scale) == pytest.approx(float(seen[0].abs().max().float()) / 448, rel=1e-6)
-    scales = [m.input_scale for n, m in model.named_modules() if n.startswith("model.visual.blocks.") and isinstance(m, QuantLinear)]
+    scales = [
+        m.input_scale
+        for n, m in model.named_modules()
+        if n.startswith("model.visual.blocks.") and isinstance(m, QuantLinear)
+    ]
     assert len(scales) == VISION_LINEARS and all(float(s) > 0 and float(s) != 1.0 for s in scales)
 
 
 def test_static_vit_schemes_refuse_text_only_calibration(vlm: dict) -> None:
     model, _ = load_model(vlm["model_dir"])
-    text_only = Calibration(torch.randint(7, 100, (2, 16), generator=torch.Generator().manual_seed(0)), torch.ones(2, 16, dtype=torch.int64), {})
+    text_only = Calibration(
+        torch.randint(7, 100, (2, 16), generator=torch.Generator().manual_seed(0)),
+        torch.ones(2, 16, dtype=torch.int64),
+        {},
+    )
     with pytest.raises(QuantbenchError, match="vision blocks, but the calibration set has no images"):
         quantize_model(model, SCHEMES["FP8-Static-ViT"], text_only, device="cpu")
 
@@ -150,8 +191,14 @@ def test_vision_capture_records_each_blocks_attention_spans(vlm: dict) -> None:
     model, _ = load_model(vlm["model_dir"])
     calibration = load_calibration(vlm["calib"])
     blocks = model.model.visual.blocks
-    calls, per_block = capture_packed_inputs(model, blocks, calibration, torch.device("cpu"), PipelineOptions(chunk_size=2),
-                                             keep_away=[model.model.language_model.layers])
+    calls, per_block = capture_packed_inputs(
+        model,
+        blocks,
+        calibration,
+        torch.device("cpu"),
+        PipelineOptions(chunk_size=2),
+        keep_away=[model.model.language_model.layers],
+    )
     assert len(calls) == 2 and [c.args[0].shape for c in calls] == [(96, 64), (96, 64)] and calls[0].mask.all()
     assert per_block[1][0]["cu_seqlens"].tolist() == [0, 48, 96]  # two images of 48 patches
     windows = per_block[0][0]["cu_seqlens"]

@@ -63,12 +63,15 @@ def dry_run_jobs(wd: Path) -> list[tuple[str, str | None]]:
 def test_demo_dag_has_one_job_per_cell(tmp_path):
     jobs = dry_run_jobs(workdir(tmp_path))
     assert Counter(rule for rule, _ in jobs) == {
-        "download": 1, "calibrate": 1, "quantize": 5, "evaluate": 30, "tabulate": 1, "all": 1,
+        "download": 1,
+        "calibrate": 1,
+        "quantize": 5,
+        "evaluate": 30,
+        "tabulate": 1,
+        "all": 1,
     }
     evals = {out for rule, out in jobs if rule == "evaluate"}
-    assert evals == {
-        f"results/evals/tinyqwen3-dense/{s}/{b}.json" for s in DEMO_SCHEMES for b in DEMO_BENCHMARKS
-    }
+    assert evals == {f"results/evals/tinyqwen3-dense/{s}/{b}.json" for s in DEMO_SCHEMES for b in DEMO_BENCHMARKS}
     assert {out for rule, out in jobs if rule == "quantize"} == {
         f"results/quantized/tinyqwen3-dense/{s}" for s in DEMO_SCHEMES if s != "BF16"
     }
@@ -79,18 +82,21 @@ def test_demo_dag_has_one_job_per_cell(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda c: c["models"]["tinyqwen3-dense"]["schemes"].append("INT3-MAGIC"),
-         r"models\.tinyqwen3-dense\.schemes: unknown scheme 'INT3-MAGIC'"),
-        (lambda c: c["models"]["tinyqwen3-dense"].pop("path"),
-         r"models\.tinyqwen3-dense: give exactly one source"),
-        (lambda c: c["tables"][0]["benchmarks"].append("ARC"),
-         r"benchmarks: unknown benchmark 'ARC'"),
-        (lambda c: c["evaluation"].update(data_dir="resources/no-such-data"),
-         r"benchmark CEVAL: data file\(s\) .*no-such-data/ceval/val.jsonl.* not found"),
-        (lambda c: c["models"]["tinyqwen3-dense"].pop("calibration"),
-         r"models\.tinyqwen3-dense: schemes \['FP8-Static', 'INT4-GPTQ', 'INT4-AWQ'\] need calibration data"),
-        (lambda c: c["models"]["tinyqwen3-dense"].update(schemes="BF16"),
-         r"'BF16' is not of type 'array'"),
+        (
+            lambda c: c["models"]["tinyqwen3-dense"]["schemes"].append("INT3-MAGIC"),
+            r"models\.tinyqwen3-dense\.schemes: unknown scheme 'INT3-MAGIC'",
+        ),
+        (lambda c: c["models"]["tinyqwen3-dense"].pop("path"), r"models\.tinyqwen3-dense: give exactly one source"),
+        (lambda c: c["tables"][0]["benchmarks"].append("ARC"), r"benchmarks: unknown benchmark 'ARC'"),
+        (
+            lambda c: c["evaluation"].update(data_dir="resources/no-such-data"),
+            r"benchmark CEVAL: data file\(s\) .*no-such-data/ceval/val.jsonl.* not found",
+        ),
+        (
+            lambda c: c["models"]["tinyqwen3-dense"].pop("calibration"),
+            r"models\.tinyqwen3-dense: schemes \['FP8-Static', 'INT4-GPTQ', 'INT4-AWQ'\] need calibration data",
+        ),
+        (lambda c: c["models"]["tinyqwen3-dense"].update(schemes="BF16"), r"'BF16' is not of type 'array'"),
     ],
     ids=["unknown-scheme", "no-source", "unknown-benchmark", "missing-data", "no-calibration", "schema"],
 )

@@ -37,8 +37,13 @@ def _hook_quantized_linears(model, records: dict) -> list:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).contiguous()
             codes, scales, _ = quantize(x, None, None, True)
             y = output[0] if isinstance(output, tuple) else output
-            records[name] = {"x": x.clone(), "y": y.detach().clone(), "codes": codes, "scales": scales,
-                             "scheme": type(module.scheme).__name__}
+            records[name] = {
+                "x": x.clone(),
+                "y": y.detach().clone(),
+                "codes": codes,
+                "scales": scales,
+                "scheme": type(module.scheme).__name__,
+            }
 
         handles.append(module.register_forward_hook(record))
     return handles
@@ -48,10 +53,15 @@ def _score(llm, prompts: list[list[int]]) -> list[list[float]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                           SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)
-    return [[out.prompt_logprobs[i][token].logprob for i, token in enumerate(prompt) if i > 0]
-            for prompt, out in zip(prompts, outputs)]
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts],
+        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+        use_tqdm=False,
+    )
+    return [
+        [out.prompt_logprobs[i][token].logprob for i, token in enumerate(prompt) if i > 0]
+        for prompt, out in zip(prompts, outputs)
+    ]
 
 
 def _run(item: dict, dtype: str) -> dict:
@@ -59,8 +69,14 @@ def _run(item: dict, dtype: str) -> dict:
     from vllm import LLM
 
     started = time.perf_counter()
-    llm = LLM(model=item["path"], dtype=dtype, max_model_len=1024, enforce_eager=True, seed=0,
-              distributed_executor_backend="uni")
+    llm = LLM(
+        model=item["path"],
+        dtype=dtype,
+        max_model_len=1024,
+        enforce_eager=True,
+        seed=0,
+        distributed_executor_backend="uni",
+    )
     result = {"load_s": round(time.perf_counter() - started, 2)}
     try:
         if item.get("dump"):
@@ -90,10 +106,17 @@ def main() -> None:
         try:
             results[item["name"]] = _run(item, job["dtype"])
         except Exception as exc:  # noqa: BLE001 - recorded: the test decides which failures are the CPU build's known limits
-            results[item["name"]] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+            results[item["name"]] = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
         cleanup_dist_env_and_memory()
         gc.collect()
-        print(item["name"], {k: v for k, v in results[item["name"]].items() if k in ("load_s", "score_s", "error")}, flush=True)
+        print(
+            item["name"],
+            {k: v for k, v in results[item["name"]].items() if k in ("load_s", "score_s", "error")},
+            flush=True,
+        )
     with open(sys.argv[2], "w", encoding="utf-8") as handle:
         json.dump(results, handle)
 

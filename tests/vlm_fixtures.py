@@ -25,7 +25,15 @@ from transformers import (
 
 from quantbench.model.vlm import image_only_processor_class
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -34,9 +42,24 @@ CHAT_TEMPLATE = (
 )
 # vision: 2 blocks (block 1 full attention, block 0 windowed), 4 linears each in 4 groups (qkv, proj, gate/up, down)
 # language: 2 layers of width 128 (INT4 groups of 128 divide every input), 7 linears each
-VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, fullatt_block_indexes=[1], window_size=56)
-TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}, bos_token_id=None)
+VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=128,
+    fullatt_block_indexes=[1],
+    window_size=56,
+)
+TEXT = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+    bos_token_id=None,
+)
 
 
 def tiny_processor() -> Qwen2_5_VLProcessor:
@@ -47,7 +70,9 @@ def tiny_processor() -> Qwen2_5_VLProcessor:
     backend.decoder = decoders.Fuse()  # characters back to text with no separator
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     images = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16})
-    return image_only_processor_class(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return image_only_processor_class(Qwen2_5_VLProcessor)(
+        image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
 
 
 def tiny_qwen2_5_vl(processor: Qwen2_5_VLProcessor, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
@@ -55,7 +80,9 @@ def tiny_qwen2_5_vl(processor: Qwen2_5_VLProcessor, seed: int = 0) -> Qwen2_5_VL
     tokenizer = processor.tokenizer
     config = AutoConfig.for_model(
         "qwen2_5_vl",
-        text_config=dict(TEXT, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        text_config=dict(
+            TEXT, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        ),
         vision_config=VISION,
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
@@ -116,23 +143,35 @@ def write_benchmark_fixtures(root: Path) -> dict[str, Path]:
     for folder in (chart / "images", doc / "images", mmmu / "images"):
         folder.mkdir(parents=True, exist_ok=True)
 
-    charts = [([30, 60, 90], ["a", "b", "c"]), ([80, 20, 50], ["x", "y", "z"]), ([10, 40], ["p", "q"]), ([70, 35, 55], ["u", "v", "w"])]
+    charts = [
+        ([30, 60, 90], ["a", "b", "c"]),
+        ([80, 20, 50], ["x", "y", "z"]),
+        ([10, 40], ["p", "q"]),
+        ([70, 35, 55], ["u", "v", "w"]),
+    ]
     test_rows, train_rows = [], []
     for i, (values, labels) in enumerate(charts):
         name = f"images/chart{i}.png"
         _bar_chart(values, labels).save(chart / name)
         top = labels[values.index(max(values))]
         rows = [
-            {"image": name, "question": f"What is the value of {labels[0]}?", "answer": str(values[0]), "type": "human_test"},
+            {
+                "image": name,
+                "question": f"What is the value of {labels[0]}?",
+                "answer": str(values[0]),
+                "type": "human_test",
+            },
             {"image": name, "question": "Which bar is highest?", "answer": top, "type": "augmented_test"},
         ]
         (train_rows if i >= 2 else test_rows).extend(rows)
     (chart / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_rows), encoding="utf-8")
     (chart / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows), encoding="utf-8")
 
-    docs = [(["INVOICE 42", "Total: 17.50", "Date: 2024"], "What is the total?", ["17.50", "$17.50"]),
-            (["Dear Ana,", "Room 12B", "Thanks"], "Which room?", ["12B", "room 12b"]),
-            (["MENU", "Tea 2", "Cake 5"], "How much is the cake?", ["5"])]
+    docs = [
+        (["INVOICE 42", "Total: 17.50", "Date: 2024"], "What is the total?", ["17.50", "$17.50"]),
+        (["Dear Ana,", "Room 12B", "Thanks"], "Which room?", ["12B", "room 12b"]),
+        (["MENU", "Tea 2", "Cake 5"], "How much is the cake?", ["5"]),
+    ]
     doc_rows = []
     for i, (lines, question, answers) in enumerate(docs):
         name = f"images/doc{i}.png"
@@ -141,14 +180,36 @@ def write_benchmark_fixtures(root: Path) -> dict[str, Path]:
     (doc / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in doc_rows), encoding="utf-8")
 
     mmmu_rows = []
-    for i, (colour, shape, answer) in enumerate([("red", "circle", "A"), ("blue", "square", "C"), ("green", "circle", "B")]):
+    for i, (colour, shape, answer) in enumerate(
+        [("red", "circle", "A"), ("blue", "square", "C"), ("green", "circle", "B")]
+    ):
         name = f"images/shape{i}.png"
         _shapes(colour, shape).save(mmmu / name)
-        mmmu_rows.append({"id": f"validation_Art_{i + 1}", "image": name, "question": "<image 1> What colour is the shape?",
-                          "options": ["red", "green", "blue", "black"] if i != 1 else ["red", "green", "blue"],
-                          "answer": "A" if colour == "red" else ("C" if colour == "blue" else "B"), "question_type": "multiple-choice"})
+        mmmu_rows.append(
+            {
+                "id": f"validation_Art_{i + 1}",
+                "image": name,
+                "question": "<image 1> What colour is the shape?",
+                "options": ["red", "green", "blue", "black"] if i != 1 else ["red", "green", "blue"],
+                "answer": "A" if colour == "red" else ("C" if colour == "blue" else "B"),
+                "question_type": "multiple-choice",
+            }
+        )
         assert mmmu_rows[-1]["answer"] == answer
-    mmmu_rows.append({"id": "validation_Math_1", "image": "images/shape0.png", "question": "<image 1> How many circles?",
-                      "options": [], "answer": "1", "question_type": "open"})
+    mmmu_rows.append(
+        {
+            "id": "validation_Math_1",
+            "image": "images/shape0.png",
+            "question": "<image 1> How many circles?",
+            "options": [],
+            "answer": "1",
+            "question_type": "open",
+        }
+    )
     (mmmu / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mmmu_rows), encoding="utf-8")
-    return {"chartqa": chart / "test.jsonl", "chartqa_train": chart / "train.jsonl", "docvqa": doc / "val.jsonl", "mmmu": mmmu / "val.jsonl"}
+    return {
+        "chartqa": chart / "test.jsonl",
+        "chartqa_train": chart / "train.jsonl",
+        "docvqa": doc / "val.jsonl",
+        "mmmu": mmmu / "val.jsonl",
+    }

@@ -54,12 +54,24 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="result JSON to write")
     parser.add_argument("--benchmarks", type=Path, default=Path("config/benchmarks.yaml"), metavar="FILE")
     parser.add_argument("--source", choices=("local", "hub"), default="local", help="data source (default local)")
-    parser.add_argument("--data-dir", type=Path, default=Path("resources/data"), metavar="DIR",
-                        help="folder of the local JSONL files (default resources/data, the demo subsets)")
-    parser.add_argument("--limit", type=int, metavar="N", help="score the first N items of each lm-eval task "
-                        "(per subject for grouped benchmarks; perplexity: the first N windows; VLM: the first N records)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("resources/data"),
+        metavar="DIR",
+        help="folder of the local JSONL files (default resources/data, the demo subsets)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="score the first N items of each lm-eval task "
+        "(per subject for grouped benchmarks; perplexity: the first N windows; VLM: the first N records)",
+    )
     parser.add_argument("--max-gen-toks", type=int, metavar="N", help="override max_gen_toks (generative benchmarks)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override max_new_tokens (vision-language benchmarks)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="override max_new_tokens (vision-language benchmarks)"
+    )
     parser.add_argument("--seq-len", type=int, metavar="N", help="override the perplexity window length")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="override the perplexity token budget")
     parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
@@ -79,8 +91,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from quantbench.evaluate.runner import evaluate_benchmark
 
     spec = get_benchmark(load_benchmarks(args.benchmarks), args.benchmark)
-    overrides = {"max_gen_toks": args.max_gen_toks, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-                 "max_new_tokens": args.max_new_tokens}
+    overrides = {
+        "max_gen_toks": args.max_gen_toks,
+        "seq_len": args.seq_len,
+        "max_tokens": args.max_tokens,
+        "max_new_tokens": args.max_new_tokens,
+    }
     spec = spec.with_overrides({key: value for key, value in overrides.items() if value is not None})
     backend = Backend(
         name=args.backend,
@@ -108,14 +124,30 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _add_calibration_size(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=128, metavar="N", help="calibration samples (default 128)")
-    parser.add_argument("--max-seq-len", type=int, default=2048, metavar="L", help="tokens per sample at most (default 2048)")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=2048, metavar="L", help="tokens per sample at most (default 2048)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample selection (default 0)")
-    parser.add_argument("--selection", choices=SELECTIONS, default="shuffle", help="records in a seeded shuffle, or the "
-                        "first N in file order (the published recipe's)")
-    parser.add_argument("--format", choices=FORMATS, default="quantbench", help="quantbench: whole chats, no generation "
-                        "prompt; angelslim: the first user/assistant pair with the generation prompt")
-    parser.add_argument("--padding", choices=PADDINGS, default="longest", help="longest: pads masked and never counted; "
-                        "max-length-unmasked / max-length-masked: padded to L, pads counted in the statistics")
+    parser.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="shuffle",
+        help="records in a seeded shuffle, or the first N in file order (the published recipe's)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="quantbench",
+        help="quantbench: whole chats, no generation "
+        "prompt; angelslim: the first user/assistant pair with the generation prompt",
+    )
+    parser.add_argument(
+        "--padding",
+        choices=PADDINGS,
+        default="longest",
+        help="longest: pads masked and never counted; "
+        "max-length-unmasked / max-length-masked: padded to L, pads counted in the statistics",
+    )
 
 
 def _stream(args: argparse.Namespace) -> StreamSpec:
@@ -132,7 +164,9 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
         "records ('image' relative to the JSONL, 'question', 'answer') go through the model's processor and "
         "keep their images' pixel values.",
     )
-    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory (its tokenizer is used)")
+    parser.add_argument(
+        "--model", type=Path, required=True, metavar="DIR", help="model directory (its tokenizer is used)"
+    )
     parser.add_argument("--data", type=Path, required=True, metavar="JSONL", help="calibration records")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="calibration .safetensors to write")
     _add_calibration_size(parser)
@@ -142,7 +176,9 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from quantbench.calibration.samples import calibrate_model, save_calibration
 
-    calibration = calibrate_model(args.model, args.data, args.num_samples, args.max_seq_len, seed=args.seed, stream=_stream(args))
+    calibration = calibrate_model(
+        args.model, args.data, args.num_samples, args.max_seq_len, seed=args.seed, stream=_stream(args)
+    )
     save_calibration(calibration, args.out)
     print(f"{calibration.num_samples} samples, {calibration.num_tokens} tokens -> {args.out}")
     return 0
@@ -159,15 +195,24 @@ def _add_quantize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
     parser.add_argument("--scheme", required=True, metavar="NAME", help="scheme name, e.g. INT4-GPTQ")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint directory to write")
-    parser.add_argument("--calib", type=Path, metavar="FILE", help="calibration data: a JSONL of records, or a "
-                        ".safetensors file from `quantbench calibrate` (then the size options are ignored)")
+    parser.add_argument(
+        "--calib",
+        type=Path,
+        metavar="FILE",
+        help="calibration data: a JSONL of records, or a "
+        ".safetensors file from `quantbench calibrate` (then the size options are ignored)",
+    )
     _add_calibration_size(parser)
     parser.add_argument("--schemes", type=Path, default=Path("config/schemes.yaml"), metavar="FILE")
     parser.add_argument("--device", default="auto", help="compute device for one layer at a time (default auto)")
     parser.add_argument("--chunk-size", type=int, default=8, metavar="N", help="calibration samples per forward call")
     parser.add_argument("--offload-activations", action="store_true", help="keep cached activations in CPU memory")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="keep no per-layer progress in OUT.partial (a rerun after an interruption starts over)")
+    parser.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="keep no per-layer progress in OUT.partial (a rerun after an interruption starts over)",
+    )
     parser.set_defaults(handler=_run_quantize)
 
 
@@ -185,7 +230,13 @@ def _run_quantize(args: argparse.Namespace) -> int:
         )
     options = PipelineOptions(chunk_size=args.chunk_size, offload_activations=args.offload_activations)
     out = quantize_checkpoint(
-        args.model, scheme, args.out, calibration=calibration, device=args.device, seed=args.seed, options=options,
+        args.model,
+        scheme,
+        args.out,
+        calibration=calibration,
+        device=args.device,
+        seed=args.seed,
+        options=options,
         resume=args.resume,
     )
     print(out)

@@ -9,7 +9,9 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 
 with job_log(smk.log[0]):
     sections = [
-        PageSection(title=s["title"], caption=s["caption"], table_rst=Path(rst).read_text(encoding="utf-8"), note=s["note"])
+        PageSection(
+            title=s["title"], caption=s["caption"], table_rst=Path(rst).read_text(encoding="utf-8"), note=s["note"]
+        )
         for s, rst in zip(smk.params.sections, smk.input.tables)
     ]
     write_page(smk.output[0], smk.params.title, sections, smk.params.notes)

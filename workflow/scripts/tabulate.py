@@ -10,6 +10,10 @@ smk = snakemake  # noqa: F821 - injected by Snakemake's script directive
 
 with job_log(smk.log[0]):
     name = smk.wildcards.table
-    spec = TableSpec(name=name, rows=tuple(map(tuple, smk.params.rows)), benchmarks=tuple(smk.params.benchmarks),
-                     labels=smk.params.labels)
+    spec = TableSpec(
+        name=name,
+        rows=tuple(map(tuple, smk.params.rows)),
+        benchmarks=tuple(smk.params.benchmarks),
+        labels=smk.params.labels,
+    )
     write_tables(collect_cells(name, smk.input), Path(smk.output.rst).parent, [spec])

@@ -48,7 +48,10 @@ class HubImageSet:
                 "image: image, question: query, answer: label}"
             )
         revision = raw.get("revision")
-        return cls(**{key: str(raw[key]) for key in ("dataset", "split", *COLUMNS)}, revision=str(revision) if revision else None)
+        return cls(
+            **{key: str(raw[key]) for key in ("dataset", "split", *COLUMNS)},
+            revision=str(revision) if revision else None,
+        )
 
     def to_dict(self) -> dict[str, str]:
         """Plain form for Snakemake ``params:`` (a change reruns calibration) and calibration metadata."""

@@ -53,8 +53,16 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "quantbench_calibration"
 
 # ShareGPT speaker names -> chat-template roles.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
 
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "images_per_sample")
@@ -107,7 +115,9 @@ class Calibration:
             first, last = int(image_offsets[start]), int(image_offsets[min(stop, self.num_samples)])
             patch_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.image_grid_thw.prod(dim=1).cumsum(0)])
             if last > first:
-                inputs["pixel_values"] = self.pixel_values[int(patch_offsets[first]) : int(patch_offsets[last])].to(device)
+                inputs["pixel_values"] = self.pixel_values[int(patch_offsets[first]) : int(patch_offsets[last])].to(
+                    device
+                )
                 inputs["image_grid_thw"] = self.image_grid_thw[first:last].to(device)
         return inputs
 
@@ -189,23 +199,36 @@ def _angelslim_chat(record: dict[str, Any], where: str) -> list[dict[str, str]] 
     a ShareGPT record's first two turns as user and assistant whoever spoke them; None for a plain text."""
     if "conversations" in record:
         turns = record["conversations"]
-        if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t for t in turns[:2]):
-            raise QuantbenchError(f"{where}: the angelslim format needs two 'conversations' turns with a 'value' (a user/assistant pair)")
-        return [{"role": "user", "content": str(turns[0]["value"])}, {"role": "assistant", "content": str(turns[1]["value"])}]
+        if (
+            not isinstance(turns, list)
+            or len(turns) < 2
+            or not all(isinstance(t, dict) and "value" in t for t in turns[:2])
+        ):
+            raise QuantbenchError(
+                f"{where}: the angelslim format needs two 'conversations' turns with a 'value' (a user/assistant pair)"
+            )
+        return [
+            {"role": "user", "content": str(turns[0]["value"])},
+            {"role": "assistant", "content": str(turns[1]["value"])},
+        ]
     chat = _messages(record, where)
     if chat is not None and record.get("system_prompt") and chat[0]["role"] != "system":
         chat = [{"role": "system", "content": str(record["system_prompt"])}, *chat]
     return chat
 
 
-def _angelslim_token_ids(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where: str, max_seq_len: int) -> list[int]:
+def _angelslim_token_ids(
+    tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], where: str, max_seq_len: int
+) -> list[int]:
     """The published recipe's format: :func:`_angelslim_chat` through the template with a generation prompt,
     tokenized with the tokenizer's default special tokens and truncation side (plain text: as it is)."""
     chat = _angelslim_chat(record, where)
     if chat is None:
         text = str(record["text"])
     elif not tokenizer.chat_template:
-        raise QuantbenchError(f"{where}: the angelslim format renders chats through the chat template, and this tokenizer has none")
+        raise QuantbenchError(
+            f"{where}: the angelslim format renders chats through the chat template, and this tokenizer has none"
+        )
     else:
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, truncation=True, max_length=max_seq_len)["input_ids"])
@@ -342,7 +365,11 @@ def process_image_calibration(
         record = records[index]
         answer = record.get("answer", (record.get("answers") or [""])[0])  # DocVQA-style records: the first answer
         inputs = image_text_inputs(
-            processor, record["image"], str(record["question"]), answer, add_generation_prompt=stream.format == "angelslim"
+            processor,
+            record["image"],
+            str(record["question"]),
+            answer,
+            add_generation_prompt=stream.format == "angelslim",
         )
         ids = inputs["input_ids"][0].tolist()
         image_end = max(i for i, token in enumerate(ids) if token == image_token) + 1
@@ -355,7 +382,9 @@ def process_image_calibration(
         if len(samples) == num_samples:
             break
     if skipped:
-        log.warning("%s: %d record(s) skipped, their image tokens alone exceed max_seq_len=%d", where, skipped, max_seq_len)
+        log.warning(
+            "%s: %d record(s) skipped, their image tokens alone exceed max_seq_len=%d", where, skipped, max_seq_len
+        )
     if len(samples) < num_samples:
         raise QuantbenchError(
             f"{where} has only {len(samples)} usable records (image tokens within max_seq_len={max_seq_len}), fewer than "
@@ -395,8 +424,12 @@ def calibrate_model(
     chats through its tokenizer (:func:`tokenize_calibration`); ``stream`` says how records become samples.
     """
     if isinstance(source, HubImageSet) or _holds_images(Path(source)):
-        return process_image_calibration(load_processor(model_dir), source, num_samples, max_seq_len, seed=seed, stream=stream)
-    return tokenize_calibration(AutoTokenizer.from_pretrained(model_dir), source, num_samples, max_seq_len, seed=seed, stream=stream)
+        return process_image_calibration(
+            load_processor(model_dir), source, num_samples, max_seq_len, seed=seed, stream=stream
+        )
+    return tokenize_calibration(
+        AutoTokenizer.from_pretrained(model_dir), source, num_samples, max_seq_len, seed=seed, stream=stream
+    )
 
 
 def save_calibration(calibration: Calibration, path: str | Path) -> Path:

@@ -64,7 +64,9 @@ CONFIG_GROUP = "group_0"
 LINEAR_TARGET = "Linear"
 PROVENANCE_FILE = "quantbench_provenance.json"
 SAFETENSORS_METADATA = {"format": "pt"}
-DEFAULT_MAX_SHARD_BYTES = 2**30  # small shards: each is hashed while the next is written, so only the last one's hash waits
+DEFAULT_MAX_SHARD_BYTES = (
+    2**30
+)  # small shards: each is hashed while the next is written, so only the last one's hash waits
 PACK_FACTOR = 8  # int4 codes per int32 word
 COMPRESS_AHEAD = 16  # modules compressed ahead of the one being written
 
@@ -176,7 +178,10 @@ def stored_linear_layout(
         if asymmetric:
             layout["weight_zero_point"] = (frozenset({"I32"}), (scale[0] // PACK_FACTOR, *scale[1:]))
     else:
-        layout["weight"] = (frozenset({"F8_E4M3"} if weight_args.type == "float" else {"I8"}), (out_features, in_features))
+        layout["weight"] = (
+            frozenset({"F8_E4M3"} if weight_args.type == "float" else {"I8"}),
+            (out_features, in_features),
+        )
         if asymmetric:
             layout["weight_zero_point"] = (frozenset({"I8"}), scale)
     if input_args is not None and not input_args.dynamic:
@@ -186,9 +191,7 @@ def stored_linear_layout(
     return layout
 
 
-def decompress_quantized_linear(
-    tensors: Mapping[str, torch.Tensor], weight_args: QuantArgs
-) -> dict[str, torch.Tensor]:
+def decompress_quantized_linear(tensors: Mapping[str, torch.Tensor], weight_args: QuantArgs) -> dict[str, torch.Tensor]:
     """Inverse of :func:`compress_quantized_linear`: QuantLinear buffer names to tensors.
 
     Returns ``weight_codes``, ``weight_scale`` and, when stored, ``weight_zero_point``, ``input_scale``
@@ -251,7 +254,9 @@ def quantization_config(model: nn.Module, scheme: Scheme) -> dict[str, Any]:
 
 def _tied_output_key(model: PreTrainedModel) -> str | None:
     """State-dict key of the output embedding when it is tied to the input embedding, else None."""
-    if not getattr(model.config, "tie_word_embeddings", False):  # where transformers reads it (a VLM's text config lacks it)
+    if not getattr(
+        model.config, "tie_word_embeddings", False
+    ):  # where transformers reads it (a VLM's text config lacks it)
         return None
     output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
     if output is None:
@@ -312,7 +317,9 @@ def module_tensors(name: str, module: nn.Module, tied: str | None) -> dict[str, 
     return {prefix + key: t for key, t in local.items()}
 
 
-def _write_weights(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, workers: Executor) -> dict[str, Future[str]]:
+def _write_weights(
+    model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, workers: Executor
+) -> dict[str, Future[str]]:
     """Write the checkpoint tensors as one safetensors file, or shards plus an index, names sorted per file.
 
     Modules are compressed on ``workers`` ahead of the writing; each shard is written as soon as it is full,

@@ -138,7 +138,9 @@ def _check_stored_linear(
     name: str, stored: dict[str, TensorEntry], linear: nn.Linear, weights: QuantArgs, inputs: QuantArgs | None
 ) -> None:
     """Refuse a quantized linear whose stored tensors are not what its config group's args store (names, dtypes, shapes)."""
-    layout = stored_linear_layout(linear.out_features, linear.in_features, weights, inputs, bias=linear.bias is not None)
+    layout = stored_linear_layout(
+        linear.out_features, linear.in_features, weights, inputs, bias=linear.bias is not None
+    )
     args = f"weights {weights.to_dict()}, input_activations {None if inputs is None else inputs.to_dict()}"
     any_file = next(iter(stored.values())).file
     for key in sorted(layout.keys() - stored.keys()):

@@ -67,7 +67,9 @@ def check_requirements(requirements: list[Requirement], job: str) -> None:
     """Raise one error naming every requirement that is not met, with the need, what there is, and the gap."""
     short = [r for r in requirements if r.short_by]
     if short:
-        lines = "; ".join(f"{r.what}: need {_gib(r.need)}, have {_gib(r.have)}, short by {_gib(r.short_by)}" for r in short)
+        lines = "; ".join(
+            f"{r.what}: need {_gib(r.need)}, have {_gib(r.have)}, short by {_gib(r.short_by)}" for r in short
+        )
         raise QuantbenchError(f"{job} cannot run here: {lines}. Free some, or run it where there is more")
 
 
@@ -177,8 +179,13 @@ def evaluate_requirements(
     """What evaluating ``model_dir`` into ``out_path`` needs; ``host_dtype_bytes``: bytes per value of the dtype
     the model computes in when it lives in host memory (None: it lives on GPUs)."""
     out_path = Path(out_path)
-    requirements = [Requirement(f"free disk at {out_path.parent} for the result", RESULT_BYTES + headroom.disk_bytes,
-                                free_disk(out_path.parent))]
+    requirements = [
+        Requirement(
+            f"free disk at {out_path.parent} for the result",
+            RESULT_BYTES + headroom.disk_bytes,
+            free_disk(out_path.parent),
+        )
+    ]
     if host_dtype_bytes is not None:
         memory = 0
         integer_matmuls = _w8a8_int(Path(model_dir))
@@ -190,8 +197,14 @@ def evaluate_requirements(
                 memory += codes * (1 + host_dtype_bytes)  # int8 codes and the dequantized weight
             else:
                 memory += _numel(entry) * host_dtype_bytes if entry.dtype in FLOAT_DTYPES else entry.nbytes
-        requirements.insert(0, Requirement(f"host memory for the model ({host_dtype_bytes}-byte values)",
-                                           memory + headroom.memory_bytes, available_memory()))
+        requirements.insert(
+            0,
+            Requirement(
+                f"host memory for the model ({host_dtype_bytes}-byte values)",
+                memory + headroom.memory_bytes,
+                available_memory(),
+            ),
+        )
     return requirements
 
 
@@ -205,4 +218,3 @@ def _w8a8_int(model_dir: Path) -> bool:
     if qconfig is None:
         return False
     return all(is_w8a8_int(weights, inputs) for _, weights, inputs in parse_config_groups(qconfig, model_dir))
-

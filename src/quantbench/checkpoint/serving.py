@@ -74,7 +74,9 @@ def check_fused_moe(weights: QuantArgs, inputs: QuantArgs | None, where: str) ->
             "vLLM would refuse this MoE checkpoint"
         )
     elif inputs is None and weights.type == "float":
-        raise QuantbenchError(f"{where}: vLLM has no compressed-tensors fused-MoE method for fp8 weights without fp8 inputs")
+        raise QuantbenchError(
+            f"{where}: vLLM has no compressed-tensors fused-MoE method for fp8 weights without fp8 inputs"
+        )
     elif inputs is None and not weights.symmetric:
         log.warning(
             "%s: asymmetric int4 experts: vLLM 0.10.0's compressed-tensors WNA16 MoE methods assert symmetric "

@@ -87,7 +87,9 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
             raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         tensors[name] = TensorEntry(path, dtype, shape)
         if end - begin != tensors[name].nbytes:
-            raise _corrupt(path, f"tensor {name!r} ({dtype} {list(shape)}) spans {end - begin} bytes, not {tensors[name].nbytes}")
+            raise _corrupt(
+                path, f"tensor {name!r} ({dtype} {list(shape)}) spans {end - begin} bytes, not {tensors[name].nbytes}"
+            )
         ranges.append((begin, end, name))
     data = size - 8 - length
     offset = 0
@@ -139,7 +141,9 @@ def model_tensors(model_dir: str | Path) -> dict[str, TensorEntry]:
 def verify_hub_blobs(model_dir: str | Path) -> int:
     """Hash every file of ``model_dir`` that links to a Hugging Face cache blob named by its SHA-256 (LFS files:
     the weights) and compare; returns how many were checked."""
-    linked = [p for p in sorted(Path(model_dir).rglob("*")) if p.is_symlink() and SHA256_NAME.fullmatch(p.resolve().name)]
+    linked = [
+        p for p in sorted(Path(model_dir).rglob("*")) if p.is_symlink() and SHA256_NAME.fullmatch(p.resolve().name)
+    ]
     for path in tqdm(linked, desc="verify", unit="file"):
         blob = path.resolve()
         digest = sha256_file(blob)

@@ -21,7 +21,12 @@ from quantbench.util.specfile import build_spec, read_section
 SCORERS = ("lm_eval", "sandbox")
 VLM_SCORERS = ("anls", "relaxed", "mmmu")
 # Run-time overrides a workflow may set per benchmark, and the settings block each one changes.
-OVERRIDES = {"max_gen_toks": "lm_eval", "seq_len": "perplexity", "max_tokens": "perplexity", "max_new_tokens": "lmms_eval"}
+OVERRIDES = {
+    "max_gen_toks": "lm_eval",
+    "seq_len": "perplexity",
+    "max_tokens": "perplexity",
+    "max_new_tokens": "lmms_eval",
+}
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,10 @@ class LmEvalSettings:
         if self.num_fewshot < 0:
             raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if (self.hub_task is None) == (not self.hub_data):
-            raise ValueError("give exactly one of hub_task (lm-eval's built-in task) or hub_data (the Hub files "
-                             "the local task reads)")
+            raise ValueError(
+                "give exactly one of hub_task (lm-eval's built-in task) or hub_data (the Hub files "
+                "the local task reads)"
+            )
 
     @property
     def result_key(self) -> str:
@@ -192,7 +199,9 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
             f"{where}: give exactly one of 'lm_eval' or 'perplexity' (or 'lmms_eval' for a vision-language task)"
         )
     lm_eval = build_spec(LmEvalSettings, raw["lm_eval"], f"{where}.lm_eval") if "lm_eval" in raw else None
-    perplexity = build_spec(PerplexitySettings, raw["perplexity"], f"{where}.perplexity") if "perplexity" in raw else None
+    perplexity = (
+        build_spec(PerplexitySettings, raw["perplexity"], f"{where}.perplexity") if "perplexity" in raw else None
+    )
     lmms_eval = build_spec(LmmsEvalSettings, raw["lmms_eval"], f"{where}.lmms_eval") if "lmms_eval" in raw else None
     if lm_eval is not None and lm_eval.hub_data and set(lm_eval.hub_data) != set(files):
         raise QuantbenchError(
@@ -200,7 +209,9 @@ def parse_benchmark(name: str, raw: Mapping[str, Any]) -> BenchmarkSpec:
             f"got {sorted(lm_eval.hub_data)}"
         )
     if lmms_eval is not None and lmms_eval.split not in files:
-        raise QuantbenchError(f"{where}.lmms_eval.split: {lmms_eval.split!r} is not one of the files' splits {sorted(files)}")
+        raise QuantbenchError(
+            f"{where}.lmms_eval.split: {lmms_eval.split!r} is not one of the files' splits {sorted(files)}"
+        )
     sandbox = build_spec(SandboxLimits, raw.get("sandbox", {}), f"{where}.sandbox")
     unknown = sorted(set(raw) - {"files", "lm_eval", "perplexity", "lmms_eval", "sandbox"})
     if unknown:

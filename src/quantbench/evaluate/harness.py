@@ -95,9 +95,7 @@ class QuantbenchHFLM(HFLM):
         )
 
 
-def run_lm_eval(
-    lm: LM, spec: BenchmarkSpec, root: Task | Group, *, source: str, limit: int | None = None
-) -> Outcome:
+def run_lm_eval(lm: LM, spec: BenchmarkSpec, root: Task | Group, *, source: str, limit: int | None = None) -> Outcome:
     """Evaluate ``root`` (built for ``spec``) with ``lm``; ``limit``: first N docs of each lm-eval task."""
     settings = spec.lm_eval
     leaves = leaf_tasks(root)
@@ -105,8 +103,14 @@ def run_lm_eval(
     by_sandbox = settings.scorer == "sandbox"
     builtin = source == "hub" and settings.hub_task is not None
     manager = builtin_task_manager() if builtin else TaskManager(include_defaults=False)
-    log.info("%s: lm-eval task %s (%s), %d-shot, %s items", spec.name, task_name(root), source,
-             settings.num_fewshot, "all" if limit is None else f"first {limit} per task")
+    log.info(
+        "%s: lm-eval task %s (%s), %d-shot, %s items",
+        spec.name,
+        task_name(root),
+        source,
+        settings.num_fewshot,
+        "all" if limit is None else f"first {limit} per task",
+    )
     try:
         out = simple_evaluate(
             model=lm,
@@ -201,5 +205,11 @@ def _sandbox_outcome(
     counts = {s: sum(v.status == s for v in verdicts) for s in (sandbox.PASSED, sandbox.FAILED, sandbox.TIMEOUT)}
     details = {"isolation": sandbox.isolation(), "limits": spec.to_dict()["sandbox"], "counts": counts}
     items = [{**item, "score": score} for item, score in zip(items, passed)]
-    return Outcome(score=mean, stderr=stderr, items=len(passed), task=name, task_version=version,
-                   details={"sandbox": details, "per_item": items})
+    return Outcome(
+        score=mean,
+        stderr=stderr,
+        items=len(passed),
+        task=name,
+        task_version=version,
+        details={"sandbox": details, "per_item": items},
+    )

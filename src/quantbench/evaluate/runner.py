@@ -54,7 +54,9 @@ def evaluate_benchmark(
     if source not in SOURCES:
         raise QuantbenchError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
     if source == "local" and data_dir is None:
-        raise QuantbenchError(f"benchmark {spec.name}: the local data source reads JSONL files; pass their folder (--data-dir)")
+        raise QuantbenchError(
+            f"benchmark {spec.name}: the local data source reads JSONL files; pass their folder (--data-dir)"
+        )
     if limit is not None and limit < 1:
         raise QuantbenchError(f"limit must be a positive number of items, got {limit}")
     if not (model_dir / "config.json").is_file():
@@ -110,7 +112,9 @@ def evaluate_benchmark(
         "score": outcome.score * scale,
         "stderr": None if outcome.stderr is None else outcome.stderr * scale,
         "unit": "percent" if spec.percent else "perplexity",
-        "metric": spec.lm_eval.result_key if spec.lm_eval else (spec.lmms_eval.metric if spec.lmms_eval else "perplexity"),
+        "metric": spec.lm_eval.result_key
+        if spec.lm_eval
+        else (spec.lmms_eval.metric if spec.lmms_eval else "perplexity"),
         "scores": {key: value * scale for key, value in outcome.scores.items()},
         "items": outcome.items,
         "limit": limit,
@@ -181,7 +185,11 @@ def _perplexity(
             ) from exc
     caps = [c for c in (settings.max_tokens, limit * settings.seq_len if limit else None) if c is not None]
     if backend.name != "hf":
-        log.info("%s: perplexity runs on the hf backend (lm-eval's %s backend scores no token windows)", spec.name, backend.name)
+        log.info(
+            "%s: perplexity runs on the hf backend (lm-eval's %s backend scores no token windows)",
+            spec.name,
+            backend.name,
+        )
     model, tokenizer = backend.load(model_dir)
     try:
         ppl = wikitext_perplexity(model, tokenizer, texts, seq_len=settings.seq_len, max_tokens=min(caps, default=None))

@@ -35,8 +35,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,13 +144,17 @@ def probe_isolation() -> Isolation:
     if unshare is not None and os.geteuid() == 0:
         candidates.append(Isolation((unshare, "--mount", "--net"), True, "full"))
     if unshare is not None:
-        candidates += [Isolation((unshare, "--net"), False, "network-namespace"),
-                       Isolation((unshare, "--map-root-user", "--net"), False, "network-namespace")]
+        candidates += [
+            Isolation((unshare, "--net"), False, "network-namespace"),
+            Isolation((unshare, "--map-root-user", "--net"), False, "network-namespace"),
+        ]
     for candidate in candidates:
         verdict = _run(candidate, _PROBE, SandboxLimits(timeout_s=30.0))
         if verdict.passed:
             return candidate
-        log.warning("sandbox: %s isolation fails here (%s); trying less", candidate.name, verdict.stderr_tail.strip()[-300:])
+        log.warning(
+            "sandbox: %s isolation fails here (%s); trying less", candidate.name, verdict.stderr_tail.strip()[-300:]
+        )
     log.warning("sandbox: no namespace can be created here; relying on the socket guard, files unprotected")
     return NO_ISOLATION
 
@@ -195,7 +199,13 @@ def _run(isolation: Isolation, source: str, limits: SandboxLimits) -> Verdict:
             "readonly_except": str(work) if isolation.private_files else None,
             "user": user,
         }
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(work),
+            "TMPDIR": str(work),
+            "LANG": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+        }
         argv = [*isolation.prefix, sys.executable, "-I", "-S", "prelude.py", "program.py", json.dumps(settings)]
         with open(work / "stdout", "wb") as out, open(work / "stderr", "wb") as err:
             proc = subprocess.Popen(
@@ -237,9 +247,7 @@ def humaneval_program(candidate: str, test: str) -> str:
     return candidate + "\n" + test
 
 
-def score_programs(
-    candidates: Sequence[str], tests: Sequence[str], limits: SandboxLimits
-) -> list[Verdict]:
+def score_programs(candidates: Sequence[str], tests: Sequence[str], limits: SandboxLimits) -> list[Verdict]:
     """Run every candidate against its test (greedy, one sample each: pass@1 is the pass rate)."""
     if len(candidates) != len(tests):
         raise ValueError(f"{len(candidates)} candidates but {len(tests)} tests")

@@ -142,8 +142,13 @@ def build_local_task(spec: BenchmarkSpec, data_dir: str | Path) -> Task | Group:
     fewshot_split = cfg.get("fewshot_split")
     subset = subset_rows(data_dir).get(spec.files[fewshot_split]) if fewshot_split else None
     if subset is not None and (cfg.get("fewshot_config") or {}).get("sampler", "default") == "default":
-        log.info("%s: few-shot examples drawn over the %d rows of the full %s split (%s is a subset)",
-                 spec.name, subset.source_rows, fewshot_split, spec.files[fewshot_split])
+        log.info(
+            "%s: few-shot examples drawn over the %d rows of the full %s split (%s is a subset)",
+            spec.name,
+            subset.source_rows,
+            fewshot_split,
+            spec.files[fewshot_split],
+        )
         cfg["fewshot_config"] = {**(cfg.get("fewshot_config") or {}), "sampler": subset_sampler(subset)}
     return _task_from_template(cfg, dataset)
 
@@ -173,8 +178,12 @@ def _split_group(cfg: dict[str, Any], per_split: Mapping[str, Any], dataset: dat
     """One task per split of ``per_split["splits"]`` (each scored as its own test split), as one group."""
     group = _group(per_split)
     for split in per_split["splits"]:
-        group.add(LocalTask(datasets.DatasetDict({split: dataset[split]}),
-                            {**cfg, "task": f"{cfg['task']}_{split}", "test_split": split}))
+        group.add(
+            LocalTask(
+                datasets.DatasetDict({split: dataset[split]}),
+                {**cfg, "task": f"{cfg['task']}_{split}", "test_split": split},
+            )
+        )
     return group
 
 
@@ -196,9 +205,7 @@ def _subject_group(cfg: dict[str, Any], per_subject: Mapping[str, Any], dataset:
     rows = {split: _rows_by_value(ds[field]) for split, ds in dataset.items()}
     group = _group(per_subject)
     for subject in subjects:
-        part = datasets.DatasetDict(
-            {split: ds.select(rows[split].get(subject, [])) for split, ds in dataset.items()}
-        )
+        part = datasets.DatasetDict({split: ds.select(rows[split].get(subject, [])) for split, ds in dataset.items()})
         config = {
             **cfg,
             "task": f"{cfg['task']}_{subject}",

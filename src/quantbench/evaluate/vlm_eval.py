@@ -58,7 +58,9 @@ def _score(spec: BenchmarkSpec, record: dict[str, Any], answer: str, rng: random
     return float(mmmu_score(record["question_type"], answer, record["answer"], record.get("options", []), rng))
 
 
-def score_local(model_dir: str | Path, spec: BenchmarkSpec, data_dir: str | Path, backend: Backend, limit: int | None) -> Outcome:
+def score_local(
+    model_dir: str | Path, spec: BenchmarkSpec, data_dir: str | Path, backend: Backend, limit: int | None
+) -> Outcome:
     """Greedy answers of the model in ``model_dir`` to the records of the benchmark's local file, scored (module docstring)."""
     settings = spec.lmms_eval
     path = spec.data_paths(data_dir)[settings.split]
@@ -68,27 +70,38 @@ def score_local(model_dir: str | Path, spec: BenchmarkSpec, data_dir: str | Path
     rng = random.Random(MMMU_SEED)
     answers, scores, by_type = [], [], {}
     for record in tqdm(records, desc=spec.name, unit="item"):
-        inputs = {k: v.to(backend.device) for k, v in image_text_inputs(processor, record["image"], question_prompt(spec, record)).items()}
+        inputs = {
+            k: v.to(backend.device)
+            for k, v in image_text_inputs(processor, record["image"], question_prompt(spec, record)).items()
+        }
         try:
             with torch.no_grad():
                 output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False)
         except Exception as exc:
-            raise QuantbenchError(f"benchmark {spec.name}: the model failed on {record['image'].name} ({type(exc).__name__}: {exc})") from exc
+            raise QuantbenchError(
+                f"benchmark {spec.name}: the model failed on {record['image'].name} ({type(exc).__name__}: {exc})"
+            ) from exc
         answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
         answers.append(answer)
         scores.append(_score(spec, record, answer, rng))
         if "type" in record:
             by_type.setdefault(str(record["type"]), []).append(scores[-1])
     mean = sum(scores) / len(scores)
-    stderr = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1) / len(scores)) if len(scores) > 1 else None
+    stderr = (
+        math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1) / len(scores)) if len(scores) > 1 else None
+    )
     return Outcome(
         score=mean,
         stderr=stderr,
         items=len(scores),
         task=f"quantbench.evaluate.vlm_eval:{settings.scorer}",
         task_version=__version__,
-        details={"answers": answers, "scores": scores, "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
-                 "max_new_tokens": settings.max_new_tokens},
+        details={
+            "answers": answers,
+            "scores": scores,
+            "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
+            "max_new_tokens": settings.max_new_tokens,
+        },
     )
 
 
@@ -107,9 +120,13 @@ def lmms_eval_model(model_dir: str | Path, backend: Backend) -> tuple[str, str, 
     of the model type, ``pretrained=``, one request at a time.
     """
     if backend.name == "vllm":
-        options = {"model": Path(model_dir), "tensor_parallel_size": backend.tensor_parallel_size,
-                   "gpu_memory_utilization": LMMS_EVAL_VLLM_GPU_MEMORY_UTILIZATION, "dtype": backend.dtype,
-                   **backend.vllm_engine_options()}
+        options = {
+            "model": Path(model_dir),
+            "tensor_parallel_size": backend.tensor_parallel_size,
+            "gpu_memory_utilization": LMMS_EVAL_VLLM_GPU_MEMORY_UTILIZATION,
+            "dtype": backend.dtype,
+            **backend.vllm_engine_options(),
+        }
         return "vllm", ",".join(f"{key}={value}" for key, value in options.items()), LMMS_EVAL_VLLM_BATCH_SIZE
     from transformers import AutoConfig
 
@@ -134,12 +151,20 @@ def score_lmms_eval(model_dir: str | Path, spec: BenchmarkSpec, backend: Backend
             "offline with --source local"
         ) from None
     model, model_args, batch_size = lmms_eval_model(model_dir, backend)
-    results = simple_evaluate(model=model, model_args=model_args, tasks=[settings.task], batch_size=batch_size,
-                              device=lmms_eval_device(backend), limit=limit)
+    results = simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[settings.task],
+        batch_size=batch_size,
+        device=lmms_eval_device(backend),
+        limit=limit,
+    )
     task_results = results["results"][settings.task]
     key = f"{settings.metric},none"
     if key not in task_results:
-        raise QuantbenchError(f"benchmark {spec.name}: lmms-eval's results for {settings.task!r} hold no {key!r} ({sorted(task_results)})")
+        raise QuantbenchError(
+            f"benchmark {spec.name}: lmms-eval's results for {settings.task!r} hold no {key!r} ({sorted(task_results)})"
+        )
     stderr = task_results.get(f"{settings.metric}_stderr,none")
     return Outcome(
         score=float(task_results[key]),

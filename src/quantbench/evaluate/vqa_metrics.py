@@ -167,7 +167,9 @@ def mmmu_correct(question_type: str, gold: str | Sequence[str], parsed: str | Se
     return False
 
 
-def mmmu_score(question_type: str, response: str, gold: str | Sequence[str], options: Sequence[str], rng: random.Random) -> bool:
+def mmmu_score(
+    question_type: str, response: str, gold: str | Sequence[str], options: Sequence[str], rng: random.Random
+) -> bool:
     """Parse ``response`` as the MMMU evaluation does and judge it (``options`` for multiple choice)."""
     if question_type == "multiple-choice":
         return mmmu_correct(question_type, gold, parse_multi_choice(response, option_letters(options), rng))

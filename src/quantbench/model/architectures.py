@@ -60,7 +60,9 @@ class BlockStack:
     def __post_init__(self) -> None:
         for mapping in self.smooth:
             if mapping.linears not in self.groups or not set(mapping.unquantized) <= set(self.keep):
-                raise ValueError(f"smoothing mapping {mapping} does not feed one of the groups {self.groups} (or reaches modules not kept)")
+                raise ValueError(
+                    f"smoothing mapping {mapping} does not feed one of the groups {self.groups} (or reaches modules not kept)"
+                )
         templated = any("*" in n or "{e}" in n for names in self.groups for n in names)
         if templated and self.experts is None:
             raise ValueError(f"{self.path}: per-expert names need the experts module's path")
@@ -80,7 +82,11 @@ class BlockStack:
         return replace(
             self,
             groups=tuple(g for group in self.groups for g in _expand(group, experts)),
-            smooth=tuple(replace(m, prev=t[0], linears=t[1:]) for m in self.smooth for t in _expand((m.prev, *m.linears), experts)),
+            smooth=tuple(
+                replace(m, prev=t[0], linears=t[1:])
+                for m in self.smooth
+                for t in _expand((m.prev, *m.linears), experts)
+            ),
         )
 
     @property
@@ -107,7 +113,9 @@ class Architecture:
         """The stack of target group ``group`` ('language' or 'vision')."""
         stack = getattr(self, group, None)
         if stack is None:
-            raise QuantbenchError(f"model type {model_type!r} has no {group!r} blocks; drop {group!r} from the scheme's targets")
+            raise QuantbenchError(
+                f"model type {model_type!r} has no {group!r} blocks; drop {group!r} from the scheme's targets"
+            )
         return stack
 
 
@@ -166,7 +174,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": _DENSE,
     "hunyuan_v1_dense": _DENSE,
     "qwen3_moe": Architecture(language=_moe_decoder("model.layers", router="mlp.gate")),
-    "hunyuan_v1_moe": Architecture(language=_moe_decoder("model.layers", router="mlp.gate.wg", shared_expert="mlp.shared_mlp")),
+    "hunyuan_v1_moe": Architecture(
+        language=_moe_decoder("model.layers", router="mlp.gate.wg", shared_expert="mlp.shared_mlp")
+    ),
     "qwen2_5_vl": Architecture(
         language=_decoder("model.language_model.layers"),
         vision=BlockStack(
@@ -195,9 +205,13 @@ def block_list(model: nn.Module, stack: BlockStack) -> nn.ModuleList:
     try:
         blocks = model.get_submodule(stack.path)
     except AttributeError:
-        raise QuantbenchError(f"{type(model).__name__} has no module {stack.path!r}; the architecture mapping is wrong") from None
+        raise QuantbenchError(
+            f"{type(model).__name__} has no module {stack.path!r}; the architecture mapping is wrong"
+        ) from None
     if not isinstance(blocks, nn.ModuleList):
-        raise QuantbenchError(f"{stack.path!r} in {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList")
+        raise QuantbenchError(
+            f"{stack.path!r} in {type(model).__name__} is a {type(blocks).__name__}, not a ModuleList"
+        )
     return blocks
 
 

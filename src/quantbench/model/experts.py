@@ -89,13 +89,17 @@ class ExpertList(nn.ModuleList):
             ]
         )
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         real = None
         if self.token_mask is not None:
             real = self.token_mask.reshape(-1)
             if real.numel() != hidden_states.shape[0]:
-                raise QuantbenchError(f"expert input of {hidden_states.shape[0]} tokens does not match the token mask {tuple(self.token_mask.shape)}")
+                raise QuantbenchError(
+                    f"expert input of {hidden_states.shape[0]} tokens does not match the token mask {tuple(self.token_mask.shape)}"
+                )
             if self.routed is not None:
                 self.routed += torch.bincount(top_k_index[real].reshape(-1), minlength=len(self)).cpu()
             if not self.routed_only:
@@ -123,8 +127,12 @@ class ExpertList(nn.ModuleList):
         for e in torch.unique(top_k_index).tolist():
             tokens, slot = torch.where(top_k_index == e)
             expert, x = self[e], hidden_states[tokens]
-            routed.append((e, tokens, slot, expert.act_fn(expert.gate_proj(x, gate_up_scale)) * expert.up_proj(x, gate_up_scale)))
-        down_scale = _amax_scale(*(h for *_, h in routed)) if dynamic else _largest(e.down_proj.input_scale for e in self)
+            routed.append(
+                (e, tokens, slot, expert.act_fn(expert.gate_proj(x, gate_up_scale)) * expert.up_proj(x, gate_up_scale))
+            )
+        down_scale = (
+            _amax_scale(*(h for *_, h in routed)) if dynamic else _largest(e.down_proj.input_scale for e in self)
+        )
         for e, tokens, slot, h in routed:
             contribution = self[e].down_proj(h, down_scale) * top_k_weights[tokens, slot, None]
             out.index_add_(0, tokens, contribution.to(out.dtype))
@@ -180,7 +188,7 @@ def per_expert_groups(
         others: list[str] = []
         by_expert: dict[str, list[str]] = {}
         for name in group:
-            index, _, _ = name[len(prefix):].partition(".")
+            index, _, _ = name[len(prefix) :].partition(".")
             if name.startswith(prefix) and index.isdigit():
                 by_expert.setdefault(index, []).append(name)
             else:

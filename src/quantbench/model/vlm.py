@@ -40,10 +40,20 @@ def is_image_text_model(config: PretrainedConfig) -> bool:
 def image_only_processor_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """A subclass of processor class ``cls`` (same name) built from an image processor and a tokenizer, no video processor."""
 
-    def __init__(self: ProcessorMixin, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self: ProcessorMixin,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__, "__doc__": f"{cls.__name__} for images and text only."})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__init__": __init__, "__module__": __name__, "__doc__": f"{cls.__name__} for images and text only."},
+    )
 
 
 def _processor_class_name(path: Path) -> str:
@@ -52,7 +62,9 @@ def _processor_class_name(path: Path) -> str:
             found = json.loads((path / name).read_text(encoding="utf-8")).get("processor_class")
             if found:
                 return found
-    raise QuantbenchError(f"{path} holds no processor_config.json naming its processor_class; save the model's processor there")
+    raise QuantbenchError(
+        f"{path} holds no processor_config.json naming its processor_class; save the model's processor there"
+    )
 
 
 def load_processor(path: str | Path) -> ProcessorMixin:
@@ -62,7 +74,9 @@ def load_processor(path: str | Path) -> ProcessorMixin:
         name = _processor_class_name(path)
         cls = getattr(transformers, name, None)
         if cls is None:
-            raise QuantbenchError(f"{path}: processor class {name!r} is not part of transformers {transformers.__version__}")
+            raise QuantbenchError(
+                f"{path}: processor class {name!r} is not part of transformers {transformers.__version__}"
+            )
         if "video_processor" in cls.get_attributes():
             log.debug("torchvision is absent: loading %s without its video processor", name)
             return image_only_processor_class(cls).from_pretrained(path)
@@ -100,7 +114,9 @@ def image_text_inputs(
     without an answer) appends the assistant's start after the chat; the published recipe's calibration
     appends it after the answer too.
     """
-    messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
     if add_generation_prompt is None:

@@ -86,8 +86,10 @@ class AWQParams:
         if self.duo_scaling is None:
             object.__setattr__(self, "duo_scaling", self.style == "quantbench")
         if self.style == "angelslim" and (self.duo_scaling or self.clip_search):
-            raise ValueError("style 'angelslim' searches x_mean^r without a weight term and without clipping; "
-                             "leave duo_scaling and clip_search unset or false")
+            raise ValueError(
+                "style 'angelslim' searches x_mean^r without a weight term and without clipping; "
+                "leave duo_scaling and clip_search unset or false"
+            )
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,9 @@ class Algorithm:
         """The statistics a group needs (``smoothed``: the group's linears are smoothed, :meth:`smoothing`)."""
         return Statistics()
 
-    def smoothing(self, block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, *, routed: bool) -> Smoothing | None:
+    def smoothing(
+        self, block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, *, routed: bool
+    ) -> Smoothing | None:
         """What the algorithm does to ``block`` (named ``name``, ``stack`` expanded for it) before rounding, or None.
 
         ``routed``: the block's experts calibrate on routed tokens only (``calibration.experts: routed``).
@@ -122,7 +126,12 @@ class Algorithm:
         return None
 
     def quantize_group(
-        self, group: Group, linears: Sequence[nn.Linear], scheme: Scheme, stack: BlockStack, input_scale: torch.Tensor | None
+        self,
+        group: Group,
+        linears: Sequence[nn.Linear],
+        scheme: Scheme,
+        stack: BlockStack,
+        input_scale: torch.Tensor | None,
     ) -> list[QuantLinear]:
         """The QuantLinear of each of ``linears`` (the members of ``group``, which share one input and its
         statistics, with the static ``input_scale`` if the scheme has one); a fallback taken is appended to
@@ -139,7 +148,12 @@ class RTN(Algorithm):
     minutes_per_b = 1.0
 
     def quantize_group(
-        self, group: Group, linears: Sequence[nn.Linear], scheme: Scheme, stack: BlockStack, input_scale: torch.Tensor | None
+        self,
+        group: Group,
+        linears: Sequence[nn.Linear],
+        scheme: Scheme,
+        stack: BlockStack,
+        input_scale: torch.Tensor | None,
     ) -> list[QuantLinear]:
         from quantbench.quant.rtn import rtn_quantize_linear
 
@@ -158,7 +172,12 @@ class GPTQ(Algorithm):
         return Statistics(hessian=True)
 
     def quantize_group(
-        self, group: Group, linears: Sequence[nn.Linear], scheme: Scheme, stack: BlockStack, input_scale: torch.Tensor | None
+        self,
+        group: Group,
+        linears: Sequence[nn.Linear],
+        scheme: Scheme,
+        stack: BlockStack,
+        input_scale: torch.Tensor | None,
     ) -> list[QuantLinear]:
         from quantbench.quant.gptq import gptq_quantize_linears
 
@@ -182,7 +201,9 @@ class AWQ(Algorithm):
         quadratic = scheme.params.style == "quantbench" and smoothed  # losses from the Hessian
         return Statistics(hessian=quadratic or scheme.params.clip_search, abs_sum=smoothed)
 
-    def smoothing(self, block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, *, routed: bool) -> Smoothing | None:
+    def smoothing(
+        self, block: nn.Module, name: str, stack: BlockStack, scheme: Scheme, *, routed: bool
+    ) -> Smoothing | None:
         from quantbench.quant.awq import Smoothing
 
         if routed:
@@ -193,14 +214,22 @@ class AWQ(Algorithm):
         return Smoothing.for_block(block, name, stack, scheme)
 
     def quantize_group(
-        self, group: Group, linears: Sequence[nn.Linear], scheme: Scheme, stack: BlockStack, input_scale: torch.Tensor | None
+        self,
+        group: Group,
+        linears: Sequence[nn.Linear],
+        scheme: Scheme,
+        stack: BlockStack,
+        input_scale: torch.Tensor | None,
     ) -> list[QuantLinear]:
         from quantbench.quant.awq import awq_quantize_linear
 
         clip = scheme.params.clip_search and group.stats.tokens > 0
         return [
             awq_quantize_linear(
-                linear, scheme, hessian=group.stats.hessian if clip and n not in stack.clip_skip else None, input_scale=input_scale
+                linear,
+                scheme,
+                hessian=group.stats.hessian if clip and n not in stack.clip_skip else None,
+                input_scale=input_scale,
             )
             for n, linear in zip(group.names, linears)
         ]

@@ -79,7 +79,9 @@ def check_foldable(module: nn.Module, name: str) -> None:
         return
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or getattr(module, "bias", None) is not None:
-        raise QuantbenchError(f"{name} ({type(module).__name__}) is neither a Linear nor a bias-free norm; AWQ cannot fold into it")
+        raise QuantbenchError(
+            f"{name} ({type(module).__name__}) is neither a Linear nor a bias-free norm; AWQ cannot fold into it"
+        )
     probe = torch.randn(2, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     original = weight.data
     with torch.no_grad():
@@ -170,14 +172,19 @@ def search_scales(
     w_mean = weight_magnitude(weights, args)
     best_loss, best = float("inf"), torch.ones_like(x_mean)
     for scales in candidate_scales(x_mean, w_mean, params):
-        deltas = [_scaled_fake_quant(linear.weight.data, scales, args, rounding).float() - w for linear, w in zip(linears, weights)]
+        deltas = [
+            _scaled_fake_quant(linear.weight.data, scales, args, rounding).float() - w
+            for linear, w in zip(linears, weights)
+        ]
         loss = _quadratic_loss(deltas, hessian)
         if loss < best_loss:
             best_loss, best = loss, scales
     return best, best_loss / max(reference, 1e-30)
 
 
-def angelslim_mappings(mappings: Sequence[SmoothMapping], prevs: Sequence[nn.Module], experts: str | None) -> list[SmoothMapping]:
+def angelslim_mappings(
+    mappings: Sequence[SmoothMapping], prevs: Sequence[nn.Module], experts: str | None
+) -> list[SmoothMapping]:
     """The mappings AngelSlim's AWQ applies: those whose ``prev`` (``prevs``, in order) is not a Linear, a mapping
     feeding routed experts (under ``experts``) and other linears split in two, the others first."""
     kept = []
@@ -185,8 +192,10 @@ def angelslim_mappings(mappings: Sequence[SmoothMapping], prevs: Sequence[nn.Mod
         if isinstance(prev, nn.Linear):
             continue
         if mapping.block is None:
-            raise QuantbenchError(f"AWQ mapping {mapping.prev} -> {mapping.linears} names no block for AngelSlim's "
-                                  "block-output loss; set its block in quantbench.model.architectures")
+            raise QuantbenchError(
+                f"AWQ mapping {mapping.prev} -> {mapping.linears} names no block for AngelSlim's "
+                "block-output loss; set its block in quantbench.model.architectures"
+            )
         routed = tuple(n for n in mapping.linears if experts is not None and n.startswith(f"{experts}."))
         others = tuple(n for n in mapping.linears if n not in routed)
         kept += [replace(mapping, linears=part) for part in (others, routed) if part]
@@ -232,8 +241,10 @@ def search_block_scales(
         for scales in candidate_scales(x_mean, None, scheme.params):
             for linear, weight in zip(linears, originals):
                 linear.weight.data = _fake_quant_scaled(weight, scales, scheme.weights, scheme.rounding)
-            errors = [_squared_error(replay(block, _divided_call(call, scales, device), device), y, call.mask)
-                      for call, y in zip(calls, reference)]
+            errors = [
+                _squared_error(replay(block, _divided_call(call, scales, device), device), y, call.mask)
+                for call, y in zip(calls, reference)
+            ]
             loss = float(torch.stack(errors).sum())  # one host sync per candidate
             if loss < best_loss:
                 best_loss, best = loss, scales
@@ -260,7 +271,11 @@ def apply_scales(
 
 
 def clip_qparams(
-    weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, params: AWQParams, rounding: Rounding = qdq.COMPRESSED_TENSORS
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantArgs,
+    params: AWQParams,
+    rounding: Rounding = qdq.COMPRESSED_TENSORS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per (row, group) shrunk min-max parameters minimising each group's output error ``dw H_gg dw^T``."""
     out_features, in_features = weight.shape
@@ -331,7 +346,14 @@ class Smoothing:
             prev = block.get_submodule(mapping.prev)
             width = block.get_submodule(mapping.linears[0]).in_features
             if isinstance(prev, nn.Linear) and prev.out_features != width:
-                log.debug("%s: skip AWQ mapping %s -> %s (%d outputs feed %d inputs)", name, mapping.prev, mapping.linears, prev.out_features, width)
+                log.debug(
+                    "%s: skip AWQ mapping %s -> %s (%d outputs feed %d inputs)",
+                    name,
+                    mapping.prev,
+                    mapping.linears,
+                    prev.out_features,
+                    width,
+                )
                 continue
             check_foldable(prev, f"{name}.{mapping.prev}")
             mappings.append(mapping)
@@ -351,7 +373,12 @@ class Smoothing:
         return list(dict.fromkeys(m.block for m in self.mappings)) if self.block_loss else []
 
     def apply(
-        self, block: nn.Module, groups: Sequence[Group], scheme: Scheme, recorded: dict[str, list[ModuleCall]], device: torch.device
+        self,
+        block: nn.Module,
+        groups: Sequence[Group],
+        scheme: Scheme,
+        recorded: dict[str, list[ModuleCall]],
+        device: torch.device,
     ) -> None:
         """Search, fold and record the scales of each mapping, in order (``block_loss``: every mapping searched on
         the original weights, on the ``recorded`` calls of its block, then all folded)."""
@@ -366,7 +393,12 @@ class Smoothing:
             linears = [block.get_submodule(n) for n in mapping.linears]
             if self.block_loss:
                 found, error = search_block_scales(
-                    block.get_submodule(mapping.block), recorded[mapping.block], linears, group.stats.mean_abs(), scheme, device
+                    block.get_submodule(mapping.block),
+                    recorded[mapping.block],
+                    linears,
+                    group.stats.mean_abs(),
+                    scheme,
+                    device,
                 )
                 searched.append((mapping, group, found))
             else:

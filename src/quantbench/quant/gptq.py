@@ -55,7 +55,9 @@ class GPTQResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _inverse_cholesky(hessian: torch.Tensor, dampening: float, retry: str, notes: list[str]) -> tuple[torch.Tensor, float]:
+def _inverse_cholesky(
+    hessian: torch.Tensor, dampening: float, retry: str, notes: list[str]
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + d * I)^-1`` (``U^T U`` is the inverse), where ``d`` starts at
     ``dampening * mean(diag H)`` and grows on failure as ``retry`` says; returns ``U`` and ``d / mean(diag H)``.
 

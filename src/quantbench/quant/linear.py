@@ -79,7 +79,9 @@ def share_input_quantization(linears: Sequence[QuantLinear]) -> bool:
     return True
 
 
-def input_codes(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def input_codes(
+    x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes and scales of a QuantLinear's input: the fused kernel where it runs, else the torch function."""
     if qdq_kernel.available(x.device) and qdq_kernel.supports(args):
         return qdq_kernel.int_activation_codes(x, args, input_scale)
@@ -139,7 +141,9 @@ class QuantLinear(nn.Module):
         self._given_scale_inputs = None if input_args is None else replace(input_args, strategy="tensor", dynamic=False)
         scale_shape = qdq.scale_shape(out_features, in_features, weight_args)
         sdtype = qdq.scale_dtype(weight_args, dtype)
-        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=qdq.code_dtype(weight_args), device=device))
+        self.register_buffer(
+            "weight_codes", torch.zeros(out_features, in_features, dtype=qdq.code_dtype(weight_args), device=device)
+        )
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=sdtype, device=device))
         zp_needed = weight_args.type == "int" and not weight_args.symmetric
         self.register_buffer(
@@ -217,7 +221,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``linear(qdq(x), W)``; ``input_scale``: a per-tensor scale to quantize ``x`` with instead of the layer's own."""
         if is_w8a8_int(self.weight_args, self.input_args):
-            codes, scale = self._input_codes(x) if self.shared_input is None else self.shared_input(x, self._input_codes)
+            codes, scale = (
+                self._input_codes(x) if self.shared_input is None else self.shared_input(x, self._input_codes)
+            )
             return scaled_int_linear(codes, scale, self.weight_codes, self.weight_scale, self.bias, x.dtype)
         if input_scale is not None and self.input_args is not None:
             x = fake_quantize_input(x, self._given_scale_inputs, input_scale)

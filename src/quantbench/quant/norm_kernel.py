@@ -75,7 +75,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = triton.next_power_of_2(width)
     per_program = max(1, ELEMENTS_PER_PROGRAM // block)
     _rms_norm_kernel[(triton.cdiv(rows, per_program),)](
-        x, weight.contiguous(), out, rows, float(eps), WIDTH=width, BLOCK=block, ROWS=per_program, BF16=x.dtype == torch.bfloat16
+        x,
+        weight.contiguous(),
+        out,
+        rows,
+        float(eps),
+        WIDTH=width,
+        BLOCK=block,
+        ROWS=per_program,
+        BF16=x.dtype == torch.bfloat16,
     )
     return out
 

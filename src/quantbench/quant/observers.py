@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 HESSIAN_TILE = 2048  # on CUDA, Hessians of widths that are multiples of this (from two tiles up) are built by tiles
 
 
@@ -59,7 +58,13 @@ class InputStats:
 
     @classmethod
     def create(
-        cls, in_features: int, device: torch.device, *, hessian: bool = False, absmax: bool = False, abs_sum: bool = False
+        cls,
+        in_features: int,
+        device: torch.device,
+        *,
+        hessian: bool = False,
+        absmax: bool = False,
+        abs_sum: bool = False,
     ) -> InputStats:
         """Empty statistics keeping the named quantities."""
 

@@ -126,7 +126,9 @@ class BlockPrefetcher:
             block.to(self.device)
             return home, None
         with torch.cuda.stream(self.stream):
-            block._apply(lambda t: self.staging.to_device(t, self.device) if t.device.type == "cpu" else t.to(self.device))
+            block._apply(
+                lambda t: self.staging.to_device(t, self.device) if t.device.type == "cpu" else t.to(self.device)
+            )
             for tensor in itertools.chain(block.parameters(), block.buffers()):
                 tensor.record_stream(self.consumer)
             copied = torch.cuda.Event()

@@ -66,7 +66,11 @@ def scale_shape(out_features: int, in_features: int, args: QuantArgs) -> tuple[i
 
 
 def qparams_from_minmax(
-    min_val: torch.Tensor, max_val: torch.Tensor, args: QuantArgs, dtype: torch.dtype, rounding: Rounding = COMPRESSED_TENSORS
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    args: QuantArgs,
+    dtype: torch.dtype,
+    rounding: Rounding = COMPRESSED_TENSORS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (in ``dtype``) and zero point (int8, asymmetric only) covering ``[min_val, max_val]``."""
     raw_range = args.type == "int" and not args.symmetric and rounding.asymmetric_range == "minmax"

@@ -113,9 +113,10 @@ if triton is not None:
                 tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=cols < WIDTH)
             else:
                 v = x * inverse if DYNAMIC else tl.math.div_rn(x, scale)
-                q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(v, qmin - 1.0), qmax + 1.0)), qmin), qmax)
+                q = tl.minimum(
+                    tl.maximum(_round_half_even(tl.minimum(tl.maximum(v, qmin - 1.0), qmax + 1.0)), qmin), qmax
+                )
                 tl.store(out_row + cols, q.to(tl.int8), mask=cols < WIDTH)
-
 
     @triton.jit
     def _scale_sums_kernel(
@@ -187,7 +188,9 @@ def scale_int_sums(
     return out
 
 
-def _launch(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch(
+    x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not supports(args):
         raise ValueError(f"the fused activation kernel does not cover dynamic {args.strategy} scales")
     if not args.dynamic and input_scale is None:
@@ -200,7 +203,9 @@ def _launch(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None) 
     out = torch.empty(rows.shape, dtype=x.dtype if fp8 else torch.int8, device=x.device)
     scales = None
     if not fp8:
-        scales = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if args.dynamic else input_scale.float()
+        scales = (
+            torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device) if args.dynamic else input_scale.float()
+        )
     qmax = FP8_MAX if fp8 else float(args.qmax)
     block = min(triton.next_power_of_2(max(width, 16)), MAX_BLOCK)
     scale_arg = input_scale if not args.dynamic else (scales if not fp8 else rows)

@@ -83,7 +83,9 @@ def quantize_model(
     start = time.perf_counter()
     experts = experts_paths(model)
     if experts and "language" in scheme.targets:
-        check_fused_moe(scheme.weights, scheme.input_activations, f"scheme {scheme.name} on the experts of {experts[0]}")
+        check_fused_moe(
+            scheme.weights, scheme.input_activations, f"scheme {scheme.name} on the experts of {experts[0]}"
+        )
     if scheme.dtype is not None:
         cast_model(model, getattr(torch, scheme.dtype))
     if unfuse_experts(model, experts):
@@ -149,7 +151,9 @@ def quantize_checkpoint(
     if isinstance(calibration, (str, Path)):
         calibration_file = Path(calibration)
         calibration = load_calibration(calibration_file)
-    on_host = calibration is not None and scheme.needs_calibration and (compute.type == "cpu" or options.offload_activations)
+    on_host = (
+        calibration is not None and scheme.needs_calibration and (compute.type == "cpu" or options.offload_activations)
+    )
     check_requirements(
         quantize_requirements(
             model_dir,

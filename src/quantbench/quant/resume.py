@@ -161,7 +161,9 @@ def _restore_block(block: nn.Module, path: Path, scheme: Scheme) -> tuple[LayerS
         quantized = json.loads(metadata["quantized"])
         stats = _stats_from_dict(json.loads(metadata["stats"]))
     except (SafetensorError, KeyError, TypeError, ValueError, OSError) as exc:
-        raise QuantbenchError(f"cannot read the saved layer {path} ({exc}); delete {path.parent} to start over") from None
+        raise QuantbenchError(
+            f"cannot read the saved layer {path} ({exc}); delete {path.parent} to start over"
+        ) from None
     state = {}
     for name in quantized:
         prefix = f"{name}."
@@ -253,7 +255,9 @@ class LayerProgress:
                 index,
             )
 
-    def save(self, stack_path: str, index: int, block: nn.Module, stats: LayerStats, calls: list[ModuleCall] | None) -> None:
+    def save(
+        self, stack_path: str, index: int, block: nn.Module, stats: LayerStats, calls: list[ModuleCall] | None
+    ) -> None:
         """Save quantized block ``index`` (``calls``: the activations it passed on, None for data-free schemes).
 
         The tensors are copied to the CPU here; the file is written in the background, after the previous one.

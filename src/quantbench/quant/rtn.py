@@ -32,4 +32,3 @@ def rtn_quantize_linear(
         input_scale=input_scale,
         bias=None if linear.bias is None else linear.bias.data,
     )
-

@@ -24,8 +24,11 @@ QUANT_TYPES = ("int", "float")
 STRATEGIES = ("tensor", "channel", "group", "token")
 TARGET_GROUPS = ("language", "vision")
 DTYPES = ("float16", "bfloat16", "float32")
-ROUNDING_CHOICES = {"symmetric_scale": ("half_range", "qmax"), "asymmetric_range": ("with_zero", "minmax"),
-                    "divide_in": ("float32", "weight_dtype")}  # the first of each is compressed-tensors' convention
+ROUNDING_CHOICES = {
+    "symmetric_scale": ("half_range", "qmax"),
+    "asymmetric_range": ("with_zero", "minmax"),
+    "divide_in": ("float32", "weight_dtype"),
+}  # the first of each is compressed-tensors' convention
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,9 @@ class Scheme:
         if self.params is None and expected is not None:
             object.__setattr__(self, "params", expected())
         elif not (self.params is None if expected is None else isinstance(self.params, expected)):
-            raise ValueError(f"scheme {self.name}: algorithm {self.algorithm} takes {expected and expected.__name__}, got {self.params!r}")
+            raise ValueError(
+                f"scheme {self.name}: algorithm {self.algorithm} takes {expected and expected.__name__}, got {self.params!r}"
+            )
 
     @property
     def is_baseline(self) -> bool:
@@ -194,8 +199,10 @@ def parse_scheme(name: str, raw: Mapping[str, Any] | None) -> Scheme:
     spec = ALGORITHMS[algorithm]
     stray = sorted(sections & set(raw) - {algorithm})
     if stray:
-        raise QuantbenchError(f"{where}.{stray[0]}: parameters of algorithm {stray[0]}, but the scheme's algorithm is "
-                              f"{algorithm}; remove the key or set algorithm: {stray[0]}")
+        raise QuantbenchError(
+            f"{where}.{stray[0]}: parameters of algorithm {stray[0]}, but the scheme's algorithm is "
+            f"{algorithm}; remove the key or set algorithm: {stray[0]}"
+        )
     if weights is None and (input_args is not None or "algorithm" in raw):
         raise QuantbenchError(f"{where}: input_activations/algorithm given without weights")
     if input_args is not None and input_args.strategy == "group":
@@ -237,7 +244,9 @@ def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, A
     """``base`` with ``override``'s keys replacing its own, mappings merged key by key."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+        )
     return out
 
 

@@ -72,6 +72,7 @@ from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PipelineOptions:
     """How the pipeline runs (never what it computes): chunking, where activations live, extra measuring."""
@@ -90,7 +91,9 @@ class Group:
     report: GroupStats
     parent: tuple[str, ...] | None = None  # routed expert statistics: the key its siblings in other experts share
     seen: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # the chunk's real tokens; None when every token is real (or rows come pre-selected)
+    mask: torch.Tensor | None = (
+        None  # the chunk's real tokens; None when every token is real (or rows come pre-selected)
+    )
 
     def observe(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         """Forward pre-hook of every member: the first call of a chunk feeds the statistics.
@@ -100,7 +103,9 @@ class Group:
         """
         x = args[0]
         if self.seen is None:
-            self.stats.update(x.reshape(-1, x.shape[-1]) if self.mask is None else x[_token_mask(x, self.mask, self.names[0])])
+            self.stats.update(
+                x.reshape(-1, x.shape[-1]) if self.mask is None else x[_token_mask(x, self.mask, self.names[0])]
+            )
             self.seen = x
         elif x.data_ptr() != self.seen.data_ptr() or x.numel() != self.seen.numel():
             raise QuantbenchError(f"{', '.join(self.names)} do not share one input; the architecture mapping is wrong")
@@ -138,8 +143,14 @@ def _accumulate_error(
     output: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, err: list[torch.Tensor], ref: list[torch.Tensor]
 ) -> None:
     """Append the squared error and squared reference norm over the real tokens of ``mask [batch, seq]`` (every row: None)."""
-    mask = torch.ones(output.shape[:-1], dtype=torch.bool, device=output.device) if mask is None else _token_mask(output, mask, "output")
-    err.append(torch.where(mask, torch.linalg.vector_norm(output - reference, dim=-1, dtype=torch.float32), 0).square().sum())
+    mask = (
+        torch.ones(output.shape[:-1], dtype=torch.bool, device=output.device)
+        if mask is None
+        else _token_mask(output, mask, "output")
+    )
+    err.append(
+        torch.where(mask, torch.linalg.vector_norm(output - reference, dim=-1, dtype=torch.float32), 0).square().sum()
+    )
     ref.append(torch.where(mask, torch.linalg.vector_norm(reference, dim=-1, dtype=torch.float32), 0).square().sum())
 
 
@@ -246,7 +257,9 @@ def capture_packed_inputs(
     block (the language layers), left where they are.
     """
     if not calibration.has_images:
-        raise QuantbenchError("the vision blocks take images, but the calibration set has none; calibrate from an image-text set")
+        raise QuantbenchError(
+            "the vision blocks take images, but the calibration set has none; calibrate from an image-text set"
+        )
     storage = torch.device("cpu") if options.offload_activations else device
     calls: list[ModuleCall] = []
     per_block: list[list[dict]] = [[] for _ in blocks]
@@ -320,7 +333,11 @@ def _plan_groups(
     for names, parent in planned:
         needs = algorithm.statistics(scheme, smoothed=names[0] in smoothed)
         stats = InputStats.create(
-            block.get_submodule(names[0]).in_features, device, hessian=needs.hessian, absmax=static, abs_sum=needs.abs_sum
+            block.get_submodule(names[0]).in_features,
+            device,
+            hessian=needs.hessian,
+            absmax=static,
+            abs_sum=needs.abs_sum,
         )
         groups.append(Group(names, stats, GroupStats(tuple(f"{name}.{n}" for n in names)), parent))
     return groups
@@ -341,14 +358,18 @@ def _adopt_parent_maxima(groups: list[Group]) -> None:
         for group in family:
             if not group.stats.tokens:
                 group.stats.absmax.copy_(parent)
-                group.report.fallbacks.append("the router sent it no calibration token: static input scale from the other experts' maximum")
+                group.report.fallbacks.append(
+                    "the router sent it no calibration token: static input scale from the other experts' maximum"
+                )
 
 
 def _quantize_group(block: nn.Module, group: Group, stack: BlockStack, scheme: Scheme) -> dict[str, QuantLinear]:
     """Quantize one group's linears with the scheme's algorithm (which may fall back, e.g. when it saw no tokens)."""
     start = time.perf_counter()
     linears = [block.get_submodule(n) for n in group.names]
-    modules = get_algorithm(scheme.algorithm).quantize_group(group, linears, scheme, stack, _static_input_scale(group, scheme))
+    modules = get_algorithm(scheme.algorithm).quantize_group(
+        group, linears, scheme, stack, _static_input_scale(group, scheme)
+    )
     group.report.seconds += time.perf_counter() - start
     group.report.tokens = group.stats.tokens
     for note in group.report.fallbacks:
@@ -357,7 +378,13 @@ def _quantize_group(block: nn.Module, group: Group, stack: BlockStack, scheme: S
 
 
 def _quantize_block(
-    block: nn.Module, name: str, stack: BlockStack, calls: list[ModuleCall], scheme: Scheme, device: torch.device, storage: torch.device
+    block: nn.Module,
+    name: str,
+    stack: BlockStack,
+    calls: list[ModuleCall],
+    scheme: Scheme,
+    device: torch.device,
+    storage: torch.device,
 ) -> LayerStats:
     """Steps a-d of the module docstring for one block; ``calls`` are updated to the next block's inputs."""
     start = time.perf_counter()
@@ -370,12 +397,16 @@ def _quantize_block(
     for module in experts:
         module.routed = torch.zeros(len(module), dtype=torch.long)
         module.routed_only = routed
-    groups = _plan_groups(block, name, stack, scheme, algorithm, smoothing.linears if smoothing else set(), device, routed)
+    groups = _plan_groups(
+        block, name, stack, scheme, algorithm, smoothing.linears if smoothing else set(), device, routed
+    )
 
     handles = [block.get_submodule(n).register_forward_pre_hook(g.observe) for g in groups for n in g.names]
     recorded: dict[str, list] = {path: [] for path in (smoothing.recorded if smoothing else ())}
     for path, calls_of in recorded.items():
-        handles.append(block.get_submodule(path).register_forward_pre_hook(_recorder(calls_of, storage), with_kwargs=True))
+        handles.append(
+            block.get_submodule(path).register_forward_pre_hook(_recorder(calls_of, storage), with_kwargs=True)
+        )
     reference = []
     with _hooks(handles):
         for call in calls:
@@ -391,7 +422,9 @@ def _quantize_block(
         module.routed = None
         if idle := [e for e, n in enumerate(counts) if n == 0]:
             how = "scales from the other experts" if routed else "calibrated on all tokens"
-            log.info("%s.%s: the router chose expert(s) %s for no calibration token (%s)", name, stack.experts, idle, how)
+            log.info(
+                "%s.%s: the router chose expert(s) %s for no calibration token (%s)", name, stack.experts, idle, how
+            )
     for group in groups:
         group.seen = group.mask = None
         _check_finite(group)
@@ -406,7 +439,9 @@ def _quantize_block(
     for group in groups:
         for module_name, quantized in _quantize_group(block, group, stack, scheme).items():
             original = block.get_submodule(module_name)
-            meters[module_name] = _ErrorMeter(original.weight.data, None if original.bias is None else original.bias.data)
+            meters[module_name] = _ErrorMeter(
+                original.weight.data, None if original.bias is None else original.bias.data
+            )
             replace_module(block, module_name, quantized)
         group.stats = None  # free the Hessians before the propagation pass
 
@@ -509,7 +544,9 @@ def quantize_blocks_data_free(
     layers = progress.restore(blocks, stack, scheme) if progress is not None else []
     with BlockPrefetcher(blocks, device) as prefetcher:
         todo = range(len(layers), len(blocks))
-        for index in tqdm(todo, desc=f"{scheme.name}: {stack.path}", unit="block", initial=todo.start, total=len(blocks)):
+        for index in tqdm(
+            todo, desc=f"{scheme.name}: {stack.path}", unit="block", initial=todo.start, total=len(blocks)
+        ):
             block = blocks[index]
             start = time.perf_counter()
             name = f"{stack.path}.{index}"

@@ -43,7 +43,9 @@ class QuantStats:
     @property
     def fallbacks(self) -> list[str]:
         """Every fallback taken, prefixed by the linears it concerns."""
-        return [f"{', '.join(g.linears)}: {note}" for layer in self.layers for g in layer.groups for note in g.fallbacks]
+        return [
+            f"{', '.join(g.linears)}: {note}" for layer in self.layers for g in layer.groups for note in g.fallbacks
+        ]
 
     def to_dict(self, *, timings: bool = True) -> dict[str, Any]:
         """Plain data for JSON; without ``timings`` it is reproducible byte for byte (for provenance)."""

@@ -23,7 +23,9 @@ def collect_cells(table: str, result_files: Iterable[str | Path]) -> pd.DataFram
             result = json.loads(Path(path).read_text(encoding="utf-8"))
             rows.append((table, result["model"], result["scheme"], result["benchmark"], float(result["score"])))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise QuantbenchError(f"result file {path} is unreadable or lacks model/scheme/benchmark/score: {exc}") from exc
+            raise QuantbenchError(
+                f"result file {path} is unreadable or lacks model/scheme/benchmark/score: {exc}"
+            ) from exc
     return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
 
 
@@ -36,7 +38,8 @@ def collect_filter_scores(table: str, result_files: Iterable[str | Path]) -> pd.
         settings = (result.get("spec") or {}).get("lm_eval") or {}
         metric = settings.get("metric")
         by_filter = {
-            key.split(",", 1)[1]: value for key, value in (result.get("scores") or {}).items()
+            key.split(",", 1)[1]: value
+            for key, value in (result.get("scores") or {}).items()
             if key.split(",", 1)[0] == metric
         }
         if len(by_filter) > 1:

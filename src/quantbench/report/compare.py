@@ -40,7 +40,16 @@ from quantbench.util.io import atomic_write_bytes, atomic_write_text
 log = logging.getLogger(__name__)
 
 COLUMNS = (
-    "table", "model", "scheme", "benchmark", "page_label", "published", "reproduced", "difference", "status", "flagged",
+    "table",
+    "model",
+    "scheme",
+    "benchmark",
+    "page_label",
+    "published",
+    "reproduced",
+    "difference",
+    "status",
+    "flagged",
 )
 OK, BEYOND, NOT_REPRODUCED = "ok", "beyond tolerance", "not reproduced"
 TIE = "tie"  # two filters equally close to the published number
@@ -107,8 +116,15 @@ def compare_filters(comparison: pd.DataFrame, filters: pd.DataFrame) -> pd.DataF
         best = min(distances.values())
         closest = [name for name, distance in distances.items() if distance <= best + EPSILON]
         reported = cell.loc[cell["reported"], "filter"]
-        rows.append((*key, published[key], reported.iloc[0] if len(reported) else MISSING,
-                     *(values.get(name, math.nan) for name in names), closest[0] if len(closest) == 1 else TIE))
+        rows.append(
+            (
+                *key,
+                published[key],
+                reported.iloc[0] if len(reported) else MISSING,
+                *(values.get(name, math.nan) for name in names),
+                closest[0] if len(closest) == 1 else TIE,
+            )
+        )
     return pd.DataFrame(rows, columns=["model", "scheme", "benchmark", "published", "reported", *names, "closer"])
 
 

@@ -60,8 +60,6 @@ def render_page(title: str, sections: Sequence[PageSection], notes: Sequence[str
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_page(
-    path: str | Path, title: str, sections: Sequence[PageSection], notes: Sequence[str] = ()
-) -> Path:
+def write_page(path: str | Path, title: str, sections: Sequence[PageSection], notes: Sequence[str] = ()) -> Path:
     """Render the page and write it to ``path`` atomically."""
     return atomic_write_text(path, render_page(title, sections, notes))

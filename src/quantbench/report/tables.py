@@ -83,8 +83,11 @@ class TableSpec:
         object.__setattr__(self, "rows", rows)
         object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
         object.__setattr__(self, "labels", dict(self.labels))
-        if not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\") or any(
-            c.isspace() for c in self.name
+        if (
+            not self.name
+            or self.name.startswith(".")
+            or any(c in self.name for c in "/\\")
+            or any(c.isspace() for c in self.name)
         ):
             raise QuantbenchError(
                 f"table name {self.name!r} is not usable as a file name and rst :name:; "
@@ -112,7 +115,6 @@ class TableSpec:
                         f"table {self.name!r}: the rows of model {model!r} are not contiguous; "
                         "list all schemes of a model together"
                     )
-
 
     @property
     def headers(self) -> tuple[str, ...]:

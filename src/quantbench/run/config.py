@@ -236,9 +236,13 @@ class RunConfig:
     def device_of(self, step: str) -> str:
         """Where jobs of ``step`` run, as configured: calibrate on the CPU, quantize on ``quantization.device``,
         evaluate on the backend's device."""
-        return {"calibrate": "cpu", "quantize": self.quantization.device, "evaluate": self.evaluation.backend.device}[step]
+        return {"calibrate": "cpu", "quantize": self.quantization.device, "evaluate": self.evaluation.backend.device}[
+            step
+        ]
 
-    def job_resources(self, step: str, model: str, scheme: str | None = None, benchmark: str | None = None) -> JobResources:
+    def job_resources(
+        self, step: str, model: str, scheme: str | None = None, benchmark: str | None = None
+    ) -> JobResources:
         """The :mod:`quantbench.run.sizing` request of one job of ``step``: from the model's ``params_b``, the scheme,
         and for evaluate the benchmark's workload at the measured rates of the configured backend."""
         backend = self.evaluation.backend
@@ -299,7 +303,9 @@ def _calibration_set(name: str, raw: Mapping[str, Any], base: Path) -> Calibrati
 def _record_images(path: Path, key: str) -> tuple[Path, ...]:
     """The image files the records of the JSONL ``path`` name (relative to its folder), each once, checked to exist."""
     try:
-        images = [path.parent / record["image"] for _, record in iter_jsonl(path, "calibration file") if "image" in record]
+        images = [
+            path.parent / record["image"] for _, record in iter_jsonl(path, "calibration file") if "image" in record
+        ]
     except QuantbenchError as exc:
         raise QuantbenchError(f"{key}.path: {exc}") from None
     missing = [str(image) for image in dict.fromkeys(images) if not image.is_file()]
@@ -309,7 +315,11 @@ def _record_images(path: Path, key: str) -> tuple[Path, ...]:
 
 
 def _model_calibration(
-    key: str, raw: Any, schemes: tuple[str, ...], all_schemes: Mapping[str, Scheme], calib_sets: Mapping[str, CalibrationSet]
+    key: str,
+    raw: Any,
+    schemes: tuple[str, ...],
+    all_schemes: Mapping[str, Scheme],
+    calib_sets: Mapping[str, CalibrationSet],
 ) -> dict[str, str]:
     """``models.<m>.calibration`` as {scheme: set} for the model's schemes that need data.
 
@@ -375,7 +385,9 @@ def load_run_config(config: Mapping[str, Any], *, base_dir: str | Path = ".") ->
     for name, raw in (config.get("models") or {}).items():
         key = f"models.{name}"
         _check_known("scheme", f"{key}.schemes", raw["schemes"], schemes)
-        calibration = _model_calibration(f"{key}.calibration", raw.get("calibration"), tuple(raw["schemes"]), schemes, calib_sets)
+        calibration = _model_calibration(
+            f"{key}.calibration", raw.get("calibration"), tuple(raw["schemes"]), schemes, calib_sets
+        )
         skip = frozenset((cell["scheme"], cell["benchmark"]) for cell in raw.get("skip", []))
         models[name] = ModelEntry(
             name=name,
@@ -420,7 +432,9 @@ def load_run_config(config: Mapping[str, Any], *, base_dir: str | Path = ".") ->
         compare = build_spec(CompareConfig, {**compare, **paths}, "compare")
     docs = config.get("docs")
     if docs is not None:
-        docs = build_spec(DocsConfig, {**docs, "path": base / docs["path"], "notes": tuple(docs.get("notes", ()))}, "docs")
+        docs = build_spec(
+            DocsConfig, {**docs, "path": base / docs["path"], "notes": tuple(docs.get("notes", ()))}, "docs"
+        )
     return RunConfig(
         results=Path(config.get("results", RESULTS)),
         benchmarks_file=benchmarks_file,

@@ -67,8 +67,12 @@ def load_recipe(path: str | Path) -> Recipe:
             for item in raw.get("fixed", [])
         )
     except (TypeError, ValueError, KeyError) as exc:
-        raise QuantbenchError(f"{path}: calibration rows are [samples, tokens, data]; fixed items {{text, tables, schemes}} ({exc!r})") from None
-    return Recipe(str(raw["recipe"]), raw["streams"], raw["schemes"], frozenset(raw.get("moe_models", [])), calibration, fixed)
+        raise QuantbenchError(
+            f"{path}: calibration rows are [samples, tokens, data]; fixed items {{text, tables, schemes}} ({exc!r})"
+        ) from None
+    return Recipe(
+        str(raw["recipe"]), raw["streams"], raw["schemes"], frozenset(raw.get("moe_models", [])), calibration, fixed
+    )
 
 
 def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -114,6 +118,8 @@ def departures(run: RunConfig, table: TableConfig, recipe: Recipe) -> list[str]:
         stream = recipe.streams["image-text" if calib.hub is not None or calib.images else "text"]
         for key, theirs in stream.items():
             differ(f"calibration {key}", getattr(calib.stream, key), theirs, row)
-    lines = [f"{setting}: {ours} (recipe: {theirs}) -- {', '.join(rows)}" for (setting, ours, theirs), rows in found.items()]
+    lines = [
+        f"{setting}: {ours} (recipe: {theirs}) -- {', '.join(rows)}" for (setting, ours, theirs), rows in found.items()
+    ]
     lines += [fixed.text for fixed in recipe.fixed if fixed.concerns(table.name, rows)]
     return lines

@@ -75,7 +75,12 @@ class EvalWorkload:
     batch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.requests < 1 or self.prompt_tokens < 1 or self.new_tokens < 0 or (self.batch is not None and self.batch < 1):
+        if (
+            self.requests < 1
+            or self.prompt_tokens < 1
+            or self.new_tokens < 0
+            or (self.batch is not None and self.batch < 1)
+        ):
             raise ValueError("requests and prompt_tokens must be >= 1, new_tokens >= 0, batch >= 1")
 
 
@@ -118,7 +123,9 @@ def load_workloads(path: str | Path) -> dict[str, EvalWorkload]:
     return {name: build_spec(EvalWorkload, value, f"{path}: workloads.{name}") for name, value in raw.items()}
 
 
-def eval_seconds(params_b: float, workload: EvalWorkload, rates: EvalRates = HF_RATES, batch: int | None = None) -> float:
+def eval_seconds(
+    params_b: float, workload: EvalWorkload, rates: EvalRates = HF_RATES, batch: int | None = None
+) -> float:
     """Compute seconds of one evaluation of a ``params_b`` model (on one GPU's share) at ``rates``: every
     prompt token at the forward rate, every decode step of every batch at the step rate, both scaled by size."""
     scale = params_b / rates.params_b
@@ -126,6 +133,8 @@ def eval_seconds(params_b: float, workload: EvalWorkload, rates: EvalRates = HF_
     rows = workload.batch or batch or rates.batch
     decode_s = math.ceil(workload.requests / rows) * workload.new_tokens / rates.decode_steps_per_s * scale
     return prompt_s + decode_s
+
+
 QUANTIZE_THREADS = 8
 THREADS_PER_EVAL_GPU = 4
 CPU_EVAL_THREADS = 8

@@ -4,8 +4,9 @@ The model is built from a config in ``benchmarks/configs`` (bf16, in host memory
 norms 1), the calibration set is random tokens. For each scheme it measures, end to end:
 
 - calibration schemes (INT4-GPTQ, INT4-AWQ, FP8-Static), in memory like llm-compressor's ``oneshot``:
-  ``quantize_model`` then ``save_quantized``; wall seconds split into capture + transfers, block forwards
-  + statistics + error metering, the solver (GPTQ solve / AWQ search and rounding / scales), and export;
+  ``quantize_model`` with a ``CheckpointExport`` that writes the weight files as the blocks are finished;
+  wall seconds split into capture + transfers, block forwards + statistics + error metering, the solver
+  (GPTQ solve / AWQ search and rounding / scales), and export (what remains of it after the quantization);
 - data-free schemes (FP8-Dynamic, INT8-Dynamic), checkpoint to checkpoint (``quantize_checkpoint`` on
   the bf16 checkpoint written first), against the time to read the input checkpoint's tensors and
   write the output's with plain safetensors calls;
@@ -279,7 +280,7 @@ def bench_in_memory(
     """Quantize a copy of ``pristine`` under scheme ``name`` and export it; timings, memory, errors."""
     from transformers import AutoTokenizer
 
-    from quantbench.checkpoint.export import save_quantized
+    from quantbench.checkpoint.export import CheckpointExport
     from quantbench.quant.quantize import quantize_model
     from quantbench.quant.schemes import load_schemes
     from quantbench.quant.sequential import PipelineOptions
@@ -289,13 +290,14 @@ def bench_in_memory(
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     model = copy.deepcopy(pristine)
     out_dir = args.work / name
-    result: dict[str, Any] = {"scheme": name, "mode": "in memory (quantize_model + save_quantized)"}
+    result: dict[str, Any] = {"scheme": name, "mode": "in memory (quantize_model exporting meanwhile)"}
     with PeakRSS() as rss, gpu_peak(device, result):
         start = time.perf_counter()
-        stats = quantize_model(model, scheme, calibration, device=device, options=options)
-        sync(device)
-        quantized = time.perf_counter()
-        save_quantized(model, tokenizer, scheme, out_dir, provenance={"model": "random init", "seed": args.seed})
+        with CheckpointExport(model, out_dir) as export:
+            stats = quantize_model(model, scheme, calibration, device=device, options=options, export=export)
+            sync(device)
+            quantized = time.perf_counter()
+            export.finish(tokenizer, scheme, provenance={"model": "random init", "seed": args.seed})
         done = time.perf_counter()
     result.update(engine_breakdown(stats))
     result.update(
@@ -304,6 +306,8 @@ def bench_in_memory(
         peak_rss_gib=rss.peak / GIB,
         checkpoint_gib=dir_bytes(out_dir) / GIB,
         layer_errors=[layer.rel_error for layer in stats.layers],
+        layer_seconds=[layer.seconds for layer in stats.layers],  # block 0's includes the warm-up
+        layer_solver_seconds=[sum(g.seconds for g in layer.groups) for layer in stats.layers],
         fallbacks=stats.fallbacks,
     )
     shutil.rmtree(out_dir)
@@ -672,7 +676,7 @@ def main() -> None:
             report["schemes"].append({"scheme": name, "mode": "failed", "error": f"{type(exc).__name__}: {exc}"})
             save()
             continue
-        print(json.dumps({k: v for k, v in result.items() if k != "layer_errors"}), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if not k.startswith("layer_")}), flush=True)
         report["schemes"].append(result)
         if name == "INT4-GPTQ" and args.compare_samples and (args.llmcompressor or args.llmcompressor_results):
             subset = random_calibration(config.vocab_size, args.compare_samples, args.seq_len, args.seed)

@@ -26,6 +26,10 @@ What :func:`save_quantized` writes into ``out_dir`` (vLLM and transformers + com
   scheme, package versions and the SHA-256 of every other file; no wall-clock time, so exporting the same
   model twice gives byte-identical files).
 
+:class:`CheckpointExport` writes the same files while the model is still being quantized: the weight files
+block by block as the quantization finishes them, the rest once it is done (:func:`save_quantized` is that
+with nothing left to wait for).
+
 The tensor layout is defined here once, in both directions: :func:`compress_quantized_linear` for export and
 :func:`decompress_quantized_linear` for the runtime loader. Both work on one named linear's tensors, so a
 caller that holds experts as fused 3-D tensors can export them under per-expert names.
@@ -36,10 +40,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
+import threading
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -269,15 +277,24 @@ def _tied_output_key(model: PreTrainedModel) -> str | None:
     return next(name for name, m in model.named_modules() if m is output) + ".weight"
 
 
-def checkpoint_tensors(model: PreTrainedModel, workers: Executor) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def _final(_module: nn.Module) -> None:
+    """The ``ready`` of a model whose every module is final: nothing to wait for."""
+
+
+def checkpoint_tensors(
+    model: PreTrainedModel, workers: Executor, ready: Callable[[nn.Module], None] = _final
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield ``(module name, {full tensor name: tensor})`` for every tensor the checkpoint holds, in module order.
 
     Modules are compressed (int4 packing) on ``workers`` up to :data:`COMPRESS_AHEAD` modules ahead of the
     one yielded, so that packing overlaps what the caller does with the tensors (writing them).
+    ``ready(module)`` returns once ``module`` and everything in it is final; the walk reads a module's
+    children only after that.
     """
     tied = _tied_output_key(model)
     pending: deque[tuple[str, Future[dict[str, torch.Tensor]]]] = deque()
     for name, module in model.named_modules():
+        ready(module)
         pending.append((name, workers.submit(module_tensors, name, module, tied)))
         if len(pending) > COMPRESS_AHEAD:
             yield from _nonempty(*pending.popleft())
@@ -318,13 +335,17 @@ def module_tensors(name: str, module: nn.Module, tied: str | None) -> dict[str, 
 
 
 def _write_weights(
-    model: PreTrainedModel, out_dir: Path, max_shard_bytes: int, workers: Executor
+    model: PreTrainedModel,
+    out_dir: Path,
+    max_shard_bytes: int,
+    workers: Executor,
+    ready: Callable[[nn.Module], None] = _final,
 ) -> dict[str, Future[str]]:
     """Write the checkpoint tensors as one safetensors file, or shards plus an index, names sorted per file.
 
     Modules are compressed on ``workers`` ahead of the writing; each shard is written as soon as it is full,
     so at most one shard of packed tensors is held at a time, and hashed on ``workers`` meanwhile.
-    Returns the SHA-256 (pending) of each weights file by name.
+    ``ready``: as in :func:`checkpoint_tensors`. Returns the SHA-256 (pending) of each weights file by name.
     """
     written: list[tuple[Path, list[str], Future[str]]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -336,7 +357,7 @@ def _write_weights(
         written.append((part, list(shard), workers.submit(sha256_stream, part.open("rb"))))  # open now: renamed later
         shard.clear()
 
-    for _, tensors in tqdm(checkpoint_tensors(model, workers), desc="export", unit="module"):
+    for _, tensors in tqdm(checkpoint_tensors(model, workers, ready), desc="export", unit="module"):
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if shard and size + nbytes > max_shard_bytes:
             flush()
@@ -360,6 +381,121 @@ def _write_weights(
     return digests
 
 
+class CheckpointExport:
+    """Writes ``model``'s checkpoint into ``out_dir`` (as :func:`save_quantized`), the weight files while the
+    model's blocks are still being quantized, so that the writing overlaps the quantization:
+
+        with CheckpointExport(model, out_dir) as export:
+            stats = quantize_model(model, scheme, calibration, export=export)
+            export.finish(tokenizer, scheme, provenance={...})
+
+    :meth:`start` (the quantization calls it once the model is cast and its blocks are known) starts a thread
+    that writes the weight files as :func:`save_quantized` does, in module order, and waits at each block
+    given to ``start`` until :meth:`block_home` reports it quantized and back where it lives. It also waits
+    for the first of them before writing anything: capturing the first block's inputs moves the modules
+    outside the blocks to the device for a while. The files are the same bytes as when everything is
+    written after the quantization, since the shards are cut in the same order. At the end only the last
+    shard, the small files and the hashes remain to write.
+
+    ``out_dir`` appears only when :meth:`finish` returned and the context is left without an error; on an
+    error (the quantization's, or the writing thread's, raised by :meth:`block_home` or :meth:`finish`)
+    the temporary directory is removed. A temporary directory left by a killed export of the same output
+    is removed on entering.
+    """
+
+    def __init__(self, model: PreTrainedModel, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.model = model
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._exits = ExitStack()
+        self._blocks: dict[int, threading.Event] = {}  # id(block) -> set once block_home reported it
+        self._homes: dict[int, Future[None]] = {}
+        self._aborted = False
+        self._weights: Future[dict[str, Future[str]]] | None = None
+        self._finished = False
+
+    def __enter__(self) -> CheckpointExport:
+        for stale in self.out_dir.parent.glob(f".{self.out_dir.name}.*.tmp"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        self._tmp = self._exits.enter_context(atomic_dir(self.out_dir))
+        # packing (torch) and hashing (hashlib) release the GIL: both run on worker threads
+        self._workers = self._exits.enter_context(ThreadPoolExecutor(max_workers=os.cpu_count() or 1))
+        self._writer = self._exits.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="export"))
+        return self
+
+    def start(self, blocks: Sequence[nn.Module] = ()) -> None:
+        """Start writing the weight files; ``blocks``: the model's blocks still to be quantized, first one first."""
+        if self._weights is not None:
+            raise RuntimeError("the export has already started")
+        self._blocks = {id(block): threading.Event() for block in blocks}
+        first = blocks[0] if blocks else None
+        self._weights = self._writer.submit(self._write_weights, first)
+
+    def block_home(self, block: nn.Module, home: Future[None]) -> None:
+        """Block ``block`` is quantized and will not change again; ``home`` is done once it is back where it
+        lives. Raises the writing thread's error, if it failed, so that the quantization stops early."""
+        if self._weights is not None and self._weights.done():
+            self._weights.result()
+        if (event := self._blocks.get(id(block))) is not None:
+            self._homes[id(block)] = home
+            event.set()
+
+    def _ready(self, module: nn.Module) -> None:
+        if (event := self._blocks.get(id(module))) is None:
+            return
+        event.wait()
+        if self._aborted:
+            raise RuntimeError("export stopped: the quantization failed")
+        self._homes[id(module)].result()
+
+    def _write_weights(self, first: nn.Module | None) -> dict[str, Future[str]]:
+        if first is not None:
+            self._ready(first)
+        return _write_weights(self.model, self._tmp, self.max_shard_bytes, self._workers, self._ready)
+
+    def finish(self, tokenizer: PreTrainedTokenizerBase, scheme: Scheme, *, provenance: Mapping[str, Any]) -> None:
+        """Write the rest of the checkpoint of ``model`` quantized under ``scheme`` (arguments as
+        :func:`save_quantized`'s) once the weight files are written; the directory appears on leaving the context."""
+        provenance = dict(provenance)
+        scheme_dict = scheme.to_dict()
+        if "versions" in provenance or "files" in provenance or provenance.get("scheme", scheme_dict) != scheme_dict:
+            raise ValueError("provenance keys 'scheme', 'versions' and 'files' are filled in by save_quantized")
+        config = copy.deepcopy(self.model.config)
+        config.quantization_config = quantization_config(self.model, scheme)
+        if self._weights is None:
+            self.start()
+        if unreported := sum(not event.is_set() for event in self._blocks.values()):
+            raise RuntimeError(f"{unreported} block(s) given to start() were never reported by block_home()")
+        digests = self._weights.result()
+        tmp = self._tmp
+        config.save_pretrained(tmp)
+        if self.model.can_generate() and self.model.generation_config is not None:
+            self.model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for path in tmp.iterdir():
+            if path.is_file() and path.name not in digests:
+                digests[path.name] = self._workers.submit(sha256_file, path)
+        files = {name: digests[name].result() for name in sorted(digests)}
+        provenance.update(scheme=scheme_dict, versions=package_versions(), files=files)
+        atomic_write_json(tmp / PROVENANCE_FILE, provenance)
+        self._finished = True
+        log.info("wrote %s checkpoint of scheme %s to %s", checkpoint_format(scheme.weights), scheme.name, self.out_dir)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc_type is not None or not self._finished:  # release a writer waiting for a block that will not come
+            self._aborted = True
+            for event in self._blocks.values():
+                event.set()
+        if exc_type is None and not self._finished:
+            error = RuntimeError("CheckpointExport left without finish(): the checkpoint is incomplete")
+            self._exits.__exit__(RuntimeError, error, None)  # removes the temporary directory
+            raise error
+        self._exits.__exit__(exc_type, exc, traceback)
+
+
 def save_quantized(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -374,25 +510,6 @@ def save_quantized(
     ``provenance`` holds the caller's facts (calibration set and its hash, seed, command, ...); the
     scheme, package versions and file hashes are added here. The directory appears only when complete.
     """
-    out_dir = Path(out_dir)
-    provenance = dict(provenance)
-    scheme_dict = scheme.to_dict()
-    if "versions" in provenance or "files" in provenance or provenance.get("scheme", scheme_dict) != scheme_dict:
-        raise ValueError("provenance keys 'scheme', 'versions' and 'files' are filled in by save_quantized")
-    config = copy.deepcopy(model.config)
-    config.quantization_config = quantization_config(model, scheme)
-    # packing (torch) and hashing (hashlib) release the GIL: both run on worker threads
-    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as workers:
-        digests = _write_weights(model, tmp, max_shard_bytes, workers)
-        config.save_pretrained(tmp)
-        if model.can_generate() and model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for path in tmp.iterdir():
-            if path.is_file() and path.name not in digests:
-                digests[path.name] = workers.submit(sha256_file, path)
-        files = {name: digests[name].result() for name in sorted(digests)}
-        provenance.update(scheme=scheme_dict, versions=package_versions(), files=files)
-        atomic_write_json(tmp / PROVENANCE_FILE, provenance)
-    log.info("wrote %s checkpoint of scheme %s to %s", checkpoint_format(scheme.weights), scheme.name, out_dir)
-    return out_dir
+    with CheckpointExport(model, out_dir, max_shard_bytes=max_shard_bytes) as export:
+        export.finish(tokenizer, scheme, provenance=provenance)
+    return Path(out_dir)

@@ -9,9 +9,10 @@ threads, each with its own CUDA stream:
   that copy before the block is used, and the copied tensors are marked as used by the compute stream so
   that the caching allocator never hands their memory out while queued kernels still read it;
 - ``put_back(i, home)`` moves a finished block home after the work queued on the compute stream so far
-  (the copy stream waits for that work); the main thread goes on with block ``i + 1`` meanwhile, and
-  leaving the context waits until every block is home. Copies in and copies home run concurrently, so a
-  slow copy home (pageable host memory is page-faulted in as it is written) never delays the next fetch.
+  (the copy stream waits for that work); the main thread goes on with block ``i + 1`` meanwhile, the
+  Future returned tells when the block is home, and leaving the context waits until every block is.
+  Copies in and copies home run concurrently, so a slow copy home (pageable host memory is page-faulted
+  in as it is written) never delays the next fetch.
 
 Copies go through pinned buffers (:class:`PinnedStaging`, two per direction), never straight between
 pageable memory and the device: the driver stages such copies itself, synchronously, which slows the
@@ -94,6 +95,13 @@ class PinnedStaging:
         return dst
 
 
+def already_home() -> Future[None]:
+    """A done Future, as :meth:`BlockPrefetcher.put_back` returns for a block that is home at once."""
+    home: Future[None] = Future()
+    home.set_result(None)
+    return home
+
+
 def home_device(module: nn.Module) -> torch.device:
     """Where ``module``'s parameters live (its first parameter's device)."""
     return next(module.parameters()).device
@@ -150,15 +158,16 @@ class BlockPrefetcher:
         block._apply(lambda t: self.return_staging.to_host(t) if t.is_cuda else t)
         # every chunk was waited for: the device tensors dropped here are no longer read
 
-    def put_back(self, index: int, home: torch.device) -> None:
+    def put_back(self, index: int, home: torch.device) -> Future[None]:
         """Move block ``index`` to ``home`` once the compute stream's work queued so far is done, in the
-        background when ``home`` is the CPU."""
+        background when ``home`` is the CPU; the Future returned is done once the block is home."""
         if self.stream is None or home.type != "cpu":
             self.blocks[index].to(home)
-            return
+            return already_home()
         ready = torch.cuda.Event()
         ready.record(self.consumer)
         self.returning.append(self.return_pool.submit(self._return, self.blocks[index], ready))
+        return self.returning[-1]
 
     def __enter__(self) -> BlockPrefetcher:
         return self

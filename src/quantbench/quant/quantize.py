@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from quantbench.calibration.samples import Calibration, load_calibration
-from quantbench.checkpoint.export import save_quantized
+from quantbench.checkpoint.export import CheckpointExport
 from quantbench.checkpoint.load import load_model
 from quantbench.checkpoint.preflight import Headroom, check_requirements, quantize_requirements
 from quantbench.checkpoint.serving import check_fused_moe
-from quantbench.model.architectures import experts_paths, get_architecture
+from quantbench.model.architectures import block_list, experts_paths, get_architecture
 from quantbench.model.experts import unfuse_experts
 from quantbench.model.vlm import is_image_text_model, load_processor
 from quantbench.quant.linear import QuantLinear
@@ -61,12 +61,15 @@ def quantize_model(
     device: str | torch.device = "auto",
     options: PipelineOptions | None = None,
     progress: LayerProgress | None = None,
+    export: CheckpointExport | None = None,
 ) -> QuantStats:
     """Quantize ``model`` in place under ``scheme``; return per-layer statistics.
 
     Layers visit ``device`` one at a time; the model stays where it was. ``calibration`` is required when
     the scheme needs data and ignored otherwise (unless ``options.measure_data_free``). ``progress``
     saves each quantized block and restores those an interrupted run saved (:mod:`quantbench.quant.resume`).
+    ``export`` writes the weight files of the blocks as they are finished (one stack of blocks; with more,
+    it writes them all once :meth:`CheckpointExport.finish` is called).
     On an error the model is left partly quantized: load it again before retrying.
     """
     options = options or PipelineOptions()
@@ -91,20 +94,26 @@ def quantize_model(
     if unfuse_experts(model, experts):
         log.info("experts unfused to one linear per expert")
     order = UPSTREAM_FIRST if scheme.calibration.propagation == "quantized" else UPSTREAM_FIRST[::-1]
-    for group in sorted(scheme.targets, key=order.index):
-        stack = architecture.stack(group, model.config.model_type)
+    stacks = [architecture.stack(group, model.config.model_type) for group in sorted(scheme.targets, key=order.index)]
+    if export is not None and len(stacks) == 1:
+        # the capture of a later stack would move the blocks of an earlier one to the device for a while
+        export.start(block_list(model, stacks[0]))
+    home = export.block_home if export is not None else None
+    for stack in stacks:
         if use_data and stack.packed and not calibration.has_images:
             if scheme.needs_calibration:
                 raise QuantbenchError(
                     f"scheme {scheme.name} needs image activations for the vision blocks, but the calibration set "
                     "has no images; calibrate from image-text records (a JSONL with 'image', `quantbench calibrate`)"
                 )
-            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress)
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress, home)
         elif use_data:
-            stats.layers += quantize_blocks_sequential(model, stack, scheme, calibration, compute, options, progress)
+            stats.layers += quantize_blocks_sequential(
+                model, stack, scheme, calibration, compute, options, progress, home
+            )
             stats.calibration_tokens = calibration.num_tokens
         else:
-            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress)
+            stats.layers += quantize_blocks_data_free(model, stack, scheme, compute, progress, home)
     stats.seconds = time.perf_counter() - start
     if stats.fallbacks:
         log.warning("%s: %d fallback(s) taken (see the statistics)", scheme.name, len(stats.fallbacks))
@@ -172,21 +181,24 @@ def quantize_checkpoint(
     if resume and not scheme.is_baseline:
         identity = run_identity(model_dir, scheme, calibration, seed=seed, options=options, device=compute)
         progress = LayerProgress(partial_dir(out_dir), identity)
-    with progress or contextlib.nullcontext():
-        stats = quantize_model(model, scheme, calibration, device=device, options=options, progress=progress)
-    provenance = {
-        "model": str(model_dir),
-        "seed": seed,
-        "calibration": None,
-        "quantization": stats.to_dict(timings=False),
-    }
-    if stats.calibration_tokens:
-        provenance["calibration"] = dict(calibration.metadata)
-        if calibration_file is not None:
-            provenance["calibration"]["file_sha256"] = sha256_file(calibration_file)
     # an image-text model's checkpoint carries its whole processor (image processor, chat template)
     processor = load_processor(model_dir) if is_image_text_model(model.config) else tokenizer
-    out = save_quantized(model, processor, scheme, out_dir, provenance=provenance)
+    with CheckpointExport(model, out_dir) as export:  # the weight files are written as the blocks are finished
+        with progress or contextlib.nullcontext():
+            stats = quantize_model(
+                model, scheme, calibration, device=device, options=options, progress=progress, export=export
+            )
+        provenance = {
+            "model": str(model_dir),
+            "seed": seed,
+            "calibration": None,
+            "quantization": stats.to_dict(timings=False),
+        }
+        if stats.calibration_tokens:
+            provenance["calibration"] = dict(calibration.metadata)
+            if calibration_file is not None:
+                provenance["calibration"]["file_sha256"] = sha256_file(calibration_file)
+        export.finish(processor, scheme, provenance=provenance)
     if progress is not None:
         progress.remove()
-    return out
+    return Path(out_dir)

@@ -39,6 +39,8 @@ block by block (:func:`quantize_blocks_data_free`) unless asked to measure their
 
 Given a :class:`quant.resume.LayerProgress`, both save every quantized block, and a rerun restores the
 saved blocks and, instead of quantizing them again, replays them (step d alone) to rebuild the activations.
+Given ``block_home``, both report each block once it is final, with a Future done once it is back in its
+home memory (a :class:`quantbench.checkpoint.export.CheckpointExport` writes it meanwhile).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -63,7 +66,7 @@ from quantbench.quant.capture import ModuleCall, capture_call, capture_calls, re
 from quantbench.quant.linear import QuantLinear
 from quantbench.quant.norm_kernel import fused_rms_norms
 from quantbench.quant.observers import InputStats
-from quantbench.quant.prefetch import BlockPrefetcher
+from quantbench.quant.prefetch import BlockPrefetcher, already_home
 from quantbench.quant.resume import LayerProgress
 from quantbench.quant.rtn import rtn_quantize_linear
 from quantbench.quant.schemes import Scheme
@@ -71,6 +74,8 @@ from quantbench.quant.stats import GroupStats, LayerStats
 from quantbench.util.errors import QuantbenchError
 
 log = logging.getLogger(__name__)
+
+BlockHome = Callable[[nn.Module, Future[None]], None]  # (final block, done once it is home)
 
 
 @dataclass(frozen=True)
@@ -493,17 +498,21 @@ def quantize_blocks_sequential(
     device: torch.device,
     options: PipelineOptions,
     progress: LayerProgress | None = None,
+    block_home: BlockHome | None = None,
 ) -> list[LayerStats]:
     """Quantize every block of ``stack`` in order on propagated calibration activations (module docstring).
 
     With ``progress``, blocks saved by an interrupted run are restored and replayed instead of quantized,
-    and each newly quantized block is saved (:mod:`quant.resume`).
+    and each newly quantized block is saved (:mod:`quant.resume`). ``block_home``: module docstring.
     """
     blocks = block_list(model, stack)
     storage = torch.device("cpu") if options.offload_activations else device
     layers = progress.restore(blocks, stack, scheme) if progress is not None else []
     restored = len(layers)
     if restored == len(blocks):
+        for block in blocks:
+            if block_home is not None:
+                block_home(block, already_home())
         return layers
     with torch.no_grad():
         if stack.packed:
@@ -529,19 +538,30 @@ def quantize_blocks_sequential(
                 elif progress is not None:
                     progress.save(stack.path, index, block, layers[index], calls)
             finally:
-                prefetcher.put_back(index, home)
+                returned = prefetcher.put_back(index, home)
+            if block_home is not None:
+                block_home(block, returned)
     return layers
 
 
 def quantize_blocks_data_free(
-    model: nn.Module, stack: BlockStack, scheme: Scheme, device: torch.device, progress: LayerProgress | None = None
+    model: nn.Module,
+    stack: BlockStack,
+    scheme: Scheme,
+    device: torch.device,
+    progress: LayerProgress | None = None,
+    block_home: BlockHome | None = None,
 ) -> list[LayerStats]:
     """Round every target of ``stack`` to nearest, block by block on ``device``, without any forward pass.
 
     With ``progress``, blocks saved by an interrupted run are restored, and each new one is saved.
+    ``block_home``: module docstring.
     """
     blocks = block_list(model, stack)
     layers = progress.restore(blocks, stack, scheme) if progress is not None else []
+    for block in blocks[: len(layers)]:  # restored: they never leave home
+        if block_home is not None:
+            block_home(block, already_home())
     with BlockPrefetcher(blocks, device) as prefetcher:
         todo = range(len(layers), len(blocks))
         for index in tqdm(
@@ -562,5 +582,7 @@ def quantize_blocks_data_free(
                 if progress is not None:
                     progress.save(stack.path, index, block, layers[index], None)
             finally:
-                prefetcher.put_back(index, home)
+                returned = prefetcher.put_back(index, home)
+            if block_home is not None:
+                block_home(block, returned)
     return layers
